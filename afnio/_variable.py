@@ -1,0 +1,394 @@
+"""The Variable: afnio's tensor, whose data is text or numbers.
+
+A Variable holds a **scalar** (``str``, ``int`` or ``float``) or a **batch** (a ``list`` whose
+elements are all ``str`` or all numbers). Operations on Variables build a graph when any input
+``requires_grad``; ``backward()`` walks it and leaves *textual gradients* — feedback strings shaped
+like the Variable — in the ``grad`` list of every leaf.
+
+Example:
+    >>> from afnio import Variable
+    >>> prompt = Variable("Classify the sentiment.", role="system prompt", requires_grad=True)
+    >>> question = Variable(["Great!", "Awful."], role="user message")
+    >>> full = prompt + question
+    >>> full.data
+    ['Classify the sentiment.Great!', 'Classify the sentiment.Awful.']
+    >>> full.grad_fn.name()
+    'AddBackward'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from afnio.autodiff.graph import Node
+
+__all__ = ["Variable", "validate_data", "batch_size_of"]
+
+Scalar = Union[str, int, float]
+Data = Union[Scalar, list]
+
+_REPR_LIMIT = 60
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (int, float)):
+        return "number"
+    return None
+
+
+def validate_data(data: Any, role: str = "") -> Data:
+    """Check that ``data`` is a valid Variable payload and normalise it.
+
+    Args:
+        data: A scalar (``str``, ``int``, ``float``) or a list/tuple of all-``str`` or all-number
+            elements.
+        role: The role of the Variable being built, quoted in errors.
+
+    Returns:
+        The data, with a tuple turned into a list (lists are copied).
+
+    Raises:
+        TypeError: For ``None``, ``bool``, dicts, other objects, or a batch mixing strings and
+            numbers; the message names the offending value's type.
+    """
+    where = f" for Variable with role {role!r}" if role else ""
+    if isinstance(data, (list, tuple)):
+        kinds = {_kind(item) for item in data}
+        if None in kinds:
+            bad = next(item for item in data if _kind(item) is None)
+            raise TypeError(
+                f"Variable data{where}: batch elements must be str, int or float, "
+                f"got an element of type {type(bad).__name__}"
+            )
+        if len(kinds) > 1:
+            raise TypeError(
+                f"Variable data{where}: a batch must be all str or all numbers, got a mix of "
+                f"{sorted({type(item).__name__ for item in data})}"
+            )
+        return list(data)
+    if _kind(data) is None:
+        raise TypeError(
+            f"Variable data{where} must be str, int, float or a list of them, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def batch_size_of(data: Any) -> int | None:
+    """Return the batch size of ``data`` (``None`` for a scalar)."""
+    return len(data) if isinstance(data, list) else None
+
+
+def _shorten(value: Any, limit: int = _REPR_LIMIT) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'" + ("]" if text[0] == "[" else "")
+
+
+class Variable:
+    """A node of text or numbers in an afnio program.
+
+    Args:
+        data: A scalar (``str``, ``int``, ``float``) or a batch (list or tuple of all-``str`` or
+            all-number elements). Defaults to the empty string.
+        role: What the value *is* ("system prompt for sentiment classification"). Backward
+            prompts quote it.
+        requires_grad: Whether gradients should be collected for this Variable.
+
+    Attributes:
+        data: The payload.
+        role: The role description.
+        requires_grad: Whether this Variable takes part in gradient computation.
+        grad: Gradients received (a list of Variables shaped like this one). Non-leaves keep
+            gradients only after :meth:`retain_grad`.
+        grad_fn: The graph node that produced this Variable, or ``None`` for a leaf.
+        output_nr: Which output of ``grad_fn`` this Variable is.
+
+    Example:
+        >>> v = Variable(["a", "b"], role="answers")
+        >>> v.batch_size
+        2
+        >>> v
+        Variable(data=['a', 'b'], role='answers', requires_grad=False)
+    """
+
+    def __init__(self, data: Any = "", role: str = "", requires_grad: bool = False) -> None:
+        if not isinstance(role, str):
+            raise TypeError(f"Variable role must be a str, got {type(role).__name__}")
+        self._data = validate_data(data, role)
+        self.role = role
+        self._requires_grad = bool(requires_grad)
+        self.grad: list[Variable] = []
+        self.grad_fn: Node | None = None
+        self.output_nr = 0
+        self._retains_grad = False
+        self._grad_accumulator = None
+
+    # ----------------------------------------------------------------- data and shape
+    @property
+    def data(self) -> Data:
+        """The scalar or batch payload. Assigning validates the new value."""
+        return self._data
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        self._data = validate_data(value, self.role)
+
+    @property
+    def batch_size(self) -> int | None:
+        """The number of elements for a batch, ``None`` for a scalar."""
+        return batch_size_of(self._data)
+
+    @property
+    def is_batched(self) -> bool:
+        """Whether the data is a batch (a list)."""
+        return isinstance(self._data, list)
+
+    def __len__(self) -> int:
+        if not self.is_batched:
+            raise TypeError(f"len() of a scalar Variable (role {self.role!r}) is not defined")
+        return len(self._data)
+
+    def is_floating_point(self) -> bool:
+        """Return True when the data is a float, or a non-empty batch containing a float."""
+        if self.is_batched:
+            return any(isinstance(item, float) for item in self._data)
+        return isinstance(self._data, float)
+
+    def to(self, dtype: type) -> Variable:
+        """Return a copy whose data is converted to ``dtype`` (``str``, ``int`` or ``float``).
+
+        Like ``torch.Tensor.to``, the result keeps ``requires_grad`` but is a new leaf; when the
+        data already has that type, ``self`` is returned.
+
+        Args:
+            dtype: The target element type.
+
+        Raises:
+            TypeError: If ``dtype`` is not ``str``, ``int`` or ``float``.
+            ValueError: If an element can't be converted.
+        """
+        if dtype not in (str, int, float):
+            raise TypeError(f"Variable.to: dtype must be str, int or float, got {dtype!r}")
+        items = self._data if self.is_batched else [self._data]
+        if all(type(item) is dtype for item in items):
+            return self
+        try:
+            converted = [dtype(item) for item in items]
+        except ValueError as exc:
+            raise ValueError(
+                f"Variable.to: cannot convert data of Variable with role {self.role!r} "
+                f"to {dtype.__name__}: {exc}"
+            ) from exc
+        data = converted if self.is_batched else converted[0]
+        return Variable(data, role=self.role, requires_grad=self.requires_grad)
+
+    # ----------------------------------------------------------------- autograd state
+    @property
+    def requires_grad(self) -> bool:
+        """Whether gradients are tracked for this Variable."""
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self.requires_grad_(value)
+
+    @property
+    def is_leaf(self) -> bool:
+        """True for Variables not produced by a graph-recording operation."""
+        return self.grad_fn is None
+
+    @property
+    def retains_grad(self) -> bool:
+        """Whether a non-leaf keeps its gradients in ``grad`` (see :meth:`retain_grad`)."""
+        return self._retains_grad
+
+    def requires_grad_(self, requires_grad: bool = True) -> Variable:
+        """Set ``requires_grad`` in place and return ``self``.
+
+        Raises:
+            RuntimeError: When turning off gradients of a non-leaf, as in PyTorch.
+        """
+        if not self.is_leaf and not requires_grad:
+            raise RuntimeError(
+                f"you can only change requires_grad flags of leaf variables; Variable with role "
+                f"{self.role!r} is the output of {self.grad_fn.name()}. Use detach() instead."
+            )
+        self._requires_grad = bool(requires_grad)
+        return self
+
+    def retain_grad(self) -> None:
+        """Keep the gradients of this non-leaf in ``grad`` after ``backward`` (no-op on leaves).
+
+        Raises:
+            RuntimeError: If the Variable does not require grad.
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                f"can't retain_grad on Variable with role {self.role!r} that has requires_grad=False"
+            )
+        if not self.is_leaf:
+            self._retains_grad = True
+            self.grad_fn.retain_output(self.output_nr, self)
+
+    def append_grad(self, gradient: Variable) -> None:
+        """Append one gradient to ``grad``, checking that its shape matches this Variable.
+
+        Args:
+            gradient: A Variable shaped like ``self`` (scalar for a scalar, same batch size for a
+                batch).
+
+        Raises:
+            TypeError: If ``gradient`` is not a Variable.
+            ValueError: If its shape differs from this Variable's.
+        """
+        check_gradient_shape(self, gradient, "append_grad")
+        self.grad.append(gradient)
+
+    def backward(
+        self,
+        gradient: Variable | str | list | None = None,
+        retain_graph: bool | None = None,
+        inputs: Variable | Sequence[Variable] | None = None,
+    ) -> None:
+        """Compute textual gradients of the graph that produced this Variable.
+
+        Args:
+            gradient: The feedback on this Variable itself. When omitted, the Variable's own data
+                is its feedback — an evaluator's explanation *is* the loss, just as ``dL/dL = 1``.
+            retain_graph: Keep the graph's saved state so ``backward`` can run through it again.
+            inputs: Accumulate gradients only into these Variables.
+
+        Raises:
+            RuntimeError: If the Variable does not require grad, or the graph was freed.
+        """
+        from afnio.autodiff.engine import backward
+
+        backward(self, gradient, retain_graph=retain_graph, inputs=inputs)
+
+    async def abackward(
+        self,
+        gradient: Variable | str | list | None = None,
+        retain_graph: bool | None = None,
+        inputs: Variable | Sequence[Variable] | None = None,
+    ) -> None:
+        """Awaitable twin of :meth:`backward`, for code already running on an event loop."""
+        from afnio.autodiff.engine import abackward
+
+        await abackward(self, gradient, retain_graph=retain_graph, inputs=inputs)
+
+    def detach(self) -> Variable:
+        """Return a new leaf with the same data and role that is cut off from the graph."""
+        data = list(self._data) if self.is_batched else self._data
+        return Variable(data, role=self.role, requires_grad=False)
+
+    def detach_(self) -> Variable:
+        """Cut this Variable off from its graph in place and return it."""
+        self.grad_fn = None
+        self.output_nr = 0
+        self._requires_grad = False
+        return self
+
+    def copy_(self, src: Variable | Any) -> Variable:
+        """Copy ``src``'s data into this Variable in place (role and graph links are kept).
+
+        Args:
+            src: A Variable or raw data of the same shape (a scalar broadcasts into a batch).
+
+        Raises:
+            RuntimeError: If this is a leaf that requires grad and grad mode is on (as in
+                PyTorch: wrap optimizer updates in ``no_grad()``).
+            ValueError: If a batch of a different size is given.
+        """
+        from afnio.autodiff.grad_mode import is_grad_enabled
+
+        if self.is_leaf and self.requires_grad and is_grad_enabled():
+            raise RuntimeError(
+                f"Variable.copy_: a leaf Variable that requires grad (role {self.role!r}) is "
+                "being used in an in-place operation; wrap it in afnio.no_grad()"
+            )
+        data = src.data if isinstance(src, Variable) else validate_data(src, self.role)
+        if self.is_batched and not isinstance(data, list):
+            data = [data] * len(self._data)
+        elif self.is_batched and len(data) != len(self._data):
+            raise ValueError(
+                f"Variable.copy_: source batch of size {len(data)} does not match Variable with "
+                f"role {self.role!r} of batch size {len(self._data)}"
+            )
+        self.data = list(data) if isinstance(data, list) else data
+        return self
+
+    # ----------------------------------------------------------------- operators
+    def __add__(self, other: Any) -> Variable:
+        from afnio.autodiff.basic_ops import Add
+
+        return Add.apply(self, other)
+
+    def __radd__(self, other: Any) -> Variable:
+        from afnio.autodiff.basic_ops import Add
+
+        return Add.apply(other, self)
+
+    def __iadd__(self, other: Any) -> Variable:
+        """``x += y``: in place when no graph is being recorded, out of place otherwise.
+
+        When gradients are tracked, the result is a new Variable (Python rebinds the name), so the
+        graph through the old value stays intact.
+        """
+        from afnio.autodiff.grad_mode import is_grad_enabled
+
+        other_grad = isinstance(other, Variable) and other.requires_grad
+        if is_grad_enabled() and (self.requires_grad or other_grad):
+            return self + other
+        from afnio.autodiff.basic_ops import add_data
+
+        self.data = add_data(self, other, "Variable.__iadd__")
+        return self
+
+    # ----------------------------------------------------------------- printing
+    def __repr__(self) -> str:
+        parts = [f"data={_shorten(self._data)}"]
+        if self.role:
+            parts.append(f"role={_shorten(self.role, 40)}")
+        if self.grad_fn is not None:
+            parts.append(f"grad_fn=<{self.grad_fn.name()}>")
+        else:
+            parts.append(f"requires_grad={self.requires_grad}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __str__(self) -> str:
+        return str(self._data)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self._data), spec)
+
+
+def check_gradient_shape(variable: Variable, gradient: Any, where: str) -> None:
+    """Raise if ``gradient`` is not a Variable shaped like ``variable``.
+
+    Args:
+        variable: The Variable the gradient is for.
+        gradient: The candidate gradient.
+        where: Name of the operation doing the check, quoted in the error.
+
+    Raises:
+        TypeError: If ``gradient`` is not a Variable.
+        ValueError: If the shapes differ.
+    """
+    if not isinstance(gradient, Variable):
+        raise TypeError(
+            f"{where}: gradient for Variable with role {variable.role!r} must be a Variable, "
+            f"got {type(gradient).__name__}"
+        )
+    expected, got = variable.batch_size, gradient.batch_size
+    if expected != got:
+        describe = lambda size: "a scalar" if size is None else f"a batch of {size}"  # noqa: E731
+        raise ValueError(
+            f"{where}: gradient for Variable with role {variable.role!r} must be "
+            f"{describe(expected)} like its Variable, got {describe(got)}"
+        )

@@ -1,0 +1,217 @@
+"""Basic differentiable operations: :class:`Add`, :class:`Sum` and :class:`Split`.
+
+All three are element-wise over batches, and a scalar broadcasts against a batch. Their textual
+backward passes feedback through: a part of a concatenation gets the feedback on the whole, a
+string that was split gets the feedback on each of its parts, labelled by part.
+
+Example:
+    >>> import afnio
+    >>> from afnio.autodiff.basic_ops import Split
+    >>> x = afnio.Variable("a,b", role="csv line", requires_grad=True)
+    >>> first, second = Split.apply(x, ",")
+    >>> (first.data, second.data)
+    ('a', 'b')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from afnio._variable import Variable
+from afnio.autodiff.function import Function, FunctionCtx
+from afnio.autodiff.graph import gradient_role, reduce_to_scalar
+
+__all__ = ["Add", "Split", "Sum", "add_data", "broadcast_size"]
+
+
+def _as_variable(value: Any, op: str, argument: str) -> Variable:
+    if isinstance(value, Variable):
+        return value
+    try:
+        return Variable(value, role="constant")
+    except TypeError as exc:
+        raise TypeError(f"{op}: argument {argument!r}: {exc}") from None
+
+
+def broadcast_size(op: str, variables: Sequence[Variable]) -> int | None:
+    """The common batch size of ``variables`` (``None`` if all are scalars).
+
+    Raises:
+        ValueError: If two batches differ in length; names both roles and lengths.
+    """
+    size: int | None = None
+    first: Variable | None = None
+    for variable in variables:
+        if variable.batch_size is None:
+            continue
+        if size is None:
+            size, first = variable.batch_size, variable
+        elif variable.batch_size != size:
+            raise ValueError(
+                f"{op}: batch sizes differ: {first.role!r} has {size} elements but "
+                f"{variable.role!r} has {variable.batch_size}"
+            )
+    return size
+
+
+def _elements(variable: Variable, size: int | None) -> list:
+    if size is None:
+        return [variable.data]
+    return variable.data if variable.is_batched else [variable.data] * size
+
+
+def _kind(variable: Variable) -> str:
+    sample = variable.data[0] if variable.is_batched and variable.data else variable.data
+    return "str" if isinstance(sample, str) else "number"
+
+
+def _check_same_kind(op: str, variables: Sequence[Variable]) -> str:
+    kinds = {_kind(v) for v in variables if not (v.is_batched and not v.data)}
+    if len(kinds) > 1:
+        described = ", ".join(f"{v.role!r} ({_kind(v)})" for v in variables)
+        raise TypeError(f"{op}: cannot combine text and numbers: {described}")
+    return kinds.pop() if kinds else "str"
+
+
+def _pack(values: list, size: int | None) -> Any:
+    return values[0] if size is None else values
+
+
+def _gradient_for(variable: Variable, grad_output: Variable) -> Variable:
+    """The output gradient reshaped for an input that may have been broadcast."""
+    if variable.batch_size is None and grad_output.batch_size is not None:
+        return Variable(reduce_to_scalar(grad_output), role=gradient_role(variable.role))
+    return grad_output
+
+
+def add_data(x: Any, y: Any, op: str = "Add") -> Any:
+    """Element-wise sum of two Variables' data: numbers add, strings concatenate.
+
+    Raises:
+        TypeError: When mixing text and numbers.
+        ValueError: When two batches differ in length.
+    """
+    x, y = _as_variable(x, op, "x"), _as_variable(y, op, "y")
+    size = broadcast_size(op, [x, y])
+    _check_same_kind(op, [x, y])
+    values = [a + b for a, b in zip(_elements(x, size), _elements(y, size))]
+    return _pack(values, size)
+
+
+class Add(Function):
+    """``x + y``: numbers add, strings concatenate, batches element-wise with broadcasting.
+
+    Example:
+        >>> import afnio
+        >>> a = afnio.Variable(["Hi ", "Bye "], role="openers", requires_grad=True)
+        >>> Add.apply(a, afnio.Variable("Ann", role="name")).data
+        ['Hi Ann', 'Bye Ann']
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Any, y: Any) -> Variable:
+        x, y = _as_variable(x, "Add", "x"), _as_variable(y, "Add", "y")
+        data = add_data(x, y)
+        joined = "concatenation" if _check_same_kind("Add", [x, y]) == "str" else "sum"
+        ctx.save_for_backward(x, y)
+        return Variable(data, role=f"{joined} of {x.role or 'x'} and {y.role or 'y'}")
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Variable | None, ...]:
+        return tuple(
+            _gradient_for(variable, grad_output) if needed else None
+            for variable, needed in zip(ctx.saved_variables, ctx.needs_input_grad)
+        )
+
+
+def _join_texts(texts: Sequence[str], roles: Sequence[str]) -> str:
+    return "\n\n".join(f"[{role or f'item {i}'}]\n{text}" for i, (text, role) in enumerate(zip(texts, roles)))
+
+
+class Sum(Function):
+    """Sum a list of Variables: numbers add; strings are joined, each under a ``[role]`` header.
+
+    Example:
+        >>> import afnio
+        >>> a = afnio.Variable("Be brief.", role="style rule")
+        >>> b = afnio.Variable("Answer in French.", role="language rule")
+        >>> print(Sum.apply([a, b]).data)
+        [style rule]
+        Be brief.
+        <BLANKLINE>
+        [language rule]
+        Answer in French.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, variables: Sequence[Variable]) -> Variable:
+        if not isinstance(variables, (list, tuple)) or not variables:
+            raise TypeError("Sum: argument 'variables' must be a non-empty list of Variables")
+        items = [_as_variable(v, "Sum", f"variables[{i}]") for i, v in enumerate(variables)]
+        size = broadcast_size("Sum", items)
+        kind = _check_same_kind("Sum", items)
+        columns = list(zip(*(_elements(v, size) for v in items)))
+        roles = [v.role for v in items]
+        if kind == "str":
+            values = [_join_texts(column, roles) for column in columns]
+        else:
+            values = [sum(column) for column in columns]
+        ctx.save_for_backward(*items)
+        role = "sum of " + ", ".join(r or f"item {i}" for i, r in enumerate(roles))
+        return Variable(_pack(values, size), role=role)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[list[Variable | None]]:
+        if not ctx.needs_input_grad[0]:
+            return (None,)
+        return ([_gradient_for(v, grad_output) if v.requires_grad else None for v in ctx.saved_variables],)
+
+
+class Split(Function):
+    """Split text like ``str.split`` into a tuple of Variables (element-wise for batches).
+
+    Every element of a batch must split into the same number of parts. The input's gradient
+    collects the parts' feedback in part order, each labelled with its part number.
+
+    Args:
+        x: The text (or batch of texts) to split.
+        sep: The separator (``None``: runs of whitespace).
+        maxsplit: At most this many splits (``-1``: no limit).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Variable, sep: str | None = None, maxsplit: int = -1):
+        x = _as_variable(x, "Split", "x")
+        if _kind(x) != "str":
+            raise TypeError(f"Split: argument 'x' (role {x.role!r}) must hold text, got numbers")
+        texts = x.data if x.is_batched else [x.data]
+        pieces = [text.split(sep, maxsplit) for text in texts]
+        counts = sorted({len(parts) for parts in pieces})
+        if len(counts) > 1:
+            raise ValueError(
+                f"Split: elements of batch {x.role!r} split into different numbers of parts "
+                f"({counts}); every element must give the same number"
+            )
+        ctx.save_for_backward(x)
+        count = counts[0] if counts else 0
+        return tuple(
+            Variable(
+                [parts[i] for parts in pieces] if x.is_batched else pieces[0][i],
+                role=f"part {i} of {x.role or 'text'}",
+            )
+            for i in range(count)
+        )
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grad_outputs: Variable) -> Variable | None:
+        if not ctx.needs_input_grad[0]:
+            return None
+        (x,) = ctx.saved_variables
+        size = x.batch_size
+        rows = [_elements(grad, size) for grad in grad_outputs]
+        merged = [
+            "\n\n".join(f"[part {i}] {text}" for i, text in enumerate(column) if text)
+            for column in (zip(*rows) if rows else [()] * (size or 1))
+        ]
+        return Variable(_pack(merged, size), role=gradient_role(x.role))

@@ -1,0 +1,429 @@
+"""User-definable differentiable operations: :class:`Function` and its context.
+
+Example:
+    >>> import afnio
+    >>> from afnio.autodiff import Function
+    >>> class Shout(Function):
+    ...     @staticmethod
+    ...     def forward(ctx, text):
+    ...         return afnio.Variable(text.data.upper(), role=f"shouted {text.role}")
+    ...     @staticmethod
+    ...     def backward(ctx, grad_output):
+    ...         return grad_output
+    >>> x = afnio.Variable("hello", role="greeting", requires_grad=True)
+    >>> y = Shout.apply(x)
+    >>> y.data, y.grad_fn.name()
+    ('HELLO', 'ShoutBackward')
+    >>> y.backward(afnio.Variable("too loud"))
+    >>> x.grad[0].data
+    'too loud'
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+from afnio._runtime import run
+from afnio._variable import Variable
+from afnio.autodiff.grad_mode import _grad_enabled, is_grad_enabled
+from afnio.autodiff.graph import (
+    FREED_GRAPH_MESSAGE,
+    GradientEdge,
+    Node,
+    empty_gradient,
+    gradient_edge,
+)
+
+__all__ = ["Function", "FunctionCtx", "BackwardFunction", "flatten_variables"]
+
+
+def flatten_variables(value: Any) -> Iterator[Variable]:
+    """Yield the Variables inside ``value``, depth-first through lists, tuples and dict values.
+
+    Example:
+        >>> a, b, c = Variable("a"), Variable("b"), Variable("c")
+        >>> [v.data for v in flatten_variables([a, {"x": (b,), "y": "no"}, c])]
+        ['a', 'b', 'c']
+    """
+    if isinstance(value, Variable):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from flatten_variables(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from flatten_variables(item)
+
+
+class FunctionCtx:
+    """The ``ctx`` object a :class:`Function` uses to pass state from forward to backward.
+
+    Attributes:
+        needs_input_grad: One bool per input argument, True when a Variable inside it requires
+            grad.
+    """
+
+    def __init__(self, function: type[Function]) -> None:
+        self._function = function
+        self.needs_input_grad: tuple[bool, ...] = ()
+        self.materialize_grads = True
+        self._saved: tuple[Variable, ...] = ()
+        self._non_differentiable: set[int] = set()
+        self._freed = False
+
+    def save_for_backward(self, *variables: Variable | None) -> None:
+        """Keep Variables for backward (read them back from :attr:`saved_variables`)."""
+        for index, variable in enumerate(variables):
+            if variable is not None and not isinstance(variable, Variable):
+                raise TypeError(
+                    f"{self._function.__name__}: save_for_backward accepts Variables or None, "
+                    f"argument {index} is {type(variable).__name__}"
+                )
+        self._saved = variables
+
+    @property
+    def saved_variables(self) -> tuple[Variable, ...]:
+        """The Variables given to :meth:`save_for_backward`.
+
+        Raises:
+            RuntimeError: After the graph was freed by a ``backward`` without ``retain_graph``.
+        """
+        if self._freed:
+            raise RuntimeError(FREED_GRAPH_MESSAGE)
+        return self._saved
+
+    saved_tensors = saved_variables
+
+    def mark_non_differentiable(self, *outputs: Variable) -> None:
+        """Mark outputs that should not require grad (e.g. a numeric score)."""
+        self._non_differentiable.update(id(output) for output in outputs)
+
+    def set_materialize_grads(self, value: bool) -> None:
+        """Choose whether missing output gradients reach backward as empty feedback (default)
+        or as ``None``."""
+        self.materialize_grads = bool(value)
+
+    def _free(self) -> None:
+        self._freed = True
+        self._saved = ()
+
+
+class BackwardFunction(Node):
+    """The graph node of one :meth:`Function.apply` call; calls the Function's ``backward``."""
+
+    _forward_cls: type[Function]
+
+    def __init__(
+        self,
+        ctx: FunctionCtx,
+        arguments: list[Any],
+        next_functions: list[GradientEdge],
+        outputs: list[Variable],
+    ) -> None:
+        super().__init__(next_functions, outputs)
+        self.ctx = ctx
+        # Keep only the structure of the arguments plus the shape of each Variable in them.
+        self._argument_shapes = [_shape_of(argument) for argument in arguments]
+
+    def name(self) -> str:
+        return f"{self._forward_cls.__name__}Backward"
+
+    def release(self) -> None:
+        super().release()
+        self.ctx._free()
+
+    def _grad_outputs(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
+        if not self.ctx.materialize_grads:
+            return grad_outputs
+        return [
+            grad if grad is not None else empty_gradient(*self.output_meta[index])
+            for index, grad in enumerate(grad_outputs)
+        ]
+
+    def apply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
+        result = self._forward_cls.backward(self.ctx, *self._grad_outputs(grad_outputs))
+        if inspect.isawaitable(result):
+            result = run(result)
+        return self._flatten_result(result)
+
+    async def aapply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
+        result = self._forward_cls.backward(self.ctx, *self._grad_outputs(grad_outputs))
+        if inspect.isawaitable(result):
+            result = await result
+        return self._flatten_result(result)
+
+    def _flatten_result(self, result: Any) -> list[Variable | None]:
+        """Check backward's return value against the inputs and flatten it to edge order."""
+        shapes = self._argument_shapes
+        if not isinstance(result, tuple):
+            result = (result,)
+        expected = len(shapes)
+        # Trailing arguments that hold no Variable may be left out of the return value.
+        required = max((i + 1 for i, shape in enumerate(shapes) if _has_variable(shape)), default=0)
+        if not required <= len(result) <= expected:
+            raise RuntimeError(
+                f"function {self.name()} returned an incorrect number of gradients "
+                f"(expected {expected}, got {len(result)})"
+            )
+        flat: list[Variable | None] = []
+        for index, shape in enumerate(shapes):
+            value = result[index] if index < len(result) else None
+            _flatten_gradient(self.name(), index, shape, value, flat)
+        return flat
+
+
+_VARIABLE = "variable"
+
+
+def _shape_of(argument: Any) -> Any:
+    """The argument's structure with each Variable replaced by ``(role, batch_size)``."""
+    if isinstance(argument, Variable):
+        return (_VARIABLE, argument.role, argument.batch_size)
+    if isinstance(argument, (list, tuple)):
+        return [_shape_of(item) for item in argument]
+    if isinstance(argument, dict):
+        return {key: _shape_of(value) for key, value in argument.items()}
+    return None
+
+
+def _has_variable(shape: Any) -> bool:
+    if isinstance(shape, tuple):
+        return True
+    if isinstance(shape, list):
+        return any(_has_variable(item) for item in shape)
+    if isinstance(shape, dict):
+        return any(_has_variable(item) for item in shape.values())
+    return False
+
+
+def _flatten_gradient(name: str, index: int, shape: Any, value: Any, out: list) -> None:
+    def fail(problem: str) -> RuntimeError:
+        return RuntimeError(f"function {name} returned an invalid gradient at index {index}: {problem}")
+
+    if isinstance(shape, tuple):
+        if value is None:
+            out.append(None)
+            return
+        if not isinstance(value, Variable):
+            raise fail(f"expected a Variable or None, got {type(value).__name__}")
+        _, role, batch_size = shape
+        if value.batch_size != batch_size:
+            want = "a scalar" if batch_size is None else f"a batch of {batch_size}"
+            got = "a scalar" if value.batch_size is None else f"a batch of {value.batch_size}"
+            raise fail(f"the input with role {role!r} is {want} but its gradient is {got}")
+        out.append(value)
+    elif isinstance(shape, list):
+        if value is None:
+            out.extend(None for _ in range(sum(1 for _ in _iter_variable_shapes(shape))))
+            return
+        if not isinstance(value, (list, tuple)) or len(value) != len(shape):
+            raise fail(
+                f"the input is a sequence of length {len(shape)}, so its gradient must be None or "
+                f"a sequence of the same length, got {type(value).__name__}"
+                + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else "")
+            )
+        for item_shape, item in zip(shape, value):
+            _flatten_gradient(name, index, item_shape, item, out)
+    elif isinstance(shape, dict):
+        if value is None:
+            out.extend(None for _ in range(sum(1 for _ in _iter_variable_shapes(shape))))
+            return
+        if not isinstance(value, dict) or set(value) - set(shape):
+            raise fail("the input is a dict, so its gradient must be None or a dict with its keys")
+        for key, item_shape in shape.items():
+            _flatten_gradient(name, index, item_shape, value.get(key), out)
+    elif value is not None and not isinstance(value, (list, tuple, dict)):
+        raise fail(f"the input holds no Variable, so its gradient must be None, got {value!r:.60}")
+
+
+def _iter_variable_shapes(shape: Any) -> Iterator[tuple]:
+    if isinstance(shape, tuple):
+        yield shape
+    elif isinstance(shape, list):
+        for item in shape:
+            yield from _iter_variable_shapes(item)
+    elif isinstance(shape, dict):
+        for item in shape.values():
+            yield from _iter_variable_shapes(item)
+
+
+class _FunctionMeta(type):
+    """Gives every Function subclass its own ``<Name>Backward`` node class."""
+
+    def __init__(cls, name: str, bases: tuple, namespace: dict) -> None:
+        super().__init__(name, bases, namespace)
+        cls._backward_cls = type(f"{name}Backward", (BackwardFunction,), {"_forward_cls": cls})
+        cls._signature_cache = None
+
+
+class Function(metaclass=_FunctionMeta):
+    """Base class of differentiable operations on Variables.
+
+    Subclass it and write static methods:
+
+    * ``forward(ctx, *args, **kwargs)`` — or ``forward(*args, **kwargs)`` together with
+      ``setup_context(ctx, inputs, output)``;
+    * ``backward(ctx, *grad_outputs)`` — one gradient per forward output in, one value per input
+      argument out: ``None``, a gradient Variable shaped like that input, or for a container
+      argument the same container with gradients (or ``None``) where its Variables were.
+
+    Either may be ``async def``; :meth:`apply` is synchronous regardless (use :meth:`aapply` from
+    async code). Keyword arguments are bound to ``forward``'s parameters, so "input argument"
+    means each parameter of ``forward`` in declaration order (after ``ctx``), one per element of a
+    ``*args``, followed by the values of any ``**kwargs`` in call order. Trailing inputs that hold
+    no Variable may be left out of backward's return value.
+
+    Raises:
+        RuntimeError: On instantiation — call :meth:`apply` on the class instead.
+    """
+
+    _backward_cls: type[BackwardFunction]
+    _signature_cache: tuple[inspect.Signature, bool] | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__} is a Function and should not be instantiated; call "
+            f"{type(self).__name__}.apply(...) instead"
+        )
+
+    @staticmethod
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        """Compute the outputs. Override in a subclass."""
+        raise RuntimeError("a Function subclass must define a static forward method")
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: Any) -> Any:
+        """Save what backward needs when ``forward`` does not take ``ctx``. Optional."""
+        raise RuntimeError("setup_context is only called when a Function defines it")
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grad_outputs: Variable) -> Any:
+        """Compute input gradients from output gradients. Override in a subclass."""
+        raise RuntimeError("a Function subclass must define a static backward method")
+
+    @classmethod
+    def _uses_setup_context(cls) -> bool:
+        return cls.setup_context is not Function.setup_context
+
+    @classmethod
+    def _bind(cls, args: tuple, kwargs: dict) -> tuple[inspect.BoundArguments, list[Any]]:
+        if cls._signature_cache is None:
+            signature = inspect.signature(cls.forward)
+            parameters = list(signature.parameters.values())
+            if not cls._uses_setup_context():
+                parameters = parameters[1:]  # drop ctx
+            cls._signature_cache = (signature.replace(parameters=parameters), True)
+        signature = cls._signature_cache[0]
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{cls.__name__}.apply: {exc}") from None
+        bound.apply_defaults()
+        arguments: list[Any] = []
+        for parameter in signature.parameters.values():
+            value = bound.arguments.get(parameter.name)
+            if parameter.kind is parameter.VAR_POSITIONAL:
+                arguments.extend(value or ())
+            elif parameter.kind is parameter.VAR_KEYWORD:
+                arguments.extend((value or {}).values())
+            else:
+                arguments.append(value)
+        return bound, arguments
+
+    @classmethod
+    def _prepare(cls, args: tuple, kwargs: dict) -> tuple[FunctionCtx, Any, list, list[Variable]]:
+        bound, arguments = cls._bind(args, kwargs)
+        ctx = FunctionCtx(cls)
+        ctx.needs_input_grad = tuple(
+            any(variable.requires_grad for variable in flatten_variables(argument))
+            for argument in arguments
+        )
+        return ctx, bound, arguments, list(flatten_variables(arguments))
+
+    @classmethod
+    def _call_forward(cls, ctx: FunctionCtx, bound: inspect.BoundArguments) -> Any:
+        token = _grad_enabled.set(False)
+        try:
+            if cls._uses_setup_context():
+                return cls.forward(*bound.args, **bound.kwargs)
+            return cls.forward(ctx, *bound.args, **bound.kwargs)
+        finally:
+            _grad_enabled.reset(token)
+
+    @classmethod
+    def _finish(
+        cls,
+        ctx: FunctionCtx,
+        bound: inspect.BoundArguments,
+        arguments: list,
+        variables: list[Variable],
+        result: Any,
+        record: bool,
+    ) -> Any:
+        if cls._uses_setup_context():
+            token = _grad_enabled.set(False)
+            try:
+                cls.setup_context(ctx, tuple(arguments), result)
+            finally:
+                _grad_enabled.reset(token)
+        is_tuple = isinstance(result, tuple)
+        outputs = list(result) if is_tuple else [result]
+        input_ids = {id(variable) for variable in variables}
+        for index, output in enumerate(outputs):
+            if isinstance(output, Variable) and id(output) in input_ids:
+                outputs[index] = Variable(
+                    list(output.data) if output.is_batched else output.data, role=output.role
+                )
+        if record:
+            differentiable = [
+                output
+                for output in outputs
+                if isinstance(output, Variable) and id(output) not in ctx._non_differentiable
+            ]
+            node = cls._backward_cls(
+                ctx, arguments, [gradient_edge(v) for v in variables], differentiable
+            )
+            for output_nr, output in enumerate(differentiable):
+                output.grad_fn = node
+                output.output_nr = output_nr
+                output._requires_grad = True
+        return tuple(outputs) if is_tuple else outputs[0]
+
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        """Run the operation and, under grad mode, record it in the graph.
+
+        Returns:
+            What ``forward`` returned; Variable outputs get ``grad_fn`` (a ``<Name>Backward``
+            node) and ``requires_grad=True`` when grad mode is on and an input requires grad.
+        """
+        ctx, bound, arguments, variables = cls._prepare(args, kwargs)
+        record = is_grad_enabled() and any(v.requires_grad for v in variables)
+        result = cls._call_forward(ctx, bound)
+        if inspect.isawaitable(result):
+            result = run(_await(result))
+        return cls._finish(ctx, bound, arguments, variables, result, record)
+
+    @classmethod
+    async def aapply(cls, *args: Any, **kwargs: Any) -> Any:
+        """Awaitable twin of :meth:`apply` for code running on an event loop."""
+        ctx, bound, arguments, variables = cls._prepare(args, kwargs)
+        record = is_grad_enabled() and any(v.requires_grad for v in variables)
+        result = cls._call_forward(ctx, bound)
+        if inspect.isawaitable(result):
+            token = _grad_enabled.set(False)
+            try:
+                result = await result
+            finally:
+                _grad_enabled.reset(token)
+        return cls._finish(ctx, bound, arguments, variables, result, record)
+
+
+async def _await(awaitable: Any) -> Any:
+    token = _grad_enabled.set(False)
+    try:
+        return await awaitable
+    finally:
+        _grad_enabled.reset(token)

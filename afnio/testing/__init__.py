@@ -1,0 +1,10 @@
+"""Offline test kit: scripted models, a fake provider server, and a reference engine.
+
+Everything here is public so you can unit-test your own afnio programs without a network or an
+API key.
+"""
+
+from afnio.testing.reference_engine import reference_backward
+from afnio.testing.scripted import ScriptedModel
+
+__all__ = ["ScriptedModel", "reference_backward"]
