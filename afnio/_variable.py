@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -322,6 +323,23 @@ class Variable:
             )
         self.data = list(data) if isinstance(data, list) else data
         return self
+
+    def __deepcopy__(self, memo: dict) -> Variable:
+        if not self.is_leaf:
+            raise RuntimeError(
+                "Only Variables created explicitly by the user (graph leaves) support the "
+                f"deepcopy protocol; Variable with role {self.role!r} is the output of "
+                f"{self.grad_fn.name()}"
+            )
+        if id(self) in memo:
+            return memo[id(self)]
+        result = type(self).__new__(type(self))
+        memo[id(self)] = result
+        for key, value in self.__dict__.items():
+            if key != "_grad_accumulator":
+                setattr(result, key, copy.deepcopy(value, memo))
+        result._grad_accumulator = None
+        return result
 
     # ----------------------------------------------------------------- operators
     def __add__(self, other: Any) -> Variable:

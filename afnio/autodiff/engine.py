@@ -208,31 +208,38 @@ async def _execute(task: _GraphTask) -> None:
     task.accumulate()
 
 
-def _prepare(
-    variables: Variable | Sequence[Variable],
-    grad_variables: Any,
-    retain_graph: bool | None,
-    inputs: Variable | Sequence[Variable] | None,
-) -> _GraphTask:
+def pair_roots_with_gradients(
+    variables: Variable | Sequence[Variable], grad_variables: Any
+) -> list[tuple[Variable, Variable]]:
+    """Match each root with its initial gradient (see :func:`backward` for the accepted forms)."""
     roots = _as_list(variables)
-    if isinstance(grad_variables, (Variable, str, int, float)) or grad_variables is None:
-        grads = [grad_variables] * len(roots) if grad_variables is None else [grad_variables]
-    else:
-        grads = list(grad_variables)
-        if len(roots) == 1 and len(grads) != 1:
-            grads = [grad_variables]
+    per_root = isinstance(grad_variables, (list, tuple)) and (
+        len(roots) > 1 or any(isinstance(g, Variable) for g in grad_variables)
+    )
+    grads = list(grad_variables) if per_root else [grad_variables] * len(roots)
     if len(grads) != len(roots):
-        raise ValueError(
-            f"backward: got {len(grads)} gradients for {len(roots)} variables"
-        )
-    edges = []
+        raise ValueError(f"backward: got {len(grads)} gradients for {len(roots)} variables")
+    pairs = []
     for index, (root, gradient) in enumerate(zip(roots, grads)):
         if not root.requires_grad:
             raise RuntimeError(
                 f"element {index} of variables (role {root.role!r}) does not require grad and "
                 "does not have a grad_fn"
             )
-        edges.append((gradient_edge(root), _root_gradient(root, gradient)))
+        pairs.append((root, _root_gradient(root, gradient)))
+    return pairs
+
+
+def _prepare(
+    variables: Variable | Sequence[Variable],
+    grad_variables: Any,
+    retain_graph: bool | None,
+    inputs: Variable | Sequence[Variable] | None,
+) -> _GraphTask:
+    edges = [
+        (gradient_edge(root), gradient)
+        for root, gradient in pair_roots_with_gradients(variables, grad_variables)
+    ]
     return _GraphTask(edges, bool(retain_graph), _as_list(inputs))
 
 

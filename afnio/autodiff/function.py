@@ -254,7 +254,12 @@ class _FunctionMeta(type):
 
     def __init__(cls, name: str, bases: tuple, namespace: dict) -> None:
         super().__init__(name, bases, namespace)
-        cls._backward_cls = type(f"{name}Backward", (BackwardFunction,), {"_forward_cls": cls})
+        cls._backward_cls = type(
+            f"{name}Backward",
+            (BackwardFunction,),
+            # An async backward makes an async node, so the engine runs it concurrently.
+            {"_forward_cls": cls, "is_async": inspect.iscoroutinefunction(cls.backward)},
+        )
         cls._signature_cache = None
 
 

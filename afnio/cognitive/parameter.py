@@ -35,6 +35,7 @@ class Parameter(Variable):
         role_desc: AdalFlow-style alias of ``role``.
         requires_opt: AdalFlow-style alias of ``requires_grad``.
         param_type: A :class:`ParameterType`, kept as metadata.
+        name: AdalFlow-style display name, kept as metadata.
 
     Example:
         >>> p = Parameter("You are a helpful assistant.", role="system prompt")
@@ -51,6 +52,7 @@ class Parameter(Variable):
         role_desc: str | None = None,
         requires_opt: bool | None = None,
         param_type: ParameterType | str = ParameterType.NONE,
+        name: str | None = None,
     ) -> None:
         if role_desc is not None:
             role = role_desc
@@ -58,6 +60,7 @@ class Parameter(Variable):
             requires_grad = requires_opt
         super().__init__(data, role=role, requires_grad=requires_grad)
         self.param_type = ParameterType(param_type) if isinstance(param_type, str) else param_type
+        self.name = name
 
     @property
     def role_desc(self) -> str:
@@ -80,6 +83,7 @@ class Parameter(Variable):
             role=self.role,
             requires_grad=self.requires_grad,
             param_type=self.param_type,
+            name=self.name,
         )
         result.grad = [copy.deepcopy(g, memo) for g in self.grad]
         memo[id(self)] = result

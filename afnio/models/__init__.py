@@ -1,5 +1,75 @@
-"""Model clients: one protocol (:class:`ChatCompletionModel`) over every provider."""
+"""Model clients: one protocol (:class:`ChatCompletionModel`) over every provider.
 
-from afnio.models.model import ChatCompletionModel, client_from_config, client_to_config
+Build a client from a path with :func:`get_client` (``"openai/gpt-4.1-nano"``,
+``"anthropic/claude-haiku-4-5"``, ``"local/smollm2"``,
+``"openai-compatible/<model>@<base_url>"``) or from its class. Every client shares the request
+pipeline of :class:`ChatCompletionModel`: response cache, budget, concurrency and rate limits,
+retries, and usage/cost accounting (:func:`get_usage`, :func:`track_usage`).
 
-__all__ = ["ChatCompletionModel", "client_from_config", "client_to_config"]
+The SDK client classes (``OpenAI``, ``AsyncOpenAI``, ``Anthropic``, ``AsyncAnthropic``,
+``LocalModel``) are imported on first access, so ``import afnio`` doesn't load the SDKs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from afnio.models.cache import CACHE_MODES, ResponseCache
+from afnio.models.errors import BudgetExceededError, CacheMissError, ModelError, TransientError
+from afnio.models.model import (
+    ChatCompletionModel,
+    Completion,
+    client_from_config,
+    client_to_config,
+)
+from afnio.models.pricing import cost_usd, price_for, set_price
+from afnio.models.registry import (
+    get_backward_model_client,
+    get_backward_model_completion_args,
+    get_client,
+    set_backward_model_client,
+)
+from afnio.models.tokens import count_message_tokens, count_tokens
+from afnio.models.usage import Usage, get_usage, reset_usage, track_usage
+
+_LAZY_CLIENTS = {
+    "OpenAI": "afnio.models.openai",
+    "AsyncOpenAI": "afnio.models.openai",
+    "Anthropic": "afnio.models.anthropic",
+    "AsyncAnthropic": "afnio.models.anthropic",
+    "LocalModel": "afnio.models.local",
+}
+
+__all__ = [
+    "CACHE_MODES",
+    "BudgetExceededError",
+    "CacheMissError",
+    "ChatCompletionModel",
+    "Completion",
+    "ModelError",
+    "ResponseCache",
+    "TransientError",
+    "Usage",
+    "client_from_config",
+    "client_to_config",
+    "cost_usd",
+    "count_message_tokens",
+    "count_tokens",
+    "get_backward_model_client",
+    "get_backward_model_completion_args",
+    "get_client",
+    "get_usage",
+    "price_for",
+    "reset_usage",
+    "set_backward_model_client",
+    "set_price",
+    "track_usage",
+    *_LAZY_CLIENTS,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_CLIENTS:
+        return getattr(importlib.import_module(_LAZY_CLIENTS[name]), name)
+    raise AttributeError(f"module 'afnio.models' has no attribute {name!r}")

@@ -14,7 +14,8 @@ from typing import Any
 
 from afnio._runtime import run
 from afnio._variable import Variable
-from afnio.autodiff.graph import AccumulateGrad, Node, combine_gradients, gradient_edge, gradient_role
+from afnio.autodiff.engine import pair_roots_with_gradients
+from afnio.autodiff.graph import AccumulateGrad, Node, combine_gradients, gradient_edge
 
 __all__ = ["reference_backward"]
 
@@ -30,14 +31,10 @@ def reference_backward(roots: Variable | Sequence[Variable], gradients: Any = No
 
 
 async def _reference(roots: Variable | Sequence[Variable], gradients: Any) -> None:
-    roots = [roots] if isinstance(roots, Variable) else list(roots)
-    if gradients is None:
-        gradients = [None] * len(roots)
-    elif not isinstance(gradients, (list, tuple)) or len(roots) == 1:
-        gradients = [gradients]
+    pairs = pair_roots_with_gradients(roots, gradients)
     dependencies: dict[Node, int] = {}
     seen: set[Node] = set()
-    stack = [gradient_edge(root).node for root in roots]
+    stack = [gradient_edge(root).node for root, _ in pairs]
     seen.update(stack)
     while stack:
         node = stack.pop()
@@ -56,12 +53,7 @@ async def _reference(roots: Variable | Sequence[Variable], gradients: Any) -> No
         else:
             buffers.setdefault(node, {}).setdefault(output_nr, []).append(gradient)
 
-    for root, gradient in zip(roots, gradients):
-        if gradient is None:
-            data = root.data
-            gradient = [str(d) for d in data] if isinstance(data, list) else str(data)
-        if not isinstance(gradient, Variable):
-            gradient = Variable(gradient, role=gradient_role(root.role))
+    for root, gradient in pairs:
         edge = gradient_edge(root)
         deliver(edge.node, edge.output_nr, gradient)
     for node in seen:

