@@ -1,5 +1,9 @@
 """afnio: optimize LLM programs with textual gradients, the PyTorch way.
 
+A prompt is a :class:`~afnio.cognitive.Parameter`; running your program builds a graph;
+an evaluator explains what went wrong; ``explanation.backward()`` asks a model how every input
+should change; ``optimizer.step()`` rewrites the prompts.
+
 Example:
     >>> import afnio
     >>> x = afnio.Variable("Summarize the ticket.", role="system prompt", requires_grad=True)
@@ -17,14 +21,34 @@ from afnio.autodiff.grad_mode import (
     no_grad,
     set_grad_enabled,
 )
+from afnio.models.registry import (
+    get_backward_model_client,
+    get_backward_model_completion_args,
+    set_backward_model_client,
+)
+from afnio import autodiff, cognitive, models, optim  # noqa: E402,I001
+from afnio.cognitive import Parameter  # noqa: E402
+from afnio.serialization import load, save  # noqa: E402
+from afnio import utils  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Parameter",
     "Variable",
+    "autodiff",
+    "cognitive",
     "enable_grad",
+    "get_backward_model_client",
+    "get_backward_model_completion_args",
     "inference_mode",
     "is_grad_enabled",
+    "load",
+    "models",
     "no_grad",
+    "optim",
+    "save",
+    "set_backward_model_client",
     "set_grad_enabled",
+    "utils",
 ]

@@ -74,6 +74,12 @@ def _check_same_kind(op: str, variables: Sequence[Variable]) -> str:
     return kinds.pop() if kinds else "str"
 
 
+def _name(variable: Variable, fallback: str, limit: int = 60) -> str:
+    """An input's role for use inside an output's role, kept short so chains stay small."""
+    role = variable.role or fallback
+    return role if len(role) <= limit else role[: limit - 3] + "..."
+
+
 def _pack(values: list, size: int | None) -> Any:
     return values[0] if size is None else values
 
@@ -115,7 +121,7 @@ class Add(Function):
         data = add_data(x, y)
         joined = "concatenation" if _check_same_kind("Add", [x, y]) == "str" else "sum"
         ctx.save_for_backward(x, y)
-        return Variable(data, role=f"{joined} of {x.role or 'x'} and {y.role or 'y'}")
+        return Variable(data, role=f"{joined} of {_name(x, 'x')} and {_name(y, 'y')}")
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Variable | None, ...]:
@@ -158,8 +164,8 @@ class Sum(Function):
         else:
             values = [sum(column) for column in columns]
         ctx.save_for_backward(*items)
-        role = "sum of " + ", ".join(r or f"item {i}" for i, r in enumerate(roles))
-        return Variable(_pack(values, size), role=role)
+        role = "sum of " + ", ".join(_name(v, f"item {i}") for i, v in enumerate(items))
+        return Variable(_pack(values, size), role=role if len(role) <= 200 else role[:197] + "...")
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[list[Variable | None]]:
@@ -198,7 +204,7 @@ class Split(Function):
         return tuple(
             Variable(
                 [parts[i] for parts in pieces] if x.is_batched else pieces[0][i],
-                role=f"part {i} of {x.role or 'text'}",
+                role=f"part {i} of {_name(x, 'text')}",
             )
             for i in range(count)
         )

@@ -270,6 +270,15 @@ class ResponseCache:
         if self.writes:
             await asyncio.to_thread(self.put, key, response, provider=provider, model=model)
 
+    def close(self) -> None:
+        """Close the calling thread's connections (they reopen on next use)."""
+        for attribute in ("connection", "nowait_connection"):
+            cached = getattr(self._local, attribute, None)
+            if cached is not None:
+                delattr(self._local, attribute)
+                if cached[0] == os.getpid():
+                    cached[1].close()
+
     def __len__(self) -> int:
         if not self.reads:
             return 0

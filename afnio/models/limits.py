@@ -188,7 +188,10 @@ class Budget:
             )
 
 
-def _check_option(name: str, value: Any, kind: type, minimum: float, allow_none: bool) -> None:
+def _check_option(
+    name: str, value: Any, kind: type, minimum: float, allow_none: bool,
+    strictly_positive: bool = False,
+) -> None:
     if value is None and allow_none:
         return
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -196,8 +199,9 @@ def _check_option(name: str, value: Any, kind: type, minimum: float, allow_none:
         raise TypeError(f"model client option {name} must be an int, got {value!r}")
     if not numeric:
         raise TypeError(f"model client option {name} must be a number, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"model client option {name} must be >= {minimum}, got {value!r}")
+    if value < minimum or (minimum == 0 and strictly_positive and value == 0):
+        bound = "> 0" if strictly_positive else f">= {minimum}"
+        raise ValueError(f"model client option {name} must be {bound}, got {value!r}")
 
 
 class Limits:
@@ -230,8 +234,8 @@ class Limits:
         budget_tokens: int | None = None,
     ) -> None:
         _check_option("max_concurrency", max_concurrency, int, 1, True)
-        _check_option("requests_per_minute", requests_per_minute, float, 1e-9, True)
-        _check_option("tokens_per_minute", tokens_per_minute, float, 1e-9, True)
+        _check_option("requests_per_minute", requests_per_minute, float, 0, True, True)
+        _check_option("tokens_per_minute", tokens_per_minute, float, 0, True, True)
         _check_option("max_retries", max_retries, int, 0, False)
         _check_option("retry_base_delay", retry_base_delay, float, 0, False)
         _check_option("retry_max_delay", retry_max_delay, float, 0, False)

@@ -8,6 +8,8 @@ the job of :class:`~afnio.models.model.ChatCompletionModel`; the SDK is built wi
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from typing import Any
@@ -45,7 +47,9 @@ class AsyncOpenAI(ChatCompletionModel):
     ``max_completion_tokens``, ``reasoning_effort``, ``seed``, ``response_format`` (OpenAI's
     ``{"type": "json_schema", ...}`` / ``{"type": "json_object"}``, or a bare JSON schema, which
     is wrapped as a strict ``json_schema``), ``top_p``, ``stop`` and every other argument of the
-    SDK's ``chat.completions.create``. ``n`` must be 1 and ``stream`` is not supported.
+    SDK's ``chat.completions.create``; arguments the SDK doesn't list (e.g. a vLLM server's
+    ``top_k``) are sent in the request body as given. ``n`` must be 1 and ``stream`` is not
+    supported.
 
     Example:
         >>> from afnio.testing import FakeProviderServer
@@ -154,6 +158,13 @@ class AsyncOpenAI(ChatCompletionModel):
                                  "argument")
         if "response_format" in args:
             args["response_format"] = _openai_response_format(args["response_format"], who)
+        # Arguments the SDK doesn't list (a compatible server's top_k, repetition_penalty, ...)
+        # go into the JSON body as given.
+        accepted = _create_arguments()
+        extra_body = dict(args.pop("extra_body", None) or {})
+        extra_body.update({name: args.pop(name) for name in list(args) if name not in accepted})
+        if extra_body:
+            args["extra_body"] = extra_body
         return args
 
     def _completion(self, response: Any, messages: list[dict[str, Any]]) -> Completion:
@@ -207,6 +218,13 @@ class OpenAI(AsyncOpenAI):
         ...         [{"role": "user", "content": "echo me"}])
         'echo me'
     """
+
+
+@functools.cache
+def _create_arguments() -> frozenset[str]:
+    """Keyword arguments of the installed SDK's ``chat.completions.create``."""
+    create = openai.resources.chat.completions.AsyncCompletions.create
+    return frozenset(inspect.signature(create).parameters) - {"self"}
 
 
 def _api_message(exc: openai.APIStatusError) -> str:

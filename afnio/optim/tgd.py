@@ -319,15 +319,32 @@ def _instruction_lines(messages: Sequence[dict[str, Any]]) -> list[str]:
 
 # --------------------------------------------------------------------------- checking replies
 def _between_tags(reply: str, tag: str) -> str:
+    """The text inside the reply's last ``<tag>…</tag>`` pair.
+
+    A reply that is a JSON object with a string under the lower-cased tag name is accepted too,
+    so a model constrained to a JSON schema (a small local model, say) can answer.
+    """
     opening, closing = f"<{tag}>", f"</{tag}>"
     start = reply.rfind(opening)
     if start < 0:
+        value = _json_field(reply, tag.lower())
+        if value is not None:
+            return value.strip()
         raise _Rejected(f"the reply has no <{tag}> tag")
     start += len(opening)
     end = reply.find(closing, start)
     if end < 0:
         raise _Rejected(f"the reply has no </{tag}> after its last <{tag}>")
     return reply[start:end].strip()
+
+
+def _json_field(reply: str, key: str) -> str | None:
+    try:
+        value = json.loads(reply.strip())
+    except json.JSONDecodeError:
+        return None
+    field_value = value.get(key) if isinstance(value, dict) else None
+    return field_value if isinstance(field_value, str) else None
 
 
 def _check_text(new: str, old: str, instruction_lines: Sequence[str], where: str) -> None:

@@ -4,8 +4,8 @@ Everything here is public so you can unit-test your own afnio programs without a
 API key.
 """
 
-from afnio.testing.fake_server import FakeProviderServer
+from afnio.testing.fake_server import FakeProviderServer, FakeReply, Fault
 from afnio.testing.reference_engine import reference_backward
 from afnio.testing.scripted import ScriptedModel
 
-__all__ = ["FakeProviderServer", "ScriptedModel", "reference_backward"]
+__all__ = ["FakeProviderServer", "FakeReply", "Fault", "ScriptedModel", "reference_backward"]

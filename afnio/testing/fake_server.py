@@ -371,55 +371,54 @@ class FakeProviderServer:
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
-            return await self._respond(reader, writer, api, headers, recorded, fault)
+            response = await self._response(reader, api, headers, recorded, fault)
         finally:
+            # Counted out before the answer is written, so a client that got its answer never
+            # sees its own request still in flight.
             with self._lock:
                 self.in_flight -= 1
+        if response is None:
+            return False  # close the connection unanswered
+        await _write_response(writer, *response)
+        return True
 
-    async def _respond(
+    async def _response(
         self,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         api: str,
         headers: dict[str, str],
         request_json: dict[str, Any],
         fault: Fault | None,
-    ) -> bool:
+    ) -> tuple[int, bytes, dict[str, str]] | None:
+        """The (status, body, extra headers) to answer with, or None to close unanswered."""
         if fault is not None and fault.kind == "timeout":
             # Hold the request until the client gives up (EOF) or the hang elapses.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(reader.read(1), fault.hang)
-            return False
+            return None
         if fault is not None and fault.kind == "disconnect":
-            return False
+            return None
         if fault is not None and fault.kind == "status":
             extra = {}
             if fault.retry_after is not None:
                 extra["retry-after"] = _format_seconds(fault.retry_after)
-            await _write_json(writer, fault.status,
-                              _error_body(api, fault.status, "injected fault"), extra)
-            return True
+            return _error(api, fault.status, "injected fault", extra)
         if self._api_key is not None and not _has_key(headers, self._api_key):
-            await _write_json(writer, 401, _error_body(api, 401, "invalid api key"))
-            return True
+            return _error(api, 401, "invalid api key")
         try:
             payload = await self._completion(api, request_json)
         except _BadRequest as exc:
-            await _write_json(writer, exc.status, _error_body(api, exc.status, exc.message))
-            return True
+            return _error(api, exc.status, exc.message)
         except Exception as exc:  # a reply() bug becomes a visible 500 and is kept in errors
             with self._lock:
                 self.errors.append(exc)
-            await _write_json(writer, 500, _error_body(api, 500, f"reply function failed: "
-                                                                 f"{type(exc).__name__}"))
-            return True
+            return _error(api, 500, f"reply function failed: {type(exc).__name__}")
         body = json.dumps(payload).encode()
         if fault is not None and fault.kind == "truncated_json":
             body = body[: len(body) // 2]
         elif fault is not None and fault.kind == "invalid_json":
             body = b"{'this is': not json,"
-        await _write_response(writer, 200, body)
-        return True
+        return 200, body, {}
 
     async def _completion(self, api: str, request_json: dict[str, Any]) -> dict[str, Any]:
         if "_raw" in request_json:
@@ -557,6 +556,12 @@ async def _write_json(
     extra: dict[str, str] | None = None,
 ) -> None:
     await _write_response(writer, status, json.dumps(payload).encode(), extra)
+
+
+def _error(
+    api: str, status: int, message: str, extra: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    return status, json.dumps(_error_body(api, status, message)).encode(), extra or {}
 
 
 def _error_body(api: str, status: int, message: str) -> dict[str, Any]:

@@ -183,7 +183,7 @@ def test_budget_refuses_before_sending(server):
 
 
 def test_concurrency_cap_is_never_exceeded():
-    with FakeProviderServer(latency=0.05) as slow:
+    with FakeProviderServer(latency=0.1) as slow:
         client = client_for(slow, max_concurrency=3)
 
         async def burst():

@@ -287,19 +287,26 @@ def test_a_locked_database_never_stalls_the_event_loop(tmp_path):
     path = str(tmp_path / "c.sqlite")
     cache = ResponseCache(path)
     cache.put("k", CachedResponse("v"), provider="p", model="m")
-    locked, release = threading.Event(), threading.Event()
+    cache.close()  # an exclusive lock can only be taken while no other connection is open
+    locked, release, errors = threading.Event(), threading.Event(), []
 
     def hold_an_exclusive_lock():
-        connection = sqlite3.connect(path, isolation_level=None)
-        connection.execute("PRAGMA locking_mode=EXCLUSIVE")
-        connection.execute("INSERT INTO responses VALUES ('x', 'p', 'm', 't', 0, 0, 0)")
-        locked.set()
+        try:
+            connection = sqlite3.connect(path, isolation_level=None)
+            connection.execute("PRAGMA locking_mode=EXCLUSIVE")
+            connection.execute("INSERT INTO responses VALUES ('x', 'p', 'm', 't', 0, 0, 0)")
+        except sqlite3.Error as error:
+            errors.append(error)
+            return
+        finally:
+            locked.set()
         release.wait()
         connection.close()
 
     holder = threading.Thread(target=hold_an_exclusive_lock)
     holder.start()
     locked.wait()
+    assert errors == []
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         sqlite3.connect(path, timeout=0).execute("SELECT * FROM responses").fetchall()
 

@@ -230,7 +230,8 @@ def test_paced_client_sends_everything():
     [
         ("max_concurrency", 0, ValueError, "max_concurrency must be >= 1, got 0"),
         ("max_concurrency", 2.5, TypeError, "max_concurrency must be an int"),
-        ("requests_per_minute", -1, ValueError, "requests_per_minute must be >="),
+        ("requests_per_minute", -1, ValueError, "requests_per_minute must be > 0, got -1"),
+        ("tokens_per_minute", 0, ValueError, "tokens_per_minute must be > 0, got 0"),
         ("max_retries", True, TypeError, "max_retries must be an int"),
         ("budget_usd", "5", TypeError, "budget_usd must be a number"),
         ("budget_tokens", -3, ValueError, "budget_tokens must be >= 0"),

@@ -77,7 +77,8 @@ def test_completion_arguments_reach_the_wire(server):
             "json_schema": {"name": "answer", "schema": schema},
         },
     )
-    client.chat(ASK, max_tokens=7, response_format=schema)
+    client.chat(ASK, max_tokens=7, response_format=schema, top_k=5,
+                extra_body={"repetition_penalty": 1.1})
     first, second = server.requests
     assert first["temperature"] == 0.2 and first["seed"] == 3
     assert first["max_completion_tokens"] == 40
@@ -87,6 +88,8 @@ def test_completion_arguments_reach_the_wire(server):
         "json_schema": {"name": "answer", "schema": schema},
     }
     assert second["max_tokens"] == 7
+    # Arguments the SDK doesn't know travel in the body, for OpenAI-compatible servers.
+    assert second["top_k"] == 5 and second["repetition_penalty"] == 1.1
     # A bare JSON schema is sent as a strict json_schema format.
     assert second["response_format"] == {
         "type": "json_schema",
@@ -211,7 +214,7 @@ def test_budget_refuses_before_sending(server):
 
 def test_concurrency_cap_is_never_exceeded():
     client_kwargs = {"max_concurrency": 4}
-    with FakeProviderServer(latency=0.05) as slow:
+    with FakeProviderServer(latency=0.1) as slow:
         client = client_for(slow, **client_kwargs)
 
         async def burst():
@@ -226,7 +229,7 @@ def test_concurrency_cap_is_never_exceeded():
 
 
 def test_uncapped_requests_overlap():
-    with FakeProviderServer(latency=0.05) as slow:
+    with FakeProviderServer(latency=0.5) as slow:
         client = client_for(slow)
 
         async def burst():

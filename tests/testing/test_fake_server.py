@@ -258,7 +258,7 @@ def test_many_requests_are_in_flight_at_once():
                 ]
             )
 
-    with FakeProviderServer(latency=0.3) as server:
+    with FakeProviderServer(latency=1.0) as server:
         results = asyncio.run(burst(server))
         assert server.in_flight == 0
     assert sorted(r.choices[0].message.content for r in results) == sorted(
