@@ -13,6 +13,7 @@ Example:
     'mention the deadline'
 """
 
+from afnio import autodiff, cognitive, models, optim, utils
 from afnio._variable import Variable
 from afnio.autodiff.grad_mode import (
     enable_grad,
@@ -21,15 +22,13 @@ from afnio.autodiff.grad_mode import (
     no_grad,
     set_grad_enabled,
 )
+from afnio.cognitive import Parameter
 from afnio.models.registry import (
     get_backward_model_client,
     get_backward_model_completion_args,
     set_backward_model_client,
 )
-from afnio import autodiff, cognitive, models, optim  # noqa: E402,I001
-from afnio.cognitive import Parameter  # noqa: E402
-from afnio.serialization import load, save  # noqa: E402
-from afnio import utils  # noqa: E402
+from afnio.serialization import load, save
 
 __version__ = "0.1.0"
 

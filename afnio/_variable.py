@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from afnio.autodiff.graph import Node
 
 __all__ = ["Variable", "validate_data", "batch_size_of"]
 
-Scalar = Union[str, int, float]
-Data = Union[Scalar, list]
+Scalar = str | int | float
+Data = str | int | float | list
 
 _REPR_LIMIT = 60
 
@@ -88,7 +88,9 @@ def batch_size_of(data: Any) -> int | None:
 
 def _shorten(value: Any, limit: int = _REPR_LIMIT) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'" + ("]" if text[0] == "[" else "")
+    return (
+        text if len(text) <= limit else text[: limit - 5] + "...'" + ("]" if text[0] == "[" else "")
+    )
 
 
 class Variable:
@@ -231,7 +233,7 @@ class Variable:
         """
         if not self.requires_grad:
             raise RuntimeError(
-                f"can't retain_grad on Variable with role {self.role!r} that has requires_grad=False"
+                f"can't retain_grad on Variable with role {self.role!r}: it has requires_grad=False"
             )
         if not self.is_leaf:
             self._retains_grad = True

@@ -92,7 +92,7 @@ class SentimentAgent(cognitive.Module):
         self.classify = cognitive.ChatCompletion(model, temperature=0.0, max_tokens=8)
         self.evaluator = cognitive.DeterministicEvaluator(
             eval_fn=label_match,
-            eval_fn_purpose="1 if the sentiment label in the reply equals the annotated one, else 0",
+            eval_fn_purpose="1 if the reply's sentiment label equals the annotated one, else 0",
             success_fn=lambda score: score == 1,
         )
         self.optimizer_model = optimizer_model
@@ -157,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.model or default_model_path()
     options = {"budget_usd": args.budget_usd} if args.budget_usd else {}
     model = get_client(model_path, **options)
-    optimizer_model = (
-        get_client(args.optimizer_model, **options) if args.optimizer_model else model
-    )
+    optimizer_model = get_client(args.optimizer_model, **options) if args.optimizer_model else model
     backward_args: dict = {}
     optimizer_args: dict = {}
     if model.provider == "local":
-        backward_args = {"response_format": json_reply("feedback", "feedback", 400), "max_tokens": 200}
+        backward_args = {
+            "response_format": json_reply("feedback", "feedback", 400),
+            "max_tokens": 200,
+        }
     if optimizer_model.provider == "local":
         optimizer_args = {
             "response_format": json_reply("proposal", "improved_variable", 600),

@@ -132,7 +132,9 @@ class Add(Function):
 
 
 def _join_texts(texts: Sequence[str], roles: Sequence[str]) -> str:
-    return "\n\n".join(f"[{role or f'item {i}'}]\n{text}" for i, (text, role) in enumerate(zip(texts, roles)))
+    return "\n\n".join(
+        f"[{role or f'item {i}'}]\n{text}" for i, (text, role) in enumerate(zip(texts, roles))
+    )
 
 
 class Sum(Function):
@@ -171,7 +173,12 @@ class Sum(Function):
     def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[list[Variable | None]]:
         if not ctx.needs_input_grad[0]:
             return (None,)
-        return ([_gradient_for(v, grad_output) if v.requires_grad else None for v in ctx.saved_variables],)
+        return (
+            [
+                _gradient_for(v, grad_output) if v.requires_grad else None
+                for v in ctx.saved_variables
+            ],
+        )
 
 
 class Split(Function):

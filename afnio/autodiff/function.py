@@ -200,7 +200,9 @@ def _has_variable(shape: Any) -> bool:
 
 def _flatten_gradient(name: str, index: int, shape: Any, value: Any, out: list) -> None:
     def fail(problem: str) -> RuntimeError:
-        return RuntimeError(f"function {name} returned an invalid gradient at index {index}: {problem}")
+        return RuntimeError(
+            f"function {name} returned an invalid gradient at index {index}: {problem}"
+        )
 
     if isinstance(shape, tuple):
         if value is None:

@@ -199,8 +199,8 @@ def _check_option(
         raise TypeError(f"model client option {name} must be an int, got {value!r}")
     if not numeric:
         raise TypeError(f"model client option {name} must be a number, got {value!r}")
-    if value < minimum or (minimum == 0 and strictly_positive and value == 0):
-        bound = "> 0" if strictly_positive else f">= {minimum}"
+    if value <= minimum if strictly_positive else value < minimum:
+        bound = f"> {minimum}" if strictly_positive else f">= {minimum}"
         raise ValueError(f"model client option {name} must be {bound}, got {value!r}")
 
 

@@ -54,7 +54,10 @@ def make(size, text, requires_grad):
     return Variable(data, role=f"{text} input", requires_grad=requires_grad)
 
 
-@given(st.lists(st.tuples(sizes, st.booleans()), min_size=1, max_size=4), st.sampled_from(["add", "sum"]))
+@given(
+    st.lists(st.tuples(sizes, st.booleans()), min_size=1, max_size=4),
+    st.sampled_from(["add", "sum"]),
+)
 def test_batching_shapes_and_mismatch_errors(specs, op):
     if op == "add" and len(specs) < 2:
         specs = specs * 2
