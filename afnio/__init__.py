@@ -23,6 +23,7 @@ from afnio.autodiff.grad_mode import (
     set_grad_enabled,
 )
 from afnio.cognitive import Parameter
+from afnio.models import get_client, get_usage, reset_usage, track_usage
 from afnio.models.registry import (
     get_backward_model_client,
     get_backward_model_completion_args,
@@ -40,14 +41,18 @@ __all__ = [
     "enable_grad",
     "get_backward_model_client",
     "get_backward_model_completion_args",
+    "get_client",
+    "get_usage",
     "inference_mode",
     "is_grad_enabled",
     "load",
     "models",
     "no_grad",
     "optim",
+    "reset_usage",
     "save",
     "set_backward_model_client",
     "set_grad_enabled",
+    "track_usage",
     "utils",
 ]

@@ -103,9 +103,9 @@ def expected_calls(batch: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- one training step
-def training_step(model: ChatCompletionModel, batch: int) -> tuple[float, int, int]:
-    """One forward -> judge -> backward -> optimizer step; returns (seconds, calls, prompt
-    tokens). ``model`` answers every kind of request."""
+def training_step(model: ChatCompletionModel, batch: int) -> tuple[float, float, int, int]:
+    """One forward -> judge -> backward -> optimizer step; returns (wall seconds, CPU seconds of
+    this process, calls, prompt tokens). ``model`` answers every kind of request."""
     prompts = [
         Parameter(f"Stage {k}: answer the customer's question.", role=f"system prompt of stage {k}")
         for k in range(1, STAGES + 1)
@@ -118,7 +118,7 @@ def training_step(model: ChatCompletionModel, batch: int) -> tuple[float, int, i
     rubric = afnio.Variable("Reference: {target}\nAnswer: {prediction}\nIs the answer right?",
                             role="judge rubric")
     with track_usage() as used:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad()
         x = questions
         for prompt in prompts:
@@ -133,10 +133,10 @@ def training_step(model: ChatCompletionModel, batch: int) -> tuple[float, int, i
         )
         explanation.backward()
         optimizer.step()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if not all(p.data.endswith("delivery date.") for p in prompts):
         raise RuntimeError("the optimizer step did not update every prompt")
-    return seconds, used.requests, used.prompt_tokens
+    return seconds, cpu, used.requests, used.prompt_tokens
 
 
 def check_levels(counts: list[int], batch: int, where: str) -> None:
@@ -162,23 +162,24 @@ def scripted(batches: list[int], latency: float, repeat: int) -> None:
           f"(3 forward + 1 loss + 3 backward + 1 optimizer) x latency = {limit * 1000:.0f} ms; "
           f"median of {repeat}")
     print(f"{'B':>4} {'LLM calls':>10} {'prompt tok':>11} {'wall ms':>9} {'limit ms':>9} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6} {'CPU ms':>8}")
     model = ScriptedModel(reply, latency=latency, model=MODEL)
     training_step(model, max(batches))  # warm-up: imports, the runtime loop, tokenizer tables
     for batch in batches:
-        walls = []
+        runs = []
         for _ in range(repeat):
             model.reset()
-            seconds, calls, tokens = training_step(model, batch)
+            wall, cpu, calls, tokens = training_step(model, batch)
             check_levels([len(level) for level in per_level([m for m, _ in model.requests])],
                          batch, "scripted")
             if calls != 6 * batch + 6:
                 raise RuntimeError(f"B={batch}: {calls} requests recorded, expected "
                                    f"{6 * batch + 6}")
-            walls.append(seconds)
-        wall = statistics.median(walls)
+            runs.append((wall, cpu))
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
         print(f"{batch:>4} {calls:>10} {tokens:>11} {wall * 1000:>9.1f} {limit * 1000:>9.0f} "
-              f"{wall / limit:>6.2f}")
+              f"{wall / limit:>6.2f} {cpu * 1000:>8.1f}")
 
 
 # --------------------------------------------------------------------------- (b) fake server
@@ -226,14 +227,17 @@ class _ProcessServer:
         self.process.join()
 
 
-def transport_floor(sdk: openai.AsyncOpenAI, bodies: list[list[dict[str, Any]]]) -> float:
-    """Seconds to send each level's bodies at once with the bare SDK, level after level."""
+def transport_floor(
+    sdk: openai.AsyncOpenAI, bodies: list[list[dict[str, Any]]]
+) -> tuple[float, float]:
+    """(wall, CPU) seconds to send each level's bodies at once with the bare SDK, level after
+    level."""
 
-    async def replay() -> float:
-        start = time.perf_counter()
+    async def replay() -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
         for level in bodies:
             await asyncio.gather(*[sdk.chat.completions.create(**body) for body in level])
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
     return run(replay())
 
@@ -248,30 +252,32 @@ def through_server(batches: list[int], latency: float, repeat: int, mode: str) -
         print(f"(b) FakeProviderServer(latency={latency * 1000:.0f} ms) in a "
               f"{'child process' if mode == 'process' else 'thread of this process'}, afnio "
               f"AsyncOpenAI vs the bare openai SDK replaying the same requests level by level; "
-              f"median of {repeat}")
+              f"median of {repeat}; critical-path limit {8 * latency * 1000:.0f} ms")
         print(f"{'B':>4} {'LLM calls':>10} {'prompt tok':>11} {'wall ms':>9} {'floor ms':>9} "
-              f"{'ratio':>6} {'limit ms':>9}")
-        for batch in [max(batches), *batches]:  # the first pass is a warm-up (opens connections)
-            walls, floors = [], []
-            for _ in range(repeat):
-                seconds, calls, tokens = training_step(model, batch)
-                bodies = server.take_requests()
-                levels = per_level([body["messages"] for body in bodies])
-                check_levels([len(level) for level in levels], batch, "fake server")
-                if calls != len(bodies) or calls != 6 * batch + 6:
-                    raise RuntimeError(f"B={batch}: afnio counted {calls} requests, the server "
-                                       f"saw {len(bodies)}, expected {6 * batch + 6}")
-                floors.append(transport_floor(sdk, [[bodies[i] for i in level]
-                                                    for level in levels]))
-                if len(server.take_requests()) != len(bodies):
-                    raise RuntimeError("the floor replay did not send every request once")
-                walls.append(seconds)
-            if batch is max(batches) and not floors[1:]:
-                continue
-            wall, floor = statistics.median(walls), statistics.median(floors)
-            limit = 8 * latency
+              f"{'ratio':>6} {'CPU ms':>8} {'floor CPU':>10}")
+
+        def step_and_floor(batch: int) -> tuple[float, float, float, float, int, int]:
+            wall, cpu, calls, tokens = training_step(model, batch)
+            bodies = server.take_requests()
+            levels = per_level([body["messages"] for body in bodies])
+            check_levels([len(level) for level in levels], batch, "fake server")
+            if calls != len(bodies) or calls != 6 * batch + 6:
+                raise RuntimeError(f"B={batch}: afnio counted {calls} requests, the server "
+                                   f"saw {len(bodies)}, expected {6 * batch + 6}")
+            floor, floor_cpu = transport_floor(sdk, [[bodies[i] for i in level]
+                                                     for level in levels])
+            if len(server.take_requests()) != len(bodies):
+                raise RuntimeError("the floor replay did not send every request once")
+            return wall, floor, cpu, floor_cpu, calls, tokens
+
+        step_and_floor(max(batches))  # warm-up: opens the connections of both clients
+        for batch in batches:
+            runs = [step_and_floor(batch) for _ in range(repeat)]
+            wall, floor, cpu, floor_cpu = (statistics.median(r[i] for r in runs)
+                                           for i in range(4))
+            calls, tokens = runs[0][4], runs[0][5]
             print(f"{batch:>4} {calls:>10} {tokens:>11} {wall * 1000:>9.1f} {floor * 1000:>9.1f} "
-                  f"{wall / floor:>6.2f} {limit * 1000:>9.0f}")
+                  f"{wall / floor:>6.2f} {cpu * 1000:>8.1f} {floor_cpu * 1000:>10.1f}")
         run(sdk.close())
         run(model.aclose())
     finally:

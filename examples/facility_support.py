@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -42,6 +43,23 @@ CONSTRAINTS = [
     "negative.",
     "Keep the prompt under 120 words.",
 ]
+
+EXAMPLE_PROMPTS = [
+    "Decide whether the message sounds positive, neutral or negative. Reply with that one word.",
+]
+
+
+def check_prompt(value: str) -> str | None:
+    """The mechanical half of the constraints: TGD rejects a proposal that fails it."""
+    missing = [label for label in LABELS if label not in value.lower()]
+    if missing:
+        return f"it must name every label; missing: {', '.join(missing)}"
+    words = len(value.split())
+    if words > 120 or words < 5:
+        return f"it has {words} words; it must have between 5 and 120"
+    if re.search(r"(\b\w+\b)(?:\W+\1\b){3,}", value.lower()):
+        return "it repeats the same word over and over"
+    return None
 
 
 def json_reply(name: str, field: str, max_length: int) -> dict:
@@ -118,6 +136,8 @@ class SentimentAgent(cognitive.Module):
             model_client=self.optimizer_model,
             momentum=2,
             constraints=CONSTRAINTS,
+            proposal_check=check_prompt,
+            in_context_examples=EXAMPLE_PROMPTS,
             **self.optimizer_args,
         )
 
@@ -168,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if optimizer_model.provider == "local":
         optimizer_args = {
             "response_format": json_reply("proposal", "improved_variable", 600),
-            "max_tokens": 300,
+            "max_tokens": 200,
+            "max_retries": 1,
         }
     afnio.set_backward_model_client(model, completion_args=backward_args)
 

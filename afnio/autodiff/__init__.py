@@ -2,6 +2,11 @@
 
 from afnio.autodiff.basic_ops import Add, Split, Sum
 from afnio.autodiff.engine import abackward, backward
+from afnio.autodiff.evaluator import (
+    DeterministicEvaluator,
+    ExactMatchEvaluator,
+    LMJudgeEvaluator,
+)
 from afnio.autodiff.function import Function, FunctionCtx
 from afnio.autodiff.grad_mode import (
     enable_grad,
@@ -11,10 +16,23 @@ from afnio.autodiff.grad_mode import (
     set_grad_enabled,
 )
 from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
+from afnio.autodiff.lm_ops import (
+    ChatCompletion,
+    ReplyParseError,
+    get_gradient_token_budget,
+    set_gradient_token_budget,
+)
 
 __all__ = [
     "AccumulateGrad",
     "Add",
+    "ChatCompletion",
+    "DeterministicEvaluator",
+    "ExactMatchEvaluator",
+    "LMJudgeEvaluator",
+    "ReplyParseError",
+    "get_gradient_token_budget",
+    "set_gradient_token_budget",
     "Function",
     "FunctionCtx",
     "GradientEdge",

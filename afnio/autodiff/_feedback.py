@@ -285,4 +285,8 @@ async def gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
         pending = [task for task in tasks if not task.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled():
+                # Mark secondary failures as seen; the first one is already propagating.
+                task.exception()
 

@@ -106,6 +106,10 @@ class FunctionCtx:
         self.materialize_grads = bool(value)
 
     def _free(self) -> None:
+        """Drop everything forward left for backward (a freed graph can't run again)."""
+        kept = {"_function", "needs_input_grad", "materialize_grads", "_non_differentiable"}
+        for name in [name for name in vars(self) if name not in kept]:
+            delattr(self, name)
         self._freed = True
         self._saved = ()
 

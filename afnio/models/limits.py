@@ -169,12 +169,12 @@ class Budget:
         self.usd = usd
         self.tokens = tokens
 
-    def check(self, spent: Usage, *, client: str) -> None:
+    def check(self, spent: Usage, *, client: object) -> None:
         """Raise :class:`BudgetExceededError` if ``spent`` has used up the budget.
 
         Args:
             spent: What the client has used so far.
-            client: How to name the client in the error.
+            client: The client (or its name), shown with ``str()`` in the error.
         """
         if self.usd is not None and spent.cost_usd >= self.usd:
             raise BudgetExceededError(
@@ -281,7 +281,7 @@ class Limits:
         *,
         estimated_tokens: int,
         spent: Callable[[], Usage],
-        client: str,
+        client: object,
         on_retry: Callable[[int, TransientError, float], None] | None = None,
     ) -> T:
         """Run ``send`` under the limits, retrying transient failures.
@@ -293,7 +293,7 @@ class Limits:
             send: Makes one attempt.
             estimated_tokens: Tokens the request is expected to use, for token pacing.
             spent: Returns what the client has used so far, for the budget.
-            client: How to name the client in errors.
+            client: The client (or its name), shown with ``str()`` in errors.
             on_retry: Called with (attempt number, error, delay) before each backoff sleep.
 
         Returns:

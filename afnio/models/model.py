@@ -204,7 +204,7 @@ class ChatCompletionModel(abc.ABC):
             send,
             estimated_tokens=estimated,
             spent=self._spent,
-            client=repr(self),
+            client=self,
             on_retry=self._log_retry,
         )
         if not isinstance(completion, Completion) or not isinstance(completion.text, str):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import re
 import string
@@ -83,6 +84,7 @@ class _Options:
     max_retries: int
     gradient_token_budget: int
     completion_args: dict[str, Any]
+    proposal_check: Callable[[Any], str | None] | None = None
 
 
 def _text_of(value: Any) -> str:
@@ -367,8 +369,22 @@ def _check_text(new: str, old: str, instruction_lines: Sequence[str], where: str
             raise _Rejected(f"{where} contains the optimizer's instruction {line[:60]!r}")
 
 
-def _accept(reply: str, old: Any, instruction_lines: Sequence[str]) -> Any:
+def _accept(
+    reply: str,
+    old: Any,
+    instruction_lines: Sequence[str],
+    proposal_check: Callable[[Any], str | None] | None = None,
+) -> Any:
     """The new value proposed by ``reply``, or :class:`_Rejected` saying what is wrong."""
+    new = _parse_proposal(reply, old, instruction_lines)
+    if proposal_check is not None:
+        problem = proposal_check(new)
+        if problem:
+            raise _Rejected(f"the proposal fails the user's check: {problem}")
+    return new
+
+
+def _parse_proposal(reply: str, old: Any, instruction_lines: Sequence[str]) -> Any:
     text = _between_tags(reply, prompts.PROPOSAL_TAG)
     if isinstance(old, str):
         _check_text(text, old, instruction_lines, "the proposal")
@@ -525,7 +541,10 @@ async def _propose(
     instruction_lines = _instruction_lines(opts.messages)
     old = copy.deepcopy(param.data)
     ok, new_data, reasons = await _ask(
-        opts, messages, prompts.PROPOSAL_TAG, lambda reply: _accept(reply, old, instruction_lines)
+        opts,
+        messages,
+        prompts.PROPOSAL_TAG,
+        lambda reply: _accept(reply, old, instruction_lines, opts.proposal_check),
     )
     if not ok:
         notes.append(
@@ -596,6 +615,7 @@ def tgd(
     max_retries: int = 2,
     gradient_token_budget: int = DEFAULT_GRADIENT_TOKEN_BUDGET,
     completion_args: dict[str, Any] | None = None,
+    proposal_check: Callable[[Any], str | None] | None = None,
 ) -> None:
     """Functional Textual Gradient Descent: one step over ``params``. See :class:`TGD`.
 
@@ -619,6 +639,8 @@ def tgd(
         gradient_token_budget: Token budget of the feedback in one request; past it, feedback
             is condensed chunk by chunk by the same model.
         completion_args: Extra arguments for every request.
+        proposal_check: ``check(new_value) -> str | None``; a returned text rejects the
+            proposal (and is shown to the model on retry), ``None`` or ``""`` accepts it.
 
     Raises:
         ValueError, TypeError: For invalid options (nothing is changed).
@@ -628,6 +650,7 @@ def tgd(
         model_client, messages, inputs, constraints, momentum, in_context_examples,
         max_retries, gradient_token_budget, completion_args, where="tgd",
     )
+    opts = dataclasses.replace(opts, proposal_check=proposal_check)
     _check_lengths(params, grads, momentum_buffer_list)
     outcomes = run(_apropose(params, grads, momentum_buffer_list, opts))
     for message in _commit(params, outcomes, momentum_buffer_list, momentum):
@@ -662,6 +685,9 @@ class TGD(Optimizer):
         gradient_token_budget: Token budget of the feedback in one request; past it, the
             feedback is condensed chunk by chunk (one request per chunk) by the same model,
             never truncated.
+        proposal_check: A mechanical check of your own, ``check(new_value) -> str | None``
+            (e.g. a length limit or required words): a returned text rejects the proposal like
+            a broken placeholder does. It is code, so it is not part of ``state_dict``.
         **completion_args: Extra arguments for every request (``temperature``, ...).
 
     Example:
@@ -689,8 +715,14 @@ class TGD(Optimizer):
         in_context_examples: Iterable[str | Variable] | None = None,
         max_retries: int = 2,
         gradient_token_budget: int = DEFAULT_GRADIENT_TOKEN_BUDGET,
+        proposal_check: Callable[[Any], str | None] | None = None,
         **completion_args: Any,
     ) -> None:
+        if proposal_check is not None and not callable(proposal_check):
+            raise TypeError(
+                f"TGD: proposal_check must be callable, got {type(proposal_check).__name__}"
+            )
+        self.proposal_check = proposal_check
         defaults = dict(
             model_client=model_client,
             messages=None if messages is None else list(messages),
@@ -734,7 +766,8 @@ class TGD(Optimizer):
             params = list(dict.fromkeys(group["params"]))
             buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
             grads = [list(p.grad) for p in params]
-            jobs.append((group, params, grads, buffers, _group_options(group)))
+            opts = dataclasses.replace(_group_options(group), proposal_check=self.proposal_check)
+            jobs.append((group, params, grads, buffers, opts))
 
         async def propose_all() -> list[list[_Outcome | None]]:
             return await _gather_all(

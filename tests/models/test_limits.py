@@ -5,6 +5,8 @@ import logging
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from afnio._runtime import run
 from afnio.models import BudgetExceededError, TransientError
@@ -45,15 +47,17 @@ def test_token_budget_refuses_before_sending():
 
 
 def test_usd_budget_refuses_before_sending():
-    model = PricedModel(["ok"], model="gpt-4.1", budget_usd=0.00002)
-    sent = 0
-    with pytest.raises(BudgetExceededError, match=r"USD budget of \$2e-05 is spent"):
-        while True:
-            model.chat(HELLO)
-            sent += 1
-    assert model.calls == sent
-    assert model.get_usage()["cost_usd"] >= 0.00002
-    assert model.get_usage()["cost_usd"] - (model.get_usage()["cost_usd"] / sent) < 0.00002
+    probe = PricedModel(["ok"], model="gpt-4.1")
+    probe.chat(HELLO)
+    per_request = probe.get_usage()["cost_usd"]
+    assert per_request > 0
+    model = PricedModel(["ok"], model="gpt-4.1", budget_usd=2.5 * per_request)
+    for _ in range(3):  # spent 0, 1 and 2 requests' worth: still under budget
+        model.chat(HELLO)
+    with pytest.raises(BudgetExceededError, match="USD budget of .* is spent"):
+        model.chat(HELLO)
+    assert model.calls == 3
+    assert model.get_usage()["cost_usd"] == pytest.approx(3 * per_request)
 
 
 def test_requests_queued_behind_the_cap_are_refused_once_the_budget_is_spent():
@@ -102,6 +106,18 @@ def test_concurrency_cap_works_on_any_event_loop():
     asyncio.run(many())  # a fresh private loop: the cap must not be bound to a dead loop
     assert model.max_in_flight == 2
     assert model.calls == 18
+
+
+@given(cap=st.integers(1, 6), requests=st.integers(1, 16))
+def test_concurrency_cap_property(cap, requests):
+    model = ScriptedModel(latency=0.001, max_concurrency=cap)
+
+    async def many():
+        await asyncio.gather(*(model.achat(HELLO) for _ in range(requests)))
+
+    run(many())
+    assert model.max_in_flight == min(cap, requests)
+    assert model.calls == requests
 
 
 def test_no_cap_lets_everything_overlap():
@@ -210,6 +226,18 @@ def test_token_rate_limit_paces_large_requests_and_takes_corrections():
     assert limit.reserve(30) == pytest.approx(2.0)
     limit.adjust(-20)  # the request used 20 tokens fewer than estimated
     assert limit.reserve(10) == pytest.approx(1.0)
+
+
+@given(per_minute=st.integers(1, 10_000), amounts=st.lists(st.integers(1, 500), max_size=20))
+def test_rate_limit_waits_exactly_for_the_debt(per_minute, amounts):
+    limit = RateLimit(per_minute, clock=lambda: 0.0)  # everything reserved at one instant
+    per_second = per_minute / 60
+    capacity = max(per_second, 1.0)
+    reserved = 0
+    for amount in amounts:
+        reserved += amount
+        expected = max(0.0, (reserved - capacity) / per_second)
+        assert limit.reserve(amount) == pytest.approx(expected)
 
 
 def test_paced_client_sends_everything():

@@ -437,3 +437,38 @@ def test_repr_shows_options_without_secrets():
     assert text.startswith("TGD (\nParameter Group 0\n")
     assert "    model_client: ScriptedModel(model='m')\n" in text
     assert "    momentum: 2\n" in text
+
+
+def test_a_json_shaped_reply_from_a_schema_constrained_model_is_accepted():
+    model = ScriptedModel(['{"improved_variable": "Be kind."}'])
+    prompt = Parameter("Be nice.", role="system prompt")
+    prompt.append_grad(feedback("kinder"))
+    TGD([prompt], model_client=model).step()
+    assert prompt.data == "Be kind."
+
+
+def test_proposal_check_rejects_then_accepts_and_its_reason_reaches_the_retry():
+    model = ScriptedModel([improved("word " * 50), improved("Short and kind.")])
+
+    def at_most_ten_words(value):
+        words = len(value.split())
+        return f"it has {words} words, the limit is 10" if words > 10 else None
+
+    prompt = Parameter("Be nice.", role="system prompt")
+    prompt.append_grad(feedback("kinder"))
+    TGD([prompt], model_client=model, proposal_check=at_most_ten_words).step()
+    assert prompt.data == "Short and kind." and model.calls == 2
+    retry_messages, _ = model.requests[1]
+    assert "it has 50 words, the limit is 10" in retry_messages[-1]["content"]
+
+
+def test_proposal_check_failing_every_time_keeps_the_value_with_a_warning():
+    model = ScriptedModel([improved("anything")])
+    prompt = Parameter("Be nice.", role="system prompt")
+    prompt.append_grad(feedback("kinder"))
+    opt = TGD([prompt], model_client=model, max_retries=1, proposal_check=lambda v: "never")
+    with pytest.warns(ProposalRejectedWarning, match="user's check: never"):
+        opt.step()
+    assert prompt.data == "Be nice." and model.calls == 2
+    with pytest.raises(TypeError, match="proposal_check"):
+        TGD([prompt], model_client=model, proposal_check="not callable")
