@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from afnio._runtime import run
 from afnio._variable import Variable, check_gradient_shape, validate_data
+from afnio.autodiff._feedback import chunk_by_budget, gather_all, parse_feedback
 from afnio.autodiff.basic_ops import broadcast_size
 from afnio.autodiff.function import flatten_variables
 from afnio.autodiff.grad_mode import is_grad_enabled, no_grad
@@ -76,7 +76,6 @@ __all__ = [
     "fun_to_grad_component",
 ]
 
-_FEEDBACK = re.compile(r"<FEEDBACK>(.*?)</FEEDBACK>", re.DOTALL)
 
 
 class BackwardEngine:
@@ -142,9 +141,9 @@ class BackwardEngine:
         reply = ""
         for _ in range(self.max_attempts):
             reply = await client.achat(conversation, **completion_args)
-            match = _FEEDBACK.search(reply)
-            if match is not None:
-                return match.group(1).strip()
+            feedback = parse_feedback(reply)
+            if feedback is not None:
+                return feedback
             conversation = [
                 *messages,
                 {"role": "assistant", "content": reply},
@@ -256,35 +255,6 @@ def _reshape_feedback(feedback: Variable, target: Variable) -> Variable | None:
 
 async def _value(value: Any) -> Any:
     return value
-
-
-def _chunk(base: int, sizes: Sequence[int], budget: int) -> list[list[int]]:
-    """Group positions, in order, so that ``base`` plus each group's sizes stays in ``budget``
-    (an item that alone passes the budget gets a group of its own; nothing is cut)."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    used = base
-    for position, size in enumerate(sizes):
-        if current and used + size > budget:
-            groups.append(current)
-            current, used = [], base
-        current.append(position)
-        used += size
-    if current:
-        groups.append(current)
-    return groups
-
-
-async def _gather(coroutines: Sequence[Any]) -> list[Any]:
-    """Run coroutines concurrently; if one fails, cancel the rest and re-raise."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 # ---------------------------------------------------------------------- the graph node
@@ -524,7 +494,7 @@ class GradComponent(Module):
         calls = [(_unwrap(args, i), _unwrap(kwargs, i)) for i in indices]
         with no_grad():
             if self._has_async_call():
-                results = run(_gather([self.acall(*a, **k) for a, k in calls]))
+                results = run(gather_all([self.acall(*a, **k) for a, k in calls]))
             else:
                 results = [self.call(*a, **k) for a, k in calls]
         return results[0] if size is None else results
@@ -612,7 +582,7 @@ class GradComponent(Module):
             return None
         feedback = combine_gradients(response.grad, response.role, response.batch_size)
         wanted = [p for p in response.predecessors if p.requires_grad]
-        gradients = await _gather(
+        gradients = await gather_all(
             [self._engine_gradient(engine, response, feedback, p) for p in wanted]
         )
         for predecessor, gradient in zip(wanted, gradients):
@@ -725,7 +695,7 @@ class GradComponent(Module):
             if target.batch_size is None:
                 return Variable(text, role=role)
             return Variable([text] * target.batch_size, role=role)
-        replies = await _gather(
+        replies = await gather_all(
             [engine.afeedback(render([i], target.data[i])) for i in live]
         )
         data = [""] * target.batch_size
@@ -748,8 +718,8 @@ class GradComponent(Module):
         sizes = [
             count_message_tokens(render([i], target.data), model) - base + 2 for i in live
         ]
-        groups = _chunk(base, sizes, budget)
-        texts = await _gather(
+        groups = chunk_by_budget(base, sizes, budget)
+        texts = await gather_all(
             [engine.afeedback(render([live[k] for k in group], target.data)) for group in groups]
         )
         texts = [text for text in texts if text]
@@ -759,11 +729,12 @@ class GradComponent(Module):
                 for n, text in enumerate(texts)
             ]
             reduce_base = count_message_tokens(self._reduce_messages(target, []), model)
-            groups = _chunk(reduce_base, [count_tokens(part, model) + 2 for part in parts], budget)
+            sizes = [count_tokens(part, model) + 2 for part in parts]
+            groups = chunk_by_budget(reduce_base, sizes, budget)
             if len(groups) == len(texts):
                 # Every part alone fills the budget: merge pairs rather than drop anything.
                 groups = [list(range(n, min(n + 2, len(texts)))) for n in range(0, len(texts), 2)]
-            merged = await _gather(
+            merged = await gather_all(
                 [
                     engine.afeedback(self._reduce_messages(target, [parts[k] for k in group]))
                     if len(group) > 1
