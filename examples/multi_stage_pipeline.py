@@ -249,10 +249,10 @@ def one_line_text(max_length: int) -> dict[str, Any]:
 
     llama.cpp's grammar for a plain JSON string lets raw newlines through, which strict JSON
     parsers reject; this pattern keeps them out, and quotes and backslashes too. It also keeps
-    out braces and angle brackets: this program's prompts have no ``{placeholders}``, and a
-    135M model otherwise likes to echo template fragments and tags from the prompt it reads.
+    out braces and brackets: this program's prompts have no ``{placeholders}``, and a 135M
+    model otherwise likes to echo template fragments and tags from the prompt it reads.
     """
-    return {"type": "string", "pattern": f'^[^\\n\\r"\\\\{{}}<>]{{10,{max_length}}}$'}
+    return {"type": "string", "pattern": f'^[^\\n\\r"\\\\{{}}<>\\[\\]]{{10,{max_length}}}$'}
 
 
 def build_models(model_path: str) -> Models:

@@ -145,7 +145,7 @@ def _tagged(reply: str, tag: str) -> str | None:
 
 def _json_object(reply: str) -> dict | None:
     """The first JSON object in ``reply`` (fenced or bare), or None."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)  # raw newlines: small models emit them
     for match in re.finditer(r"\{", reply):
         try:
             value, _ = decoder.raw_decode(reply, match.start())

@@ -583,10 +583,9 @@ class GradientRequest:
         """Feedback on output ``index``; when it alone pushes a prompt past the budget and it is
         made of several pieces (fan-in), the pieces are condensed first (once per element)."""
         feedback = self.feedback[index]
-        if fits(feedback) or not fits(""):
-            return feedback
+        # A single piece is never condensed, so skip measuring the prompt (the costly part).
         pieces = [piece for piece in feedback.split(_FAN_IN_SEPARATOR) if piece.strip()]
-        if len(pieces) < 2:
+        if len(pieces) < 2 or fits(feedback) or not fits(""):
             return feedback
         if index not in self._condensed:
 

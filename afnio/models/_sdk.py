@@ -1,23 +1,50 @@
-"""Plumbing shared by the clients built on official provider SDKs (``openai``, ``anthropic``).
+"""What the clients built on official provider SDKs (``openai``, ``anthropic``) share.
 
-Three concerns: keeping one SDK async client per running event loop (an SDK client's connection
-pool belongs to the loop that opened it), reading ``Retry-After`` headers, and keeping API keys out
-of error messages.
+:class:`SdkChatModel` is their common base: API key handling, one SDK async client per running
+event loop (an SDK client's connection pool belongs to the loop that opened it), closing, the
+common config and the translation of SDK errors into afnio's. The helpers below it read
+``Retry-After`` headers, keep API keys out of error messages and check completion arguments.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import email.utils
+import functools
+import inspect
+import json
 import math
+import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from types import ModuleType
+from typing import Any, ClassVar, Generic, TypeVar
 
-__all__ = ["PerLoop", "json_schema_of", "redact", "retry_after_seconds"]
+from afnio.models.errors import ModelError, TransientError
+from afnio.models.model import ChatCompletionModel
+
+__all__ = [
+    "PerLoop",
+    "SdkChatModel",
+    "check_model_and_timeout",
+    "check_one_whole_reply",
+    "create_arguments",
+    "json_schema_of",
+    "move_unknown_to_extra_body",
+    "redact",
+    "refuse_client_set_arguments",
+    "retry_after_seconds",
+]
 
 T = TypeVar("T")
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+"""HTTP statuses (besides 5xx) worth retrying."""
+
+NO_KEY_NEEDED = "no-key-needed"
+"""The placeholder key sent to a ``base_url`` when no key was given (such servers ignore it)."""
 
 
 class PerLoop(Generic[T]):
@@ -165,3 +192,213 @@ def json_schema_of(response_format: Any, who: str) -> tuple[dict[str, Any] | Non
             raise ValueError(f"{who}: response_format 'schema' must be a dict, got {schema!r}")
         return schema, "response"
     return response_format, "response"
+
+
+def check_model_and_timeout(who: str, model: Any, timeout: Any) -> None:
+    """Check an SDK client's ``model`` and ``timeout`` constructor arguments.
+
+    Raises:
+        ValueError: If ``model`` is not a non-empty str or ``timeout`` is not > 0.
+
+    Example:
+        >>> check_model_and_timeout("AsyncOpenAI", "gpt-4.1-nano", 60.0)
+    """
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{who}: model must be a non-empty str, got {model!r}")
+    if not timeout or timeout <= 0:
+        raise ValueError(f"{who}: timeout must be > 0 seconds, got {timeout!r}")
+
+
+def check_one_whole_reply(args: dict[str, Any], who: str, why_one: str) -> None:
+    """Remove ``n`` and ``stream`` from ``args``, refusing values asking for more than one
+    whole reply.
+
+    Args:
+        args: Completion arguments (changed in place).
+        who: The client and method, for error messages.
+        why_one: Why only one reply is possible, for the ``n`` error message.
+
+    Raises:
+        ValueError: If ``n`` is not 1 (or ``None``) or ``stream`` is true.
+
+    Example:
+        >>> args = {"n": 1, "stream": False, "temperature": 0.5}
+        >>> check_one_whole_reply(args, "demo", "one per request")
+        >>> args
+        {'temperature': 0.5}
+    """
+    n = args.pop("n", 1)
+    if n not in (None, 1):
+        raise ValueError(f"{who}: n={n!r} is not supported; {why_one}")
+    if args.pop("stream", False):
+        raise ValueError(f"{who}: stream=True is not supported; achat returns the whole text")
+
+
+def refuse_client_set_arguments(args: Mapping[str, Any], who: str) -> None:
+    """Refuse ``model`` and ``messages`` as completion arguments (the client sets them).
+
+    Raises:
+        ValueError: If ``args`` holds either.
+
+    Example:
+        >>> refuse_client_set_arguments({"temperature": 0.5}, "demo")
+    """
+    for forbidden in ("model", "messages"):
+        if forbidden in args:
+            raise ValueError(f"{who}: {forbidden!r} is set by the client, not a completion "
+                             "argument")
+
+
+@functools.cache
+def create_arguments(create: Callable[..., Any]) -> frozenset[str]:
+    """Keyword arguments of an SDK's ``create`` method (without ``self``).
+
+    Example:
+        >>> sorted(create_arguments(lambda self, model, messages: None))
+        ['messages', 'model']
+    """
+    return frozenset(inspect.signature(create).parameters) - {"self"}
+
+
+def move_unknown_to_extra_body(args: dict[str, Any], accepted: frozenset[str]) -> None:
+    """Move the arguments an SDK's ``create`` doesn't list into its ``extra_body`` (in place),
+    so they reach the JSON body exactly as given.
+
+    Example:
+        >>> args = {"temperature": 0.5, "top_k": 3}
+        >>> move_unknown_to_extra_body(args, frozenset({"temperature", "extra_body"}))
+        >>> args
+        {'temperature': 0.5, 'extra_body': {'top_k': 3}}
+    """
+    extra_body = dict(args.pop("extra_body", None) or {})
+    extra_body.update({name: args.pop(name) for name in list(args) if name not in accepted})
+    if extra_body:
+        args["extra_body"] = extra_body
+
+
+class SdkChatModel(ChatCompletionModel):
+    """Base of the chat clients built on an official provider SDK.
+
+    It resolves the API key (argument, then the environment; with a ``base_url`` and no key, a
+    placeholder), keeps the key only inside one *template* SDK client built with
+    ``max_retries=0`` (afnio retries), copies that template once per running event loop, closes
+    the running loop's copy in :meth:`aclose`, adds ``base_url`` and ``timeout`` to the config,
+    and turns the SDK's exceptions into :class:`~afnio.models.errors.ModelError` /
+    :class:`~afnio.models.errors.TransientError` with the key redacted.
+
+    A subclass sets ``_sdk`` (the SDK module), ``_api_key_env`` and ``_vendor``, implements
+    ``_new_sdk_template(api_key)`` and ``_api_message(exc)``, and makes its request in ``_send``
+    through :meth:`_call_sdk`.
+
+    Args:
+        model: The model name.
+        api_key: The API key; defaults to the ``_api_key_env`` environment variable.
+        base_url: Another endpoint speaking the provider's protocol, or ``None``.
+        timeout: Seconds before one HTTP request is abandoned (and retried by afnio).
+        **options: Pipeline options of :class:`~afnio.models.model.ChatCompletionModel`.
+
+    Raises:
+        ValueError: If ``model`` or ``timeout`` is invalid.
+        ModelError: If there is no key and no ``base_url``.
+    """
+
+    _sdk: ClassVar[ModuleType]
+    _api_key_env: ClassVar[str]
+    _vendor: ClassVar[str]
+    _missing_key_hint: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        timeout: float,
+        **options: Any,
+    ) -> None:
+        name = type(self).__name__
+        check_model_and_timeout(name, model, timeout)
+        super().__init__(model=model, **options)
+        key = api_key or os.environ.get(self._api_key_env)
+        if not key:
+            if base_url is None:
+                raise ModelError(
+                    f"{name}({model!r}): no {self._vendor} API key; pass api_key= or set "
+                    f"{self._api_key_env}{self._missing_key_hint}"
+                )
+            key = NO_KEY_NEEDED
+        self.base_url = base_url
+        self.timeout = float(timeout)
+        # The key lives only in this SDK object; per-loop clients are copies of it.
+        self._template = self._new_sdk_template(key)
+        self._clients: PerLoop[Any] = PerLoop(self._new_sdk_client)
+
+    @abc.abstractmethod
+    def _new_sdk_template(self, api_key: str) -> Any:
+        """The SDK async client holding ``api_key`` (built with ``max_retries=0``)."""
+
+    @abc.abstractmethod
+    def _api_message(self, exc: Any) -> str:
+        """The provider's error message carried by an SDK ``APIStatusError``."""
+
+    def _auth_hint(self) -> str:
+        """Text appended to the authentication-failure message."""
+        return ""
+
+    def _new_sdk_client(self) -> Any:
+        return self._template.copy(
+            http_client=self._sdk.DefaultAsyncHttpxClient(timeout=self.timeout)
+        )
+
+    async def aclose(self) -> None:
+        """Close the connections this client opened on the running event loop.
+
+        Optional: call it before a loop you created (e.g. with ``asyncio.run``) ends, to release
+        its connections at once instead of when they are garbage-collected.
+        """
+        sdk_client = self._clients.pop()
+        if sdk_client is not None:
+            await sdk_client.close()
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments without the API key (it comes from the environment again)."""
+        config = super().get_config()
+        config.update(base_url=self.base_url, timeout=self.timeout)
+        return config
+
+    async def _call_sdk(self, request: Callable[[Any], Awaitable[T]]) -> T:
+        """``request(sdk_client)`` with the running loop's SDK client, SDK errors translated."""
+        sdk = self._sdk
+        client = self._clients.get()
+        try:
+            return await request(client)
+        except sdk.APIStatusError as exc:
+            raise self._status_error(exc) from None
+        except sdk.APITimeoutError:
+            raise TransientError(
+                f"{self.provider} {self.model}: request timed out after {self.timeout}s"
+            ) from None
+        except sdk.APIConnectionError as exc:
+            raise TransientError(f"{self.provider} {self.model}: connection failed: "
+                                 f"{self._safe(str(exc.__cause__ or exc))}") from None
+        except (json.JSONDecodeError, sdk.APIResponseValidationError) as exc:
+            raise TransientError(f"{self.provider} {self.model}: the response body was not "
+                                 f"valid JSON ({type(exc).__name__}: {exc})") from None
+
+    def _status_error(self, exc: Any) -> ModelError:
+        status = exc.status_code
+        name = f"{self.provider} {self.model}"
+        if status in RETRYABLE_STATUS or status >= 500:
+            return TransientError(
+                f"{name}: HTTP {status}: {self._safe(self._api_message(exc))}",
+                status=status, retry_after=retry_after_seconds(exc.response.headers),
+            )
+        if status in (401, 403):
+            return ModelError(
+                f"{name}: HTTP {status}: authentication failed; check the API key (api_key= or "
+                f"{self._api_key_env}){self._auth_hint()}"
+            )
+        return ModelError(f"{name}: HTTP {status}: {self._safe(self._api_message(exc))}")
+
+    def _safe(self, text: str) -> str:
+        return redact(text, self._template.api_key)

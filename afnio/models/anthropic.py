@@ -8,25 +8,27 @@ belong to :class:`~afnio.models.model.ChatCompletionModel`; the SDK is built wit
 
 from __future__ import annotations
 
-import functools
-import inspect
-import json
-import os
 from typing import Any
 
 import anthropic
 
-from afnio.models._sdk import PerLoop, json_schema_of, redact, retry_after_seconds
-from afnio.models.errors import ModelError, TransientError
-from afnio.models.model import ChatCompletionModel, Completion
+from afnio.models._sdk import (
+    SdkChatModel,
+    check_model_and_timeout,
+    check_one_whole_reply,
+    create_arguments,
+    json_schema_of,
+    move_unknown_to_extra_body,
+    refuse_client_set_arguments,
+)
+from afnio.models.errors import ModelError
+from afnio.models.model import Completion
 
 __all__ = ["Anthropic", "AsyncAnthropic"]
 
 DEFAULT_MAX_TOKENS = 1024
 """``max_tokens`` sent when the caller gives none (the Messages API requires one)."""
 
-_RETRYABLE_STATUS = {408, 409, 429}
-_NO_KEY_NEEDED = "no-key-needed"
 _UNSUPPORTED = {
     "seed": "the Messages API has no seed",
     "frequency_penalty": "the Messages API has no frequency_penalty",
@@ -35,7 +37,7 @@ _UNSUPPORTED = {
 }
 
 
-class AsyncAnthropic(ChatCompletionModel):
+class AsyncAnthropic(SdkChatModel):
     """A client for Anthropic's Messages API.
 
     Args:
@@ -72,6 +74,9 @@ class AsyncAnthropic(ChatCompletionModel):
     """
 
     provider = "anthropic"
+    _sdk = anthropic
+    _api_key_env = "ANTHROPIC_API_KEY"
+    _vendor = "Anthropic"
 
     def __init__(
         self,
@@ -84,68 +89,29 @@ class AsyncAnthropic(ChatCompletionModel):
         **options: Any,
     ) -> None:
         name = type(self).__name__
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"{name}: model must be a non-empty str, got {model!r}")
-        if not timeout or timeout <= 0:
-            raise ValueError(f"{name}: timeout must be > 0 seconds, got {timeout!r}")
+        # Checked here too so that a bad model or timeout is reported before a bad max_tokens.
+        check_model_and_timeout(name, model, timeout)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"{name}: max_tokens must be a positive int, got {max_tokens!r}")
-        super().__init__(model=model, **options)
-        key = api_key or os.environ.get("ANTHROPIC_API_KEY")
-        if not key:
-            if base_url is None:
-                raise ModelError(
-                    f"{name}({model!r}): no Anthropic API key; pass api_key= or set "
-                    "ANTHROPIC_API_KEY"
-                )
-            key = _NO_KEY_NEEDED
-        self.base_url = base_url
-        self.timeout = float(timeout)
+        super().__init__(model, api_key=api_key, base_url=base_url, timeout=timeout, **options)
         self.max_tokens = max_tokens
-        # The key lives only in this SDK object; per-loop clients are copies of it.
-        self._template = anthropic.AsyncAnthropic(
-            api_key=key, base_url=base_url, timeout=self.timeout, max_retries=0
+
+    def _new_sdk_template(self, api_key: str) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
         )
-        self._clients: PerLoop[anthropic.AsyncAnthropic] = PerLoop(self._new_sdk_client)
-
-    def _new_sdk_client(self) -> anthropic.AsyncAnthropic:
-        return self._template.copy(
-            http_client=anthropic.DefaultAsyncHttpxClient(timeout=self.timeout)
-        )
-
-    async def aclose(self) -> None:
-        """Close the connections this client opened on the running event loop.
-
-        Optional: call it before a loop you created (e.g. with ``asyncio.run``) ends, to release
-        its connections at once instead of when they are garbage-collected.
-        """
-        sdk_client = self._clients.pop()
-        if sdk_client is not None:
-            await sdk_client.close()
 
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments without the API key (it comes from the environment again)."""
         config = super().get_config()
-        config.update(base_url=self.base_url, timeout=self.timeout, max_tokens=self.max_tokens)
+        config.update(max_tokens=self.max_tokens)
         return config
 
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         request = self._request(messages, completion_args)
-        client = self._clients.get()
-        try:
-            response = await client.messages.create(model=self.model, **request)
-        except anthropic.APIStatusError as exc:
-            raise self._status_error(exc) from None
-        except anthropic.APITimeoutError:
-            raise TransientError(
-                f"{self.provider} {self.model}: request timed out after {self.timeout}s"
-            ) from None
-        except anthropic.APIConnectionError as exc:
-            raise TransientError(f"{self.provider} {self.model}: connection failed: "
-                                 f"{self._safe(str(exc.__cause__ or exc))}") from None
-        except (json.JSONDecodeError, anthropic.APIResponseValidationError) as exc:
-            raise TransientError(f"{self.provider} {self.model}: the response body was not "
-                                 f"valid JSON ({type(exc).__name__}: {exc})") from None
+        response = await self._call_sdk(
+            lambda client: client.messages.create(model=self.model, **request)
+        )
         texts = [block.text for block in response.content if block.type == "text"]
         if not texts:
             raise ModelError(
@@ -165,20 +131,12 @@ class AsyncAnthropic(ChatCompletionModel):
     ) -> dict[str, Any]:
         who = f"{type(self).__name__}.achat"
         args = dict(completion_args)
-        n = args.pop("n", 1)
-        if n not in (None, 1):
-            raise ValueError(f"{who}: n={n!r} is not supported; the Messages API returns one "
-                             "reply per request")
-        if args.pop("stream", False):
-            raise ValueError(f"{who}: stream=True is not supported; achat returns the whole text")
+        check_one_whole_reply(args, who, "the Messages API returns one reply per request")
         for unsupported, why in _UNSUPPORTED.items():
             if unsupported in args:
                 raise ValueError(f"{who}: completion argument {unsupported!r} is not supported "
                                  f"({why})")
-        for forbidden in ("model", "messages"):
-            if forbidden in args:
-                raise ValueError(f"{who}: {forbidden!r} is set by the client, not a completion "
-                                 "argument")
+        refuse_client_set_arguments(args, who)
         if "max_completion_tokens" in args:
             if "max_tokens" in args:
                 raise ValueError(f"{who}: give max_tokens or max_completion_tokens, not both")
@@ -198,11 +156,9 @@ class AsyncAnthropic(ChatCompletionModel):
             args["output_config"] = output_config
         # The SDK's create() no longer lists sampling arguments such as temperature; they (and
         # any other argument it doesn't know) go into the JSON body exactly as given.
-        accepted = _create_arguments()
-        extra_body = dict(args.pop("extra_body", None) or {})
-        extra_body.update({name: args.pop(name) for name in list(args) if name not in accepted})
-        if extra_body:
-            args["extra_body"] = extra_body
+        move_unknown_to_extra_body(
+            args, create_arguments(anthropic.resources.messages.AsyncMessages.create)
+        )
 
         system_parts: list[str] = []
         turns: list[dict[str, Any]] = []
@@ -226,27 +182,8 @@ class AsyncAnthropic(ChatCompletionModel):
         args["messages"] = turns
         return args
 
-    def _status_error(self, exc: anthropic.APIStatusError) -> ModelError:
-        status = exc.status_code
-        name = f"{self.provider} {self.model}"
-        message = self._safe(exc.api_message or exc.message)
-        if status in _RETRYABLE_STATUS or status >= 500:
-            return TransientError(f"{name}: HTTP {status}: {message}", status=status,
-                                  retry_after=retry_after_seconds(exc.response.headers))
-        if status in (401, 403):
-            return ModelError(f"{name}: HTTP {status}: authentication failed; check the API key "
-                              "(api_key= or ANTHROPIC_API_KEY)")
-        return ModelError(f"{name}: HTTP {status}: {message}")
-
-    def _safe(self, text: str) -> str:
-        return redact(text, self._template.api_key)
-
-
-@functools.cache
-def _create_arguments() -> frozenset[str]:
-    """Keyword arguments of the installed SDK's ``AsyncMessages.create``."""
-    create = anthropic.resources.messages.AsyncMessages.create
-    return frozenset(inspect.signature(create).parameters) - {"self"}
+    def _api_message(self, exc: anthropic.APIStatusError) -> str:
+        return exc.api_message or exc.message
 
 
 class Anthropic(AsyncAnthropic):

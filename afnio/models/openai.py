@@ -8,26 +8,26 @@ the job of :class:`~afnio.models.model.ChatCompletionModel`; the SDK is built wi
 
 from __future__ import annotations
 
-import functools
-import inspect
-import json
-import os
 from typing import Any
 
 import openai
 
-from afnio.models._sdk import PerLoop, json_schema_of, redact, retry_after_seconds
+from afnio.models._sdk import (
+    SdkChatModel,
+    check_one_whole_reply,
+    create_arguments,
+    json_schema_of,
+    move_unknown_to_extra_body,
+    refuse_client_set_arguments,
+)
 from afnio.models.errors import ModelError, TransientError
-from afnio.models.model import ChatCompletionModel, Completion
+from afnio.models.model import Completion
 from afnio.models.tokens import count_message_tokens, count_tokens
 
 __all__ = ["AsyncOpenAI", "OpenAI"]
 
-_RETRYABLE_STATUS = {408, 409, 429}
-_NO_KEY_NEEDED = "no-key-needed"
 
-
-class AsyncOpenAI(ChatCompletionModel):
+class AsyncOpenAI(SdkChatModel):
     """A client for OpenAI's chat completions API, or any server that speaks it.
 
     Args:
@@ -60,6 +60,10 @@ class AsyncOpenAI(ChatCompletionModel):
     """
 
     provider = "openai"
+    _sdk = openai
+    _api_key_env = "OPENAI_API_KEY"
+    _vendor = "OpenAI"
+    _missing_key_hint = " (or give base_url= for a server that needs no key)"
 
     def __init__(
         self,
@@ -71,100 +75,46 @@ class AsyncOpenAI(ChatCompletionModel):
         organization: str | None = None,
         **options: Any,
     ) -> None:
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"{type(self).__name__}: model must be a non-empty str, got {model!r}")
-        if not timeout or timeout <= 0:
-            raise ValueError(f"{type(self).__name__}: timeout must be > 0 seconds, got {timeout!r}")
-        super().__init__(model=model, **options)
+        self.organization = organization
+        super().__init__(model, api_key=api_key, base_url=base_url, timeout=timeout, **options)
         if base_url is not None:
             self.provider = "openai-compatible"
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        if not key:
-            if base_url is None:
-                raise ModelError(
-                    f"{type(self).__name__}({model!r}): no OpenAI API key; pass api_key= or set "
-                    "OPENAI_API_KEY (or give base_url= for a server that needs no key)"
-                )
-            key = _NO_KEY_NEEDED
-        self.base_url = base_url
-        self.timeout = float(timeout)
-        self.organization = organization
-        # The key lives only in this SDK object; per-loop clients are copies of it.
-        self._template = openai.AsyncOpenAI(
-            api_key=key, base_url=base_url, organization=organization, timeout=self.timeout,
-            max_retries=0,
+
+    def _new_sdk_template(self, api_key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            api_key=api_key, base_url=self.base_url, organization=self.organization,
+            timeout=self.timeout, max_retries=0,
         )
-        self._clients: PerLoop[openai.AsyncOpenAI] = PerLoop(self._new_sdk_client)
-
-    def _new_sdk_client(self) -> openai.AsyncOpenAI:
-        return self._template.copy(
-            http_client=openai.DefaultAsyncHttpxClient(timeout=self.timeout)
-        )
-
-    async def aclose(self) -> None:
-        """Close the connections this client opened on the running event loop.
-
-        Optional: call it before a loop you created (e.g. with ``asyncio.run``) ends, to release
-        its connections at once instead of when they are garbage-collected.
-        """
-        sdk_client = self._clients.pop()
-        if sdk_client is not None:
-            await sdk_client.close()
 
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments without the API key (it comes from the environment again)."""
         config = super().get_config()
-        config.update(base_url=self.base_url, timeout=self.timeout)
         if self.organization is not None:
             config["organization"] = self.organization
         return config
 
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         args = self._request_args(completion_args)
-        client = self._clients.get()
-        try:
-            response = await client.chat.completions.create(
+        response = await self._call_sdk(
+            lambda client: client.chat.completions.create(
                 model=self.model, messages=messages, **args
             )
-        except openai.APIStatusError as exc:
-            raise self._status_error(exc) from None
-        except openai.APITimeoutError:
-            raise TransientError(
-                f"{self.provider} {self.model}: request timed out after {self.timeout}s"
-            ) from None
-        except openai.APIConnectionError as exc:
-            raise TransientError(f"{self.provider} {self.model}: connection failed: "
-                                 f"{self._safe(str(exc.__cause__ or exc))}") from None
-        except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
-            raise TransientError(f"{self.provider} {self.model}: the response body was not "
-                                 f"valid JSON ({type(exc).__name__}: {exc})") from None
+        )
         return self._completion(response, messages)
 
     def _request_args(self, completion_args: dict[str, Any]) -> dict[str, Any]:
         who = f"{type(self).__name__}.achat"
         args = dict(completion_args)
-        n = args.pop("n", 1)
-        if n not in (None, 1):
-            raise ValueError(
-                f"{who}: n={n!r} is not supported; afnio asks for one completion per request "
-                "(send several requests instead)"
-            )
-        if args.get("stream"):
-            raise ValueError(f"{who}: stream=True is not supported; achat returns the whole text")
-        args.pop("stream", None)
-        for forbidden in ("model", "messages"):
-            if forbidden in args:
-                raise ValueError(f"{who}: {forbidden!r} is set by the client, not a completion "
-                                 "argument")
+        check_one_whole_reply(
+            args, who, "afnio asks for one completion per request (send several requests instead)"
+        )
+        refuse_client_set_arguments(args, who)
         if "response_format" in args:
             args["response_format"] = _openai_response_format(args["response_format"], who)
         # Arguments the SDK doesn't list (a compatible server's top_k, repetition_penalty, ...)
         # go into the JSON body as given.
-        accepted = _create_arguments()
-        extra_body = dict(args.pop("extra_body", None) or {})
-        extra_body.update({name: args.pop(name) for name in list(args) if name not in accepted})
-        if extra_body:
-            args["extra_body"] = extra_body
+        accepted = create_arguments(openai.resources.chat.completions.AsyncCompletions.create)
+        move_unknown_to_extra_body(args, accepted)
         return args
 
     def _completion(self, response: Any, messages: list[dict[str, Any]]) -> Completion:
@@ -186,23 +136,16 @@ class AsyncOpenAI(ChatCompletionModel):
         written = (getattr(details, "cache_write_tokens", None) or 0) if details is not None else 0
         return Completion(text, usage.prompt_tokens, usage.completion_tokens, cached, written)
 
-    def _status_error(self, exc: openai.APIStatusError) -> ModelError:
-        status = exc.status_code
-        name = f"{self.provider} {self.model}"
-        if status in _RETRYABLE_STATUS or status >= 500:
-            return TransientError(
-                f"{name}: HTTP {status}: {self._safe(_api_message(exc))}",
-                status=status, retry_after=retry_after_seconds(exc.response.headers),
-            )
-        if status in (401, 403):
-            return ModelError(
-                f"{name}: HTTP {status}: authentication failed; check the API key (api_key= or "
-                f"OPENAI_API_KEY){' and base_url ' + repr(self.base_url) if self.base_url else ''}"
-            )
-        return ModelError(f"{name}: HTTP {status}: {self._safe(_api_message(exc))}")
+    def _api_message(self, exc: openai.APIStatusError) -> str:
+        body = exc.body
+        if isinstance(body, dict):
+            error = body.get("error", body)
+            if isinstance(error, dict) and isinstance(error.get("message"), str):
+                return error["message"]
+        return exc.message
 
-    def _safe(self, text: str) -> str:
-        return redact(text, self._template.api_key)
+    def _auth_hint(self) -> str:
+        return f" and base_url {self.base_url!r}" if self.base_url else ""
 
 
 class OpenAI(AsyncOpenAI):
@@ -218,22 +161,6 @@ class OpenAI(AsyncOpenAI):
         ...         [{"role": "user", "content": "echo me"}])
         'echo me'
     """
-
-
-@functools.cache
-def _create_arguments() -> frozenset[str]:
-    """Keyword arguments of the installed SDK's ``chat.completions.create``."""
-    create = openai.resources.chat.completions.AsyncCompletions.create
-    return frozenset(inspect.signature(create).parameters) - {"self"}
-
-
-def _api_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-    return exc.message
 
 
 def _openai_response_format(response_format: Any, who: str) -> dict[str, Any]:

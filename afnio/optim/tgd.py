@@ -342,7 +342,7 @@ def _between_tags(reply: str, tag: str) -> str:
 
 def _json_field(reply: str, key: str) -> str | None:
     try:
-        value = json.loads(reply.strip())
+        value = json.loads(reply.strip(), strict=False)
     except json.JSONDecodeError:
         return None
     field_value = value.get(key) if isinstance(value, dict) else None

@@ -554,3 +554,11 @@ def test_single_oversized_feedback_is_sent_whole_not_cut(budget):
     long_feedback = "one long unbroken complaint " * 50
     out.backward(afnio.Variable(long_feedback))
     assert backward_model.calls == 1 and long_feedback in user_prompt(backward_model.requests[0][0])
+
+
+def test_json_feedback_with_raw_newlines_is_parsed():
+    from afnio.autodiff._feedback import parse_feedback
+
+    assert parse_feedback('{"feedback": "Name the deadline.\nBe brief."}') == (
+        "Name the deadline.\nBe brief."
+    )

@@ -472,3 +472,11 @@ def test_proposal_check_failing_every_time_keeps_the_value_with_a_warning():
     assert prompt.data == "Be nice." and model.calls == 2
     with pytest.raises(TypeError, match="proposal_check"):
         TGD([prompt], model_client=model, proposal_check="not callable")
+
+
+def test_a_json_reply_with_raw_newlines_inside_the_string_is_accepted():
+    model = ScriptedModel(['{"improved_variable": "Be kind.\nBe brief."}'])
+    prompt = Parameter("Be nice.", role="system prompt")
+    prompt.append_grad(feedback("kinder and shorter"))
+    TGD([prompt], model_client=model).step()
+    assert prompt.data == "Be kind.\nBe brief."
