@@ -2,8 +2,9 @@
 
 :class:`SdkChatModel` is their common base: API key handling, one SDK async client per running
 event loop (an SDK client's connection pool belongs to the loop that opened it), closing, the
-common config and the translation of SDK errors into afnio's. The helpers below it read
-``Retry-After`` headers, keep API keys out of error messages and check completion arguments.
+common config and the translation of SDK errors into afnio's. The helpers read ``Retry-After``
+headers, keep API keys out of error messages and check completion arguments (the last also for
+:class:`~afnio.models.local.LocalModel`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "move_unknown_to_extra_body",
     "redact",
     "refuse_client_set_arguments",
+    "rename_max_completion_tokens",
     "retry_after_seconds",
 ]
 
@@ -247,6 +249,24 @@ def refuse_client_set_arguments(args: Mapping[str, Any], who: str) -> None:
         if forbidden in args:
             raise ValueError(f"{who}: {forbidden!r} is set by the client, not a completion "
                              "argument")
+
+
+def rename_max_completion_tokens(args: dict[str, Any], who: str) -> None:
+    """Send OpenAI's ``max_completion_tokens`` as ``max_tokens`` (in place).
+
+    Raises:
+        ValueError: If ``args`` holds both.
+
+    Example:
+        >>> args = {"max_completion_tokens": 20}
+        >>> rename_max_completion_tokens(args, "demo")
+        >>> args
+        {'max_tokens': 20}
+    """
+    if "max_completion_tokens" in args:
+        if "max_tokens" in args:
+            raise ValueError(f"{who}: give max_tokens or max_completion_tokens, not both")
+        args["max_tokens"] = args.pop("max_completion_tokens")
 
 
 @functools.cache

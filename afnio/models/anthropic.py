@@ -20,6 +20,7 @@ from afnio.models._sdk import (
     json_schema_of,
     move_unknown_to_extra_body,
     refuse_client_set_arguments,
+    rename_max_completion_tokens,
 )
 from afnio.models.errors import ModelError
 from afnio.models.model import Completion
@@ -137,10 +138,7 @@ class AsyncAnthropic(SdkChatModel):
                 raise ValueError(f"{who}: completion argument {unsupported!r} is not supported "
                                  f"({why})")
         refuse_client_set_arguments(args, who)
-        if "max_completion_tokens" in args:
-            if "max_tokens" in args:
-                raise ValueError(f"{who}: give max_tokens or max_completion_tokens, not both")
-            args["max_tokens"] = args.pop("max_completion_tokens")
+        rename_max_completion_tokens(args, who)
         args.setdefault("max_tokens", self.max_tokens)
         if "stop" in args:
             stop = args.pop("stop")

@@ -18,7 +18,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from afnio.models._sdk import json_schema_of
+from afnio.models._sdk import (
+    check_one_whole_reply,
+    json_schema_of,
+    rename_max_completion_tokens,
+)
 from afnio.models.errors import ModelError
 from afnio.models.model import ChatCompletionModel, Completion
 
@@ -172,15 +176,8 @@ class LocalModel(ChatCompletionModel):
     def _llama_args(self, completion_args: dict[str, Any]) -> dict[str, Any]:
         who = "LocalModel.achat"
         args = dict(completion_args)
-        n = args.pop("n", 1)
-        if n not in (None, 1):
-            raise ValueError(f"{who}: n={n!r} is not supported; send several requests instead")
-        if args.pop("stream", False):
-            raise ValueError(f"{who}: stream=True is not supported; achat returns the whole text")
-        if "max_completion_tokens" in args:
-            if "max_tokens" in args:
-                raise ValueError(f"{who}: give max_tokens or max_completion_tokens, not both")
-            args["max_tokens"] = args.pop("max_completion_tokens")
+        check_one_whole_reply(args, who, "send several requests instead")
+        rename_max_completion_tokens(args, who)
         accepted = _chat_arguments()
         unknown = sorted(
             name for name in args

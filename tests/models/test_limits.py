@@ -1,6 +1,7 @@
 """Limits in the request pipeline: budgets, concurrency caps, pacing and retries."""
 
 import asyncio
+import inspect
 import logging
 import random
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from afnio._runtime import run
 from afnio.models import BudgetExceededError, TransientError
 from afnio.models.limits import Limits, RateLimit, backoff_delay
+from afnio.models.model import ChatCompletionModel
 from afnio.models.usage import Usage
 from afnio.testing import ScriptedModel
 
@@ -291,3 +293,17 @@ def test_limit_options_survive_a_config_round_trip():
         "budget_tokens": 10_000,
     }
     assert ScriptedModel.from_config(config).get_config() == config
+
+
+def test_clients_take_exactly_the_limit_options_of_limits():
+    # ChatCompletionModel spells Limits' options out in its own public signature; the two must
+    # agree, and the defaults must be what Limits.get_config leaves out.
+    limit_options = inspect.signature(Limits).parameters
+    client_options = inspect.signature(ChatCompletionModel.__init__).parameters
+    assert set(limit_options) <= set(client_options)
+    for name, option in limit_options.items():
+        mirrored = client_options[name]
+        assert mirrored.kind is option.kind is inspect.Parameter.KEYWORD_ONLY
+        assert (mirrored.default, mirrored.annotation) == (option.default, option.annotation)
+    defaults = {name: option.default for name, option in limit_options.items()}
+    assert Limits(**defaults).get_config() == {}
