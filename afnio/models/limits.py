@@ -303,12 +303,15 @@ class Limits:
             BudgetExceededError: If the budget is spent (nothing is sent).
             TransientError: The last failure, once ``max_retries`` retries failed too.
         """
-        self.budget.check(spent(), client=client)
+        capped = self.budget.usd is not None or self.budget.tokens is not None
+        if capped:
+            self.budget.check(spent(), client=client)
         attempt = 0
         while True:
             async with self.concurrency.slot():
                 await self._pace(estimated_tokens)
-                self.budget.check(spent(), client=client)
+                if capped:
+                    self.budget.check(spent(), client=client)
                 try:
                     return await send()
                 except TransientError as error:

@@ -82,6 +82,7 @@ def _is_cached_by_tiktoken(encoding_name: str) -> bool:
         return hashlib.sha256(file.read()).hexdigest() == expected_sha256
 
 
+@functools.lru_cache(maxsize=256)
 def _encoding_name_for(model: str | None) -> str:
     if not model:
         return _DEFAULT_ENCODING
@@ -132,7 +133,13 @@ def count_tokens(text: str, model: str | None = None) -> int:
         raise TypeError(f"count_tokens: text must be a str, got {type(text).__name__}")
     if not text:
         return 0
-    encoding = _load_encoding(_encoding_name_for(model))
+    return _count(text, _encoding_name_for(model))
+
+
+@functools.lru_cache(maxsize=4096)
+def _count(text: str, encoding_name: str) -> int:
+    # Prompts repeat (usage accounting and budget checks count the same messages), so memoize.
+    encoding = _load_encoding(encoding_name)
     if encoding is None:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
     return len(encoding.encode(text, disallowed_special=()))
