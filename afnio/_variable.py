@@ -152,6 +152,10 @@ class Variable:
         """Whether the data is a batch (a list)."""
         return isinstance(self._data, list)
 
+    def __bool__(self) -> bool:
+        # Without this, truth testing would fall back to __len__, which scalars don't have.
+        return True
+
     def __len__(self) -> int:
         if not self.is_batched:
             raise TypeError(f"len() of a scalar Variable (role {self.role!r}) is not defined")

@@ -76,7 +76,10 @@ class _GraphTask:
         self.dependencies: dict[Node, int] = {}
         self.buffers: dict[Node, dict[int, list[Delivery]]] = {}
         self.leaf_deliveries: dict[AccumulateGrad, list[Delivery]] = {}
+        # Non-leaf inputs= targets, and (variable, gradient) pairs for every retained non-leaf;
+        # like leaf gradients they are written only once the whole backward has succeeded.
         self.captures: dict[tuple[Node, int], Variable] = {}
+        self.retained_updates: list[tuple[Variable, Variable]] = []
         root_nodes = []
         for edge, _ in roots:
             if edge.node not in root_nodes:
@@ -111,7 +114,6 @@ class _GraphTask:
                     "does not require grad"
                 )
             if not isinstance(edge.node, AccumulateGrad):
-                edge.node.retain_output(edge.output_nr, variable)
                 self.captures[(edge.node, edge.output_nr)] = variable
         targets = {gradient_edge(variable).node for variable in inputs}
         needed: set[Node] = set()
@@ -146,9 +148,9 @@ class _GraphTask:
             role, batch_size = node.output_info(output_nr)
             combined = combine_gradients([d[2] for d in deliveries], role, batch_size)
             grads.append(combined)
-            retained = node.retained.get(output_nr)
+            retained = node.retained.get(output_nr, self.captures.get((node, output_nr)))
             if retained is not None:
-                retained.grad.append(combined)
+                self.retained_updates.append((retained, combined))
         return grads
 
     def should_run(self, node: Node) -> bool:
@@ -175,6 +177,8 @@ class _GraphTask:
             node.release()
 
     def accumulate(self) -> None:
+        for variable, gradient in self.retained_updates:
+            variable.grad.append(gradient)
         for sink, deliveries in self.leaf_deliveries.items():
             deliveries.sort(key=lambda d: (-d[0], d[1]))
             sink.variable.grad.extend(d[2] for d in deliveries)

@@ -186,3 +186,32 @@ def test_backward_called_from_inside_the_runtime_loop_does_not_hang():
     x = Variable("x", requires_grad=True)
     Inner.apply(x).backward(Variable("outer"))
     assert x.grad[0].data == "outer|inner"
+
+
+def test_inputs_non_leaf_capture_does_not_stick_to_later_backwards():
+    x = Variable("x", requires_grad=True)
+    mid = Tag.apply("m", x)
+    out = Tag.apply("o", mid)
+    out.backward(Variable("first"), inputs=[mid], retain_graph=True)
+    out.backward(Variable("second"))
+    assert [g.data for g in mid.grad] == ["o[0](first)"]
+    assert [g.data for g in x.grad] == ["m[0](o[0](second))"]
+
+
+def test_failure_leaves_retained_non_leaves_untouched_too():
+    class Boom(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return Variable(x.data)
+
+        @staticmethod
+        async def backward(ctx, grad_output):
+            raise ValueError("backward model unavailable")
+
+    x = Variable("x", requires_grad=True)
+    mid = Boom.apply(x)
+    top = mid + "!"
+    top.retain_grad()
+    with pytest.raises(ValueError):
+        (top + "?").backward(Variable("fb"))
+    assert top.grad == [] and x.grad == []
