@@ -3,14 +3,21 @@
 import re
 from pathlib import Path
 
+import afnio
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_blocks_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 2
-    for index, block in enumerate(blocks):
-        exec(compile(block, f"README block {index}", "exec"), {})
+    previous = afnio.get_backward_model_client()
+    previous_args = afnio.get_backward_model_completion_args()
+    try:
+        for index, block in enumerate(blocks):
+            exec(compile(block, f"README block {index}", "exec"), {})
+    finally:
+        afnio.set_backward_model_client(previous, completion_args=previous_args)
     assert "Answer positive, neutral or negative." in capsys.readouterr().out
 
 
