@@ -1,10 +1,6 @@
 """A pytest plugin providing the ``fake_server`` fixture.
 
-Enable it in your top-level ``conftest.py``::
-
-    pytest_plugins = ["afnio.testing.pytest_plugin"]
-
-Then any test can ask for a started :class:`~afnio.testing.fake_server.FakeProviderServer`.
+Installing afnio registers it with pytest (a ``pytest11`` entry point), so any test can ask for a started :class:`~afnio.testing.fake_server.FakeProviderServer`.
 
 Example:
     >>> def test_reply(fake_server):  # doctest: +SKIP
