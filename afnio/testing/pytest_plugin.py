@@ -1,6 +1,7 @@
 """A pytest plugin providing the ``fake_server`` fixture.
 
-Installing afnio registers it with pytest (a ``pytest11`` entry point), so any test can ask for a started :class:`~afnio.testing.fake_server.FakeProviderServer`.
+Installing afnio registers it with pytest (a ``pytest11`` entry point), so any test can ask
+for a started :class:`~afnio.testing.fake_server.FakeProviderServer`.
 
 Example:
     >>> def test_reply(fake_server):  # doctest: +SKIP
