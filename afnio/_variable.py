@@ -291,8 +291,7 @@ class Variable:
 
     def detach(self) -> Variable:
         """Return a new leaf with the same data and role that is cut off from the graph."""
-        data = list(self._data) if self.is_batched else self._data
-        return Variable(data, role=self.role, requires_grad=False)
+        return Variable(self._data, role=self.role, requires_grad=False)  # a batch is copied
 
     def detach_(self) -> Variable:
         """Cut this Variable off from its graph in place and return it."""
@@ -310,7 +309,8 @@ class Variable:
         Raises:
             RuntimeError: If this is a leaf that requires grad and grad mode is on (as in
                 PyTorch: wrap optimizer updates in ``no_grad()``).
-            ValueError: If a batch of a different size is given.
+            ValueError: If ``src`` is a batch and this Variable is a scalar or a batch of a
+                different size.
         """
         from afnio.autodiff.grad_mode import is_grad_enabled
 
@@ -320,14 +320,15 @@ class Variable:
                 "being used in an in-place operation; wrap it in afnio.no_grad()"
             )
         data = src.data if isinstance(src, Variable) else validate_data(src, self.role)
-        if self.is_batched and not isinstance(data, list):
-            data = [data] * len(self._data)
-        elif self.is_batched and len(data) != len(self._data):
+        if isinstance(data, list) and len(data) != self.batch_size:
+            size = "(a scalar)" if self.batch_size is None else f"of batch size {self.batch_size}"
             raise ValueError(
                 f"Variable.copy_: source batch of size {len(data)} does not match Variable with "
-                f"role {self.role!r} of batch size {len(self._data)}"
+                f"role {self.role!r} {size}"
             )
-        self.data = list(data) if isinstance(data, list) else data
+        if self.is_batched and not isinstance(data, list):
+            data = [data] * len(self._data)
+        self.data = data  # the setter copies a batch
         return self
 
     def __deepcopy__(self, memo: dict) -> Variable:

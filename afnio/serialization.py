@@ -42,7 +42,7 @@ from afnio._variable import Variable
 from afnio.cognitive.parameter import Parameter, ParameterType
 from afnio.models.model import ChatCompletionModel, client_from_config, client_to_config
 
-__all__ = ["load", "save"]
+__all__ = ["load", "save", "write_atomically"]
 
 FORMAT = "afnio"
 VERSION = 1
@@ -173,10 +173,29 @@ def save(obj: Any, f: FileLike) -> None:
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(MEMBER, text)
     payload = buffer.getvalue()
-    if not isinstance(f, (str, os.PathLike)):
+    if isinstance(f, (str, os.PathLike)):
+        write_atomically(payload, f)
+    else:
         f.write(payload)
-        return
-    target = Path(f)
+
+
+def write_atomically(payload: bytes, path: str | os.PathLike[str]) -> None:
+    """Write ``payload`` to ``path`` so that a crash mid-write leaves any previous file intact.
+
+    The bytes go to a temporary file beside ``path`` that then replaces it in one step.
+
+    Args:
+        payload: The file's new content.
+        path: The file to write (its folder must exist).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "data.bin"
+        >>> write_atomically(b"abc", target)
+        >>> target.read_bytes()
+        b'abc'
+    """
+    target = Path(path)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         # 0o666 so the checkpoint gets the usual permissions under the user's umask.

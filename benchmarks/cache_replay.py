@@ -27,11 +27,11 @@ import tempfile
 import time
 from typing import Any
 
+from _chain import chain, stage_prompts
+
 import afnio
 from afnio.autodiff import prompts as autodiff_prompts
 from afnio.autodiff.evaluator import LMJudgeEvaluator
-from afnio.autodiff.lm_ops import ChatCompletion
-from afnio.cognitive.parameter import Parameter
 from afnio.models import ResponseCache, track_usage
 from afnio.models.cache import CachedResponse
 from afnio.models.openai import AsyncOpenAI
@@ -74,23 +74,14 @@ class CountingCache(ResponseCache):
 
 def epoch(client: AsyncOpenAI, questions: list[str], batch: int) -> list[str]:
     """One epoch from the initial prompts; returns the final prompts."""
-    prompts = [
-        Parameter(f"Stage {k}: answer the customer's question.", role=f"system prompt of stage {k}")
-        for k in range(1, STAGES + 1)
-    ]
+    prompts = stage_prompts(STAGES)
     optimizer = TGD(prompts, model_client=client)
     rubric = afnio.Variable("Answer: {prediction}\nDoes it give a delivery date?",
                             role="judge rubric")
     for start in range(0, len(questions), batch):
         optimizer.zero_grad()
         x = afnio.Variable(questions[start:start + batch], role="customer questions")
-        for prompt in prompts:
-            x = ChatCompletion.apply(
-                client,
-                [{"role": "system", "content": [prompt]}, {"role": "user", "content": ["{x}"]}],
-                inputs={"x": x},
-                backward_model_client=client,
-            )
+        x = chain(client, prompts, x)
         _, explanation = LMJudgeEvaluator.apply(client, [{"role": "user", "content": [rubric]}], x)
         explanation.backward()
         optimizer.step()

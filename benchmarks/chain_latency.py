@@ -16,9 +16,10 @@ import re
 import statistics
 import time
 
+from _chain import chain
+
 import afnio
 from afnio.autodiff.evaluator import ExactMatchEvaluator
-from afnio.autodiff.lm_ops import ChatCompletion
 from afnio.testing import ScriptedModel
 
 
@@ -43,14 +44,8 @@ def run_once(batch: int, latency: float) -> tuple[float, float, int, int]:
     questions = [f"q{i}" for i in range(batch)]
     targets = [f"s3(s2(s1({q})))" if i % 3 == 1 else "other" for i, q in enumerate(questions)]
     start = time.perf_counter()
-    x = afnio.Variable(questions, role="questions")
-    for prompt in stage_prompts:
-        x = ChatCompletion.apply(
-            forward_model,
-            [{"role": "system", "content": [prompt]}, {"role": "user", "content": ["{x}"]}],
-            inputs={"x": x},
-            backward_model_client=backward_model,
-        )
+    x = chain(forward_model, stage_prompts, afnio.Variable(questions, role="questions"),
+              backward_model_client=backward_model)
     _, explanation = ExactMatchEvaluator.apply(x, targets)
     middle = time.perf_counter()
     explanation.backward()

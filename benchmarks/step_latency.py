@@ -41,13 +41,12 @@ from collections.abc import Callable
 from typing import Any
 
 import openai
+from _chain import chain, stage_prompts
 
 import afnio
 from afnio._runtime import run
 from afnio.autodiff import prompts as autodiff_prompts
 from afnio.autodiff.evaluator import LMJudgeEvaluator
-from afnio.autodiff.lm_ops import ChatCompletion
-from afnio.cognitive.parameter import Parameter
 from afnio.models import ChatCompletionModel, track_usage
 from afnio.models.openai import AsyncOpenAI
 from afnio.optim import TGD
@@ -106,10 +105,7 @@ def expected_calls(batch: int) -> list[int]:
 def training_step(model: ChatCompletionModel, batch: int) -> tuple[float, float, int, int]:
     """One forward -> judge -> backward -> optimizer step; returns (wall seconds, CPU seconds of
     this process, calls, prompt tokens). ``model`` answers every kind of request."""
-    prompts = [
-        Parameter(f"Stage {k}: answer the customer's question.", role=f"system prompt of stage {k}")
-        for k in range(1, STAGES + 1)
-    ]
+    prompts = stage_prompts(STAGES)
     optimizer = TGD(prompts, model_client=model)
     questions = afnio.Variable([f"Where is order {i}?" for i in range(batch)],
                                role="customer questions")
@@ -120,14 +116,7 @@ def training_step(model: ChatCompletionModel, batch: int) -> tuple[float, float,
     with track_usage() as used:
         start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad()
-        x = questions
-        for prompt in prompts:
-            x = ChatCompletion.apply(
-                model,
-                [{"role": "system", "content": [prompt]}, {"role": "user", "content": ["{x}"]}],
-                inputs={"x": x},
-                backward_model_client=model,
-            )
+        x = chain(model, prompts, questions)
         _, explanation = LMJudgeEvaluator.apply(
             model, [{"role": "user", "content": [rubric]}], x, target=targets
         )

@@ -320,7 +320,12 @@ class RunResult:
 
     @property
     def final_prompts(self) -> dict[str, str]:
-        return {name: p.data for name, p in self.pipeline.named_parameters()}
+        return prompts_of(self.pipeline)
+
+
+def prompts_of(pipeline: SupportPipeline) -> dict[str, str]:
+    """The pipeline's prompts by parameter name."""
+    return {name: p.data for name, p in pipeline.named_parameters()}
 
 
 def load_messages(indices: tuple[int, ...]) -> afnio.Variable:
@@ -347,7 +352,7 @@ def optimize(model_path: str = "scripted", steps: int = 2,
         momentum=1, **models.optimizer_args,
     )
     messages = load_messages(samples)
-    initial = {name: p.data for name, p in pipeline.named_parameters()}
+    initial = prompts_of(pipeline)
     records: list[StepRecord] = []
     for step in range(1, steps + 1):
         optimizer.zero_grad()
@@ -366,7 +371,7 @@ def optimize(model_path: str = "scripted", steps: int = 2,
             if verbose:
                 print("  every reply passes: no feedback, nothing to update")
             break
-        before = {name: p.data for name, p in pipeline.named_parameters()}
+        before = prompts_of(pipeline)
         explanation.backward()
         record.feedback = {
             name: [str(g.data) for g in p.grad] for name, p in pipeline.named_parameters()
@@ -375,7 +380,7 @@ def optimize(model_path: str = "scripted", steps: int = 2,
             for name, texts in record.feedback.items():
                 print(f"  feedback to {name}: {_short(' | '.join(texts))}")
         optimizer.step()
-        record.updated = any(p.data != before[n] for n, p in pipeline.named_parameters())
+        record.updated = prompts_of(pipeline) != before
     return RunResult(pipeline, models, initial, records)
 
 

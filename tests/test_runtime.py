@@ -3,6 +3,8 @@
 import asyncio
 import threading
 
+import pytest
+
 from afnio._runtime import in_runtime_thread, run
 
 
@@ -52,9 +54,5 @@ def test_exceptions_propagate():
     async def fail():
         raise KeyError("boom")
 
-    try:
+    with pytest.raises(KeyError, match="boom"):
         run(fail())
-    except KeyError as exc:
-        assert "boom" in str(exc)
-    else:
-        raise AssertionError("no exception")

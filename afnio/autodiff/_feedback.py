@@ -18,6 +18,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from afnio.autodiff import prompts
 from afnio.models.model import ChatCompletionModel
 from afnio.models.tokens import count_message_tokens
 
@@ -25,11 +26,14 @@ __all__ = [
     "ReplyParseError",
     "ask",
     "chunk_by_budget",
+    "fill_prompt",
     "fill_template",
+    "gather_all",
     "get_gradient_token_budget",
     "parse_feedback",
     "parse_judgement",
     "placeholders",
+    "prompt_tokens",
     "set_gradient_token_budget",
 ]
 
@@ -75,6 +79,19 @@ def fill_template(template: str, values: Mapping[str, str]) -> str:
         return values[name] if name in values else match.group(0)
 
     return _PLACEHOLDER.sub(replace, template)
+
+
+def fill_prompt(template: str, values: Mapping[str, str] | None = None) -> str:
+    """Fill one of afnio's own prompts: ``values`` plus ``{max_sentences}``, the feedback length
+    bound (:data:`afnio.autodiff.prompts.MAX_FEEDBACK_SENTENCES`, read at call time).
+
+    Example:
+        >>> fill_prompt("In at most {max_sentences} sentences, judge {what}.", {"what": "this"})
+        'In at most 4 sentences, judge this.'
+    """
+    return fill_template(
+        template, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES), **(values or {})}
+    )
 
 
 def set_gradient_token_budget(tokens: int) -> None:

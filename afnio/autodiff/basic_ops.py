@@ -22,7 +22,7 @@ from afnio._variable import Variable
 from afnio.autodiff.function import Function, FunctionCtx
 from afnio.autodiff.graph import gradient_role, reduce_to_scalar
 
-__all__ = ["Add", "Split", "Sum", "add_data", "broadcast_size"]
+__all__ = ["Add", "Split", "Sum", "add_data", "broadcast_elements", "broadcast_size"]
 
 
 def _as_variable(value: Any, op: str, argument: str) -> Variable:
@@ -55,7 +55,14 @@ def broadcast_size(op: str, variables: Sequence[Variable]) -> int | None:
     return size
 
 
-def _elements(variable: Variable, size: int | None) -> list:
+def broadcast_elements(variable: Variable, size: int | None) -> list:
+    """The data of ``variable`` as one element per sample of a call of batch size ``size``
+    (``None``: a scalar call, one element); a scalar repeats across the batch.
+
+    Example:
+        >>> broadcast_elements(Variable("a"), 2)
+        ['a', 'a']
+    """
     if size is None:
         return [variable.data]
     return variable.data if variable.is_batched else [variable.data] * size
@@ -98,11 +105,15 @@ def add_data(x: Any, y: Any, op: str = "Add") -> Any:
         TypeError: When mixing text and numbers.
         ValueError: When two batches differ in length.
     """
-    x, y = _as_variable(x, op, "x"), _as_variable(y, op, "y")
+    return _add(op, _as_variable(x, op, "x"), _as_variable(y, op, "y"))[0]
+
+
+def _add(op: str, x: Variable, y: Variable) -> tuple[Any, str]:
+    """The element-wise sum's data and the kind (``"str"`` or ``"number"``) of what was added."""
     size = broadcast_size(op, [x, y])
-    _check_same_kind(op, [x, y])
-    values = [a + b for a, b in zip(_elements(x, size), _elements(y, size))]
-    return _pack(values, size)
+    kind = _check_same_kind(op, [x, y])
+    values = [a + b for a, b in zip(broadcast_elements(x, size), broadcast_elements(y, size))]
+    return _pack(values, size), kind
 
 
 class Add(Function):
@@ -118,8 +129,8 @@ class Add(Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Any, y: Any) -> Variable:
         x, y = _as_variable(x, "Add", "x"), _as_variable(y, "Add", "y")
-        data = add_data(x, y)
-        joined = "concatenation" if _check_same_kind("Add", [x, y]) == "str" else "sum"
+        data, kind = _add("Add", x, y)
+        joined = "concatenation" if kind == "str" else "sum"
         ctx.save_for_backward(x, y)
         return Variable(data, role=f"{joined} of {_name(x, 'x')} and {_name(y, 'y')}")
 
@@ -159,7 +170,7 @@ class Sum(Function):
         items = [_as_variable(v, "Sum", f"variables[{i}]") for i, v in enumerate(variables)]
         size = broadcast_size("Sum", items)
         kind = _check_same_kind("Sum", items)
-        columns = list(zip(*(_elements(v, size) for v in items)))
+        columns = list(zip(*(broadcast_elements(v, size) for v in items)))
         roles = [v.role for v in items]
         if kind == "str":
             values = [_join_texts(column, roles) for column in columns]
@@ -222,7 +233,7 @@ class Split(Function):
             return None
         (x,) = ctx.saved_variables
         size = x.batch_size
-        rows = [_elements(grad, size) for grad in grad_outputs]
+        rows = [broadcast_elements(grad, size) for grad in grad_outputs]
         merged = [
             "\n\n".join(f"[part {i}] {text}" for i, text in enumerate(column) if text)
             for column in (zip(*rows) if rows else [()] * (size or 1))

@@ -34,6 +34,11 @@ Delivery = tuple[float, int, Variable]
 _ROOT = float("inf")
 
 
+def _delivery_order(delivery: Delivery) -> tuple[float, int]:
+    """Sort key: the latest producer first, then the producer's edge order."""
+    return -delivery[0], delivery[1]
+
+
 def _as_list(value: Any) -> list:
     if value is None:
         return []
@@ -85,6 +90,9 @@ class _GraphTask:
             if edge.node not in root_nodes:
                 root_nodes.append(edge.node)
         self._discover(root_nodes)
+        # With inputs=: the nodes that lead to an input (``needed``) and, of those, the ones that
+        # must run (``runnable``: an input lies further down); without inputs=, everything runs.
+        self.runnable: set[Node] = set()
         self.needed = self._needed(inputs) if inputs else None
         for position, (edge, gradient) in enumerate(roots):
             self._deliver_to(edge, (_ROOT, position, gradient))
@@ -106,6 +114,7 @@ class _GraphTask:
 
     def _needed(self, inputs: list[Variable]) -> set[Node]:
         """Nodes that lead to one of ``inputs`` (the rest need not run)."""
+        targets: set[Node] = set()
         for variable in inputs:
             edge = gradient_edge(variable)
             if edge.node is None:
@@ -115,9 +124,8 @@ class _GraphTask:
                 )
             if not isinstance(edge.node, AccumulateGrad):
                 self.captures[(edge.node, edge.output_nr)] = variable
-        targets = {gradient_edge(variable).node for variable in inputs}
+            targets.add(edge.node)
         needed: set[Node] = set()
-        self.runnable: set[Node] = set()
         # Visit in ascending sequence order: producers come before their consumers.
         for node in sorted(self.nodes, key=lambda n: n.sequence_nr):
             if any(nxt in needed for nxt, _ in node.next_functions):
@@ -144,7 +152,7 @@ class _GraphTask:
             if not deliveries:
                 grads.append(None)
                 continue
-            deliveries.sort(key=lambda d: (-d[0], d[1]))
+            deliveries.sort(key=_delivery_order)
             role, batch_size = node.output_info(output_nr)
             combined = combine_gradients([d[2] for d in deliveries], role, batch_size)
             grads.append(combined)
@@ -180,7 +188,7 @@ class _GraphTask:
         for variable, gradient in self.retained_updates:
             variable.grad.append(gradient)
         for sink, deliveries in self.leaf_deliveries.items():
-            deliveries.sort(key=lambda d: (-d[0], d[1]))
+            deliveries.sort(key=_delivery_order)
             sink.variable.grad.extend(d[2] for d in deliveries)
 
 

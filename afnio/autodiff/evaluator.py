@@ -29,11 +29,17 @@ from typing import Any
 
 from afnio._variable import Variable
 from afnio.autodiff import prompts
-from afnio.autodiff._feedback import ask, fill_template, gather_all, parse_judgement
-from afnio.autodiff.basic_ops import broadcast_size
+from afnio.autodiff._feedback import ask, fill_prompt, fill_template, gather_all, parse_judgement
+from afnio.autodiff.basic_ops import broadcast_elements, broadcast_size
 from afnio.autodiff.function import Function, FunctionCtx
 from afnio.autodiff.graph import gradient_role, reduce_to_scalar
-from afnio.autodiff.lm_ops import BoundMessages, GradientRequest, Slot, check_clients
+from afnio.autodiff.lm_ops import (
+    BoundMessages,
+    GradientRequest,
+    Slot,
+    check_clients,
+    feedback_texts,
+)
 from afnio.models.model import ChatCompletionModel
 
 __all__ = ["DeterministicEvaluator", "ExactMatchEvaluator", "LMJudgeEvaluator"]
@@ -78,10 +84,8 @@ def _pack(values: list, batched: bool) -> Any:
 
 def _filtered_feedback(grad: Variable | None, successes: list[bool]) -> list[str]:
     """Feedback per sample from the explanation's gradient; ``""`` for successful samples."""
-    if grad is None:
-        return [""] * len(successes)
-    data = grad.data if isinstance(grad.data, list) else [grad.data]
-    return ["" if success else str(text) for text, success in zip(data, successes)]
+    texts = feedback_texts(grad, len(successes))
+    return ["" if success else text for text, success in zip(texts, successes)]
 
 
 def _shaped_for(variable: Variable, feedback: list[str], batched: bool) -> Variable | None:
@@ -122,13 +126,8 @@ def _deterministic_forward(
         raise TypeError(f"{op}: argument 'eval_fn' must be callable, got {eval_fn!r}")
     size = broadcast_size(op, [prediction, target])
     batched = size is not None
-    count = size if batched else 1
-
-    def element(variable: Variable, index: int) -> Any:
-        return variable.data[index] if variable.is_batched else variable.data
-
-    predictions = [element(prediction, i) for i in range(count)]
-    targets = [element(target, i) for i in range(count)]
+    predictions = broadcast_elements(prediction, size)
+    targets = broadcast_elements(target, size)
     scores = [
         _number(op, f"eval_fn ({eval_fn_purpose}) result for sample {i}", eval_fn(p, t))
         for i, (p, t) in enumerate(zip(predictions, targets))
@@ -283,9 +282,7 @@ _MESSAGES_ARG, _PREDICTION_ARG, _TARGET_ARG, _INPUTS_ARG = 1, 2, 3, 4
 
 
 def _with_format_instruction(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    instruction = fill_template(
-        prompts.JUDGE_FORMAT_INSTRUCTION, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
-    )
+    instruction = fill_prompt(prompts.JUDGE_FORMAT_INSTRUCTION)
     messages = [dict(message) for message in messages]
     if messages[-1]["role"] == "user":
         messages[-1]["content"] = messages[-1]["content"] + "\n\n" + instruction
@@ -375,10 +372,7 @@ class LMJudgeEvaluator(Function):
         all_inputs.update(inputs or {})
         arguments.update({name: _INPUTS_ARG for name in inputs or {}})
         bound = BoundMessages(_JUDGE, messages, all_inputs, _MESSAGES_ARG, arguments)
-        correction = fill_template(
-            prompts.JUDGE_FORMAT_CORRECTION,
-            {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)},
-        )
+        correction = fill_prompt(prompts.JUDGE_FORMAT_CORRECTION)
 
         what = prediction.role if isinstance(prediction, Variable) and prediction.role else (
             "the prediction"
@@ -452,8 +446,7 @@ def _slot_feedback(slot: Slot, feedback: Sequence[str], batched: bool) -> Variab
     """The judge's per-sample feedback for one prediction slot, shaped like its Variable."""
     if not slot.variable.requires_grad:
         return None
-    if slot.element is not None:
-        text = feedback[slot.element]
-        return Variable(text, role=gradient_role(slot.variable.role)) if text else None
+    if slot.element is not None:  # one scalar Variable of a list: its own sample's feedback
+        return _shaped_for(slot.variable, [feedback[slot.element]], batched=False)
     return _shaped_for(slot.variable, list(feedback), batched)
 

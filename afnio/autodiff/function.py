@@ -193,13 +193,7 @@ def _shape_of(argument: Any) -> Any:
 
 
 def _has_variable(shape: Any) -> bool:
-    if isinstance(shape, tuple):
-        return True
-    if isinstance(shape, list):
-        return any(_has_variable(item) for item in shape)
-    if isinstance(shape, dict):
-        return any(_has_variable(item) for item in shape.values())
-    return False
+    return isinstance(shape, tuple) or next(_iter_variable_shapes(shape), None) is not None
 
 
 def _flatten_gradient(name: str, index: int, shape: Any, value: Any, out: list) -> None:
@@ -220,10 +214,10 @@ def _flatten_gradient(name: str, index: int, shape: Any, value: Any, out: list) 
             got = "a scalar" if value.batch_size is None else f"a batch of {value.batch_size}"
             raise fail(f"the input with role {role!r} is {want} but its gradient is {got}")
         out.append(value)
+    elif value is None:
+        # No gradient for this container argument: one None per Variable inside it.
+        out.extend(None for _ in _iter_variable_shapes(shape))
     elif isinstance(shape, list):
-        if value is None:
-            out.extend(None for _ in range(sum(1 for _ in _iter_variable_shapes(shape))))
-            return
         if not isinstance(value, (list, tuple)) or len(value) != len(shape):
             raise fail(
                 f"the input is a sequence of length {len(shape)}, so its gradient must be None or "
@@ -233,14 +227,11 @@ def _flatten_gradient(name: str, index: int, shape: Any, value: Any, out: list) 
         for item_shape, item in zip(shape, value):
             _flatten_gradient(name, index, item_shape, item, out)
     elif isinstance(shape, dict):
-        if value is None:
-            out.extend(None for _ in range(sum(1 for _ in _iter_variable_shapes(shape))))
-            return
         if not isinstance(value, dict) or set(value) - set(shape):
             raise fail("the input is a dict, so its gradient must be None or a dict with its keys")
         for key, item_shape in shape.items():
             _flatten_gradient(name, index, item_shape, value.get(key), out)
-    elif value is not None and not isinstance(value, (list, tuple, dict)):
+    elif not isinstance(value, (list, tuple, dict)):
         raise fail(f"the input holds no Variable, so its gradient must be None, got {value!r:.60}")
 
 
@@ -291,7 +282,7 @@ class Function(metaclass=_FunctionMeta):
     """
 
     _backward_cls: type[BackwardFunction]
-    _signature_cache: tuple[inspect.Signature, bool] | None
+    _signature_cache: inspect.Signature | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(
@@ -325,8 +316,8 @@ class Function(metaclass=_FunctionMeta):
             parameters = list(signature.parameters.values())
             if not cls._uses_setup_context():
                 parameters = parameters[1:]  # drop ctx
-            cls._signature_cache = (signature.replace(parameters=parameters), True)
-        signature = cls._signature_cache[0]
+            cls._signature_cache = signature.replace(parameters=parameters)
+        signature = cls._signature_cache
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -347,11 +338,11 @@ class Function(metaclass=_FunctionMeta):
     def _prepare(cls, args: tuple, kwargs: dict) -> tuple[FunctionCtx, Any, list, list[Variable]]:
         bound, arguments = cls._bind(args, kwargs)
         ctx = FunctionCtx(cls)
+        per_argument = [list(flatten_variables(argument)) for argument in arguments]
         ctx.needs_input_grad = tuple(
-            any(variable.requires_grad for variable in flatten_variables(argument))
-            for argument in arguments
+            any(variable.requires_grad for variable in variables) for variables in per_argument
         )
-        return ctx, bound, arguments, list(flatten_variables(arguments))
+        return ctx, bound, arguments, [v for variables in per_argument for v in variables]
 
     @classmethod
     def _call_forward(cls, ctx: FunctionCtx, bound: inspect.BoundArguments) -> Any:
@@ -384,9 +375,7 @@ class Function(metaclass=_FunctionMeta):
         input_ids = {id(variable) for variable in variables}
         for index, output in enumerate(outputs):
             if isinstance(output, Variable) and id(output) in input_ids:
-                outputs[index] = Variable(
-                    list(output.data) if output.is_batched else output.data, role=output.role
-                )
+                outputs[index] = Variable(output.data, role=output.role)  # copies a batch
         if record:
             differentiable = [
                 output
@@ -411,7 +400,7 @@ class Function(metaclass=_FunctionMeta):
             node) and ``requires_grad=True`` when grad mode is on and an input requires grad.
         """
         ctx, bound, arguments, variables = cls._prepare(args, kwargs)
-        record = is_grad_enabled() and any(v.requires_grad for v in variables)
+        record = is_grad_enabled() and any(ctx.needs_input_grad)
         result = cls._call_forward(ctx, bound)
         if inspect.isawaitable(result):
             result = run(_await(result))
@@ -421,14 +410,10 @@ class Function(metaclass=_FunctionMeta):
     async def aapply(cls, *args: Any, **kwargs: Any) -> Any:
         """Awaitable twin of :meth:`apply` for code running on an event loop."""
         ctx, bound, arguments, variables = cls._prepare(args, kwargs)
-        record = is_grad_enabled() and any(v.requires_grad for v in variables)
+        record = is_grad_enabled() and any(ctx.needs_input_grad)
         result = cls._call_forward(ctx, bound)
         if inspect.isawaitable(result):
-            token = _grad_enabled.set(False)
-            try:
-                result = await result
-            finally:
-                _grad_enabled.reset(token)
+            result = await _await(result)
         return cls._finish(ctx, bound, arguments, variables, result, record)
 
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from afnio._variable import Variable, batch_size_of
 
 __all__ = [
+    "FAN_IN_SEPARATOR",
     "AccumulateGrad",
     "GradientEdge",
     "Node",
@@ -23,10 +24,14 @@ __all__ = [
     "empty_gradient",
     "gradient_edge",
     "gradient_role",
+    "reduce_to_scalar",
 ]
 
 _sequence = itertools.count()
 _sequence_lock = threading.Lock()
+
+FAN_IN_SEPARATOR = "\n\n"
+"""The text :func:`combine_gradients` puts between the gradient pieces of one Variable."""
 
 FREED_GRAPH_MESSAGE = (
     "Trying to backward through the graph a second time (or directly access saved variables "
@@ -157,7 +162,10 @@ def _text(value: Any) -> str:
 
 
 def combine_gradients(
-    pieces: Sequence[Variable], role: str, batch_size: int | None, separator: str = "\n\n"
+    pieces: Sequence[Variable],
+    role: str,
+    batch_size: int | None,
+    separator: str = FAN_IN_SEPARATOR,
 ) -> Variable:
     """Fan-in: merge several gradients for one Variable into one, keeping every non-empty piece.
 

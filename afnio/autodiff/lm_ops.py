@@ -57,6 +57,7 @@ from afnio.autodiff._feedback import (
     ReplyParseError,
     ask,
     chunk_by_budget,
+    fill_prompt,
     fill_template,
     gather_all,
     get_gradient_token_budget,
@@ -67,7 +68,7 @@ from afnio.autodiff._feedback import (
 )
 from afnio.autodiff.basic_ops import broadcast_size
 from afnio.autodiff.function import Function, FunctionCtx
-from afnio.autodiff.graph import gradient_role
+from afnio.autodiff.graph import FAN_IN_SEPARATOR, gradient_role
 from afnio.models import registry
 from afnio.models.model import ChatCompletionModel
 from afnio.models.tokens import count_tokens
@@ -123,7 +124,7 @@ class _Input:
         if self.kind == _TEXT:
             return self.value
         if self.kind == _TEXTS:
-            return _as_text(self.value[position])
+            return self.value[position]  # already text (see _parse_input)
         if self.kind == _VARIABLE:
             return _at(self.value.data, position)
         return _as_text(self.value[position].data)
@@ -269,17 +270,16 @@ class BoundMessages:
         return [_as_text(item) for item in data] if isinstance(data, list) else [_as_text(data)]
 
     def _check_placeholders(self) -> None:
-        used: list[str] = []
+        # Placeholder name -> the indices of the messages using it.
         self.placeholder_messages: dict[str, list[int]] = {}
         for index, message in enumerate(self.messages):
             for part in message.parts:
                 for text in self._part_texts(part):
                     for name in placeholders(text):
-                        if name not in used:
-                            used.append(name)
                         where = self.placeholder_messages.setdefault(name, [])
                         if index not in where:
                             where.append(index)
+        used = list(self.placeholder_messages)
         given = list(self.inputs)
         if set(used) != set(given):
             missing = sorted(set(used) - set(given))
@@ -445,10 +445,6 @@ class BoundMessages:
         return None
 
 
-# The separator the engine's fan-in (graph.combine_gradients) puts between gradient pieces.
-_FAN_IN_SEPARATOR = "\n\n"
-
-
 async def _ready(text: str) -> str:
     return text
 
@@ -457,7 +453,9 @@ def _describe(op: str, slot: Slot) -> str:
     return f"{op} backward for the Variable with role {slot.variable.role!r}"
 
 
-def _feedback_texts(grad_output: Variable | None, count: int) -> list[str]:
+def feedback_texts(grad_output: Variable | None, count: int) -> list[str]:
+    """The feedback text per batch element of an output's gradient (``""`` for all ``count``
+    elements when there is none)."""
     if grad_output is None:
         return [""] * count
     data = grad_output.data
@@ -523,16 +521,10 @@ class GradientRequest:
         return dict(self._completion_args)
 
     def _system(self) -> dict[str, str]:
-        content = fill_template(
-            prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
-        )
-        return {"role": "system", "content": content}
+        return {"role": "system", "content": fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)}
 
     async def _ask(self, slot: Slot, user_prompt: str) -> str:
-        correction = fill_template(
-            prompts.FEEDBACK_FORMAT_CORRECTION,
-            {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)},
-        )
+        correction = fill_prompt(prompts.FEEDBACK_FORMAT_CORRECTION)
         messages = [self._system(), {"role": "user", "content": user_prompt}]
         return await ask(
             self.client, messages, self.completion_args, parse_feedback, correction,
@@ -584,26 +576,22 @@ class GradientRequest:
         made of several pieces (fan-in), the pieces are condensed first (once per element)."""
         feedback = self.feedback[index]
         # A single piece is never condensed, so skip measuring the prompt (the costly part).
-        pieces = [piece for piece in feedback.split(_FAN_IN_SEPARATOR) if piece.strip()]
+        pieces = [piece for piece in feedback.split(FAN_IN_SEPARATOR) if piece.strip()]
         if len(pieces) < 2 or fits(feedback) or not fits(""):
             return feedback
         if index not in self._condensed:
 
             def build(parts: str) -> str:
-                return fill_template(
+                return fill_prompt(
                     prompts.CONDENSE_OUTPUT_FEEDBACK_PROMPT,
-                    {
-                        "output_role": self.output_role,
-                        "parts": parts,
-                        "max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES),
-                    },
+                    {"output_role": self.output_role, "parts": parts},
                 )
 
             self._condensed[index] = asyncio.ensure_future(self._merge(slot, pieces, build))
         return await asyncio.shield(self._condensed[index])
 
     def _element_prompt(self, slot: Slot, position: int | None, feedback: str) -> str:
-        return fill_template(
+        return fill_prompt(
             prompts.ELEMENT_GRADIENT_PROMPT,
             {
                 "conversation": self._conversation(self.bound.render(position, slot)),
@@ -612,7 +600,6 @@ class GradientRequest:
                 "feedback": feedback,
                 "variable_role": slot.variable.role or "unnamed variable",
                 "location": self.bound.location(slot),
-                "max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES),
             },
         )
 
@@ -628,7 +615,7 @@ class GradientRequest:
         return await self._ask(slot, self._element_prompt(slot, position, feedback))
 
     def _shared_prompt(self, slot: Slot, samples: list[str], count: int) -> str:
-        return fill_template(
+        return fill_prompt(
             prompts.SHARED_GRADIENT_PROMPT,
             {
                 "batch_size": str(self.bound.batch_size),
@@ -638,7 +625,6 @@ class GradientRequest:
                 "count": str(count),
                 "output_role": self.output_role,
                 "samples": "\n\n".join(samples),
-                "max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES),
             },
         )
 
@@ -686,27 +672,27 @@ class GradientRequest:
         )
 
         def build(parts: str) -> str:
-            return fill_template(
+            return fill_prompt(
                 prompts.REDUCE_GRADIENT_PROMPT,
-                {
-                    "variable_role": slot.variable.role or "unnamed variable",
-                    "parts": parts,
-                    "max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES),
-                },
+                {"variable_role": slot.variable.role or "unnamed variable", "parts": parts},
             )
 
         return await self._merge(slot, list(results), build)
 
+    def _has_feedback(self, slot: Slot) -> bool:
+        """Whether an output element ``slot`` took part in has non-empty feedback."""
+        if slot.element is not None:
+            return bool(self.feedback[slot.element])
+        return any(self.feedback)
+
     async def gradient(self, slot: Slot) -> Variable | None:
         """The gradient of one slot (``None`` when no element of its feedback is non-empty)."""
-        role = gradient_role(slot.variable.role)
-        with_feedback = [k for k, text in enumerate(self.feedback) if text]
-        if slot.element is not None:
-            if not self.feedback[slot.element]:
-                return None
-            return Variable(await self.element(slot, slot.element), role=role)
-        if not with_feedback:
+        if not self._has_feedback(slot):
             return None
+        role = gradient_role(slot.variable.role)
+        if slot.element is not None:
+            return Variable(await self.element(slot, slot.element), role=role)
+        with_feedback = [k for k, text in enumerate(self.feedback) if text]
         if slot.variable.is_batched:
             texts = await gather_all([self.element(slot, k) for k in with_feedback])
             data = [""] * len(self.feedback)
@@ -723,15 +709,14 @@ class GradientRequest:
         async def nothing() -> None:
             return None
 
-        needing_calls = [
-            slot
-            for slot, want in zip(self.bound.slots, wanted)
-            if want and (any(self.feedback) if slot.element is None
-                         else self.feedback[slot.element])
-        ]
-        if needing_calls:
+        needing_call = next(
+            (slot for slot, want in zip(self.bound.slots, wanted)
+             if want and self._has_feedback(slot)),
+            None,
+        )
+        if needing_call is not None:
             self.client = resolve_backward_client(
-                self.bound.op, self._own_client, needing_calls[0].variable.role
+                self.bound.op, self._own_client, needing_call.variable.role
             )
         return await gather_all(
             [
@@ -843,7 +828,7 @@ class ChatCompletion(Function):
             bound,
             ctx.replies,
             ctx.output_role,
-            _feedback_texts(grad_output, len(bound.positions)),
+            feedback_texts(grad_output, len(bound.positions)),
             ctx.backward_model_client,
             ctx.backward_completion_args,
         )

@@ -2,7 +2,8 @@
 
 Placeholders are filled with :meth:`str.format`, so literal braces in these templates are doubled.
 Each prompt names the role of the variable it asks about, asks for feedback (never a rewrite)
-and bounds the answer's length.
+and bounds the answer's length (``{max_sentences}``: the bound the LM ops use too,
+:data:`afnio.autodiff.prompts.MAX_FEEDBACK_SENTENCES`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,7 @@ __all__ = [
     "COMPONENT_SAMPLE",
     "COMPONENT_SHARED_INPUTS",
     "COMPONENT_TARGET",
-    "MAX_FEEDBACK_SENTENCES",
 ]
-
-MAX_FEEDBACK_SENTENCES = 4
-"""Upper bound on the length of every piece of feedback the backward model writes."""
 
 COMPONENT_GRADIENT_SYSTEM_PROMPT = (
     "You review one input of a step in a program. The step is a component that turns its inputs "

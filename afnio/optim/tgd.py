@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 from afnio._runtime import run
 from afnio._variable import Variable, validate_data
+from afnio.autodiff._feedback import chunk_by_budget
 from afnio.autodiff.grad_mode import no_grad
 from afnio.cognitive.parameter import ParameterType
 from afnio.models.model import ChatCompletionModel
@@ -456,21 +457,8 @@ async def _ask(
     return False, None, reasons
 
 
-def _tokens(texts: Sequence[str], opts: _Options) -> int:
-    return sum(count_tokens(text, model=opts.model_client.model or None) for text in texts)
-
-
-def _chunks(texts: Sequence[str], budget: int, opts: _Options) -> list[list[str]]:
-    chunks: list[list[str]] = [[]]
-    used = 0
-    for text in texts:
-        size = count_tokens(text, model=opts.model_client.model or None)
-        if chunks[-1] and used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(text)
-        used += size
-    return chunks
+def _token_counts(texts: Sequence[str], opts: _Options) -> list[int]:
+    return [count_tokens(text, model=opts.model_client.model or None) for text in texts]
 
 
 async def _condense(param: Variable, feedback: list[str], opts: _Options) -> tuple[list[str], list]:
@@ -481,10 +469,12 @@ async def _condense(param: Variable, feedback: list[str], opts: _Options) -> tup
     """
     notes: list[str] = []
     budget = opts.gradient_token_budget
-    total = _tokens(feedback, opts)
+    sizes = _token_counts(feedback, opts)
+    total = sum(sizes)
     rounds = 0
     while total > budget and rounds < _MAX_CONDENSE_ROUNDS:
         rounds += 1
+        chunks = [[feedback[i] for i in group] for group in chunk_by_budget(0, sizes, budget)]
         requests = [
             [
                 {
@@ -495,7 +485,7 @@ async def _condense(param: Variable, feedback: list[str], opts: _Options) -> tup
                 }
                 for message in prompts.CONDENSE_MESSAGES
             ]
-            for chunk in _chunks(feedback, budget, opts)
+            for chunk in chunks
         ]
 
         def parse(reply: str) -> str:
@@ -514,10 +504,11 @@ async def _condense(param: Variable, feedback: list[str], opts: _Options) -> tup
                 + "; ".join(failed[0])
             )
         condensed = [text for _, text, _ in answers]
-        condensed_total = _tokens(condensed, opts)
+        condensed_sizes = _token_counts(condensed, opts)
+        condensed_total = sum(condensed_sizes)
         if condensed_total >= total:
             break
-        feedback, total = condensed, condensed_total
+        feedback, sizes, total = condensed, condensed_sizes, condensed_total
     if total > budget:
         notes.append(
             f"its gradients still use {total} tokens after condensing, over the budget of "
@@ -527,7 +518,11 @@ async def _condense(param: Variable, feedback: list[str], opts: _Options) -> tup
 
 
 async def _propose(
-    param: Variable, gradients: list[Variable], buffer: Sequence | None, opts: _Options
+    param: Variable,
+    gradients: list[Variable],
+    buffer: Sequence | None,
+    opts: _Options,
+    instruction_lines: Sequence[str],
 ) -> _Outcome | None:
     feedback = _feedback_texts(gradients)
     if not feedback:
@@ -538,7 +533,6 @@ async def _propose(
         # No momentum entry either: the raw feedback is what did not fit the budget.
         return _Outcome(feedback=None, notes=[str(rejection)])
     messages = _request(param, feedback, buffer or [], opts)
-    instruction_lines = _instruction_lines(opts.messages)
     old = copy.deepcopy(param.data)
     ok, new_data, reasons = await _ask(
         opts,
@@ -559,8 +553,9 @@ async def _apropose(
     momentum_buffer_list: Sequence[list | None],
     opts: _Options,
 ) -> list[_Outcome | None]:
+    instruction_lines = _instruction_lines(opts.messages)
     return await _gather_all(
-        _propose(param, list(gradients), buffer, opts)
+        _propose(param, list(gradients), buffer, opts, instruction_lines)
         for param, gradients, buffer in zip(params, grads, momentum_buffer_list)
     )
 

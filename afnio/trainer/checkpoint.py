@@ -1,4 +1,4 @@
-"""Trainer checkpoints on disk: written atomically with :func:`afnio.save`, checked on load.
+"""Trainer checkpoints on disk: encoded by :func:`afnio.save`, written atomically, checked on load.
 
 A checkpoint is a dict of plain data (no pickle) saved with :func:`afnio.serialization.save`:
 ``format``/``version`` markers, the agent's and optimizers' state dicts, the loop position
@@ -8,12 +8,13 @@ metrics history, usage totals, the best score so far and the sampler's epoch/see
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from afnio.serialization import load, save
+from afnio.serialization import load, save, write_atomically
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "read_checkpoint", "write_checkpoint"]
 
@@ -23,20 +24,30 @@ CHECKPOINT_VERSION = 1
 _REQUIRED_KEYS = ("epoch", "batches_done", "global_step", "agent", "optimizers")
 
 
-def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Save ``state`` to ``path`` (atomically: a run killed while writing keeps the old file).
+def write_checkpoint(
+    state: Mapping[str, Any], path: str | os.PathLike, *copies: str | os.PathLike
+) -> Path:
+    """Save ``state`` to ``path`` and to each of ``copies``, encoding it only once.
+
+    Every file is written atomically: a run killed while writing keeps the old file.
 
     Args:
         state: The checkpoint dict (see :mod:`afnio.trainer.checkpoint`).
         path: Where to write it; parent directories are created.
+        copies: More files to receive the same bytes (e.g. ``last.ckpt`` beside
+            ``epoch=E.ckpt``), written after ``path`` in the order given.
 
     Returns:
-        The path written.
+        ``path``, as a :class:`~pathlib.Path`.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **dict(state)}, target)
-    return target
+    buffer = io.BytesIO()
+    save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **dict(state)}, buffer)
+    payload = buffer.getvalue()
+    targets = [Path(target) for target in (path, *copies)]
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(payload, target)
+    return targets[0]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

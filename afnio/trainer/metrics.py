@@ -147,11 +147,11 @@ def batch_size_of(batch: Any, explanation: Variable | None = None) -> int:
 
 def score_per_sample(score: Any, batch_size: int, reduction: str, hook: str) -> float:
     """The per-sample metric of a score (see the module docstring)."""
-    data = score.data if isinstance(score, Variable) else score
-    if isinstance(data, list):
-        return _number(score, hook, "score")
     value = _number(score, hook, "score")
-    return value / batch_size if reduction == "sum" else value
+    data = score.data if isinstance(score, Variable) else score
+    if isinstance(data, list) or reduction != "sum":
+        return value
+    return value / batch_size
 
 
 class MetricAccumulator:

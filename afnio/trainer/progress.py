@@ -31,7 +31,7 @@ def format_usage(usage: Usage) -> str:
         >>> format_usage(Usage(prompt_tokens=1000, completion_tokens=234, cost_usd=0.0123))
         '$0.0123 · 1,234 tok'
     """
-    text = f"${usage.cost_usd:.4f} · {usage.prompt_tokens + usage.completion_tokens:,} tok"
+    text = f"${usage.cost_usd:.4f} · {usage.total_tokens:,} tok"
     if usage.cached_tokens:
         text += f" ({usage.cached_tokens:,} cached)"
     return text

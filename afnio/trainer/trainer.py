@@ -37,7 +37,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from afnio.trainer.checkpoint import read_checkpoint, write_checkpoint
 from afnio.trainer.metrics import (
     MetricAccumulator,
     MetricsLog,
+    StepOutput,
     batch_size_of,
     parse_step_output,
     score_per_sample,
@@ -67,8 +69,18 @@ _REDUCTIONS = ("sum", "mean")
 _MODES = ("max", "min")
 
 
+def _check_count(name: str, value: Any, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive int (or ``None`` when optional)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "None or a positive int" if optional else "a positive int"
+        raise ValueError(f"Trainer: {name} must be {expected}, got {value!r}")
+
+
 def _difference(after: Usage, before: Usage) -> Usage:
-    return Usage(**{key: value - before.as_dict()[key] for key, value in after.as_dict().items()})
+    subtrahend = before.as_dict()
+    return Usage(**{key: value - subtrahend[key] for key, value in after.as_dict().items()})
 
 
 def _snapshot(usage: Usage) -> Usage:
@@ -194,8 +206,7 @@ class Trainer:
         logger: bool = True,
         console: Console | None = None,
     ) -> None:
-        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-            raise ValueError(f"Trainer: max_epochs must be a positive int, got {max_epochs!r}")
+        _check_count("max_epochs", max_epochs)
         for name, value, allowed in (
             ("on_error", on_error, _ON_ERROR),
             ("score_reduction", score_reduction, _REDUCTIONS),
@@ -203,13 +214,7 @@ class Trainer:
         ):
             if value not in allowed:
                 raise ValueError(f"Trainer: {name} must be one of {allowed}, got {value!r}")
-        every = checkpoint_every_n_batches
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, int) or every < 1
-        ):
-            raise ValueError(
-                f"Trainer: checkpoint_every_n_batches must be None or a positive int, got {every!r}"
-            )
+        _check_count("checkpoint_every_n_batches", checkpoint_every_n_batches, optional=True)
         callbacks = list(callbacks or [])
         for callback in callbacks:
             if not isinstance(callback, Callback):
@@ -224,7 +229,7 @@ class Trainer:
         self.score_reduction = score_reduction
         self.monitor = monitor
         self.mode = mode
-        self.checkpoint_every_n_batches = every
+        self.checkpoint_every_n_batches = checkpoint_every_n_batches
         self.callbacks = callbacks
         self.progress = ProgressReporter(enable_progress_bar, console)
         self.metrics_log = MetricsLog(self.default_root_dir if logger else None)
@@ -307,9 +312,7 @@ class Trainer:
             self.progress.stop()
             self.stop_reason = "budget"
             path = self._checkpoint_after_stop("budget")
-            where = self._failed_at or (
-                f"epoch {self.current_epoch}, after {self.batches_done} finished batches"
-            )
+            where = self._stop_location()
             saved = (
                 f"progress is saved in {str(path)!r}; raise the budget and resume with "
                 f"fit(..., ckpt_path={str(path)!r})"
@@ -323,9 +326,7 @@ class Trainer:
             self.progress.stop()
             self.stop_reason = "interrupted" if isinstance(error, KeyboardInterrupt) else "error"
             path = self._checkpoint_after_stop(self.stop_reason)
-            where = self._failed_at or (
-                f"epoch {self.current_epoch}, after {self.batches_done} finished batches"
-            )
+            where = self._stop_location()
             saved = (
                 f"checkpoint saved to {str(path)!r}; resume with fit(..., ckpt_path={str(path)!r})"
                 if path is not None
@@ -375,21 +376,14 @@ class Trainer:
         """
         step = getattr(agent, "predict_step", None)
         outputs: list[Any] = []
-        was_training = bool(getattr(agent, "training", True))
-        agent.eval()
-        self.progress.start("Predict", _length(dataloader))
-        try:
-            with track_usage() as used, no_grad():
-                for batch_idx, batch in enumerate(dataloader):
-                    try:
-                        outputs.append(step(batch, batch_idx) if step else agent(batch))
-                    except Exception as error:
-                        self._step_failed(error, "predict", None, batch_idx)
-                        outputs.append(None)
-                    self.progress.update(batch_idx + 1, {}, used)
-        finally:
-            self.progress.stop()
-            agent.train() if was_training else agent.eval()
+        with self._inference(agent, "Predict", dataloader), track_usage() as used:
+            for batch_idx, batch in enumerate(dataloader):
+                try:
+                    outputs.append(step(batch, batch_idx) if step else agent(batch))
+                except Exception as error:
+                    self._step_failed(error, "predict", None, batch_idx)
+                    outputs.append(None)
+                self.progress.update(batch_idx + 1, {}, used)
         return outputs
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
@@ -400,10 +394,7 @@ class Trainer:
         """
         if self._agent is None:
             raise RuntimeError("Trainer.save_checkpoint: no agent yet; call fit() first")
-        self._sync_usage()
-        path = write_checkpoint(self._checkpoint_state("manual"), path)
-        self.last_checkpoint_path = path
-        return path
+        return self._save("manual", path)
 
     # ------------------------------------------------------------------ fit internals
     def _attach_optimizers(self, agent: Any) -> list[Any]:
@@ -498,6 +489,12 @@ class Trainer:
                 )
                 self._report(message)
 
+    def _stop_location(self) -> str:
+        """Where a run stopped: the failed step, else the position in the epoch."""
+        return self._failed_at or (
+            f"epoch {self.current_epoch}, after {self.batches_done} finished batches"
+        )
+
     def _current_usage(self) -> Usage:
         if self._tracker is None:
             return _snapshot(self.usage)
@@ -573,32 +570,31 @@ class Trainer:
             self._step_failed(error, "train", self.current_epoch, batch_idx)
             self._skipped_in_epoch += 1
             return None
+        self._accumulate(self._train_metrics, parsed, batch, "training_step")
+        return outputs
+
+    def _accumulate(
+        self, accumulator: MetricAccumulator, parsed: StepOutput, batch: Any, hook: str
+    ) -> None:
+        """Add a step's score (per sample) and extra metrics, weighted by the batch size."""
         values = dict(parsed.extras)
         size = batch_size_of(batch, parsed.explanation)
         if parsed.score is not None:
-            values["score"] = score_per_sample(
-                parsed.score, size, self.score_reduction, "training_step"
-            )
-        self._train_metrics.add(values, size)
-        return outputs
+            values["score"] = score_per_sample(parsed.score, size, self.score_reduction, hook)
+        accumulator.add(values, size)
 
     def _step_failed(self, error: Exception, stage: str, epoch: int | None, batch_idx: int) -> None:
         """Record a failed step; re-raise it unless ``on_error="skip"`` (budget: always)."""
         where = f"batch {batch_idx}" if epoch is None else f"epoch {epoch}, batch {batch_idx}"
-        description = f"{stage} step failed at {where}: {type(error).__name__}: {error}"
+        error_text = f"{type(error).__name__}: {error}"
         self.errors.append(
-            {
-                "stage": stage,
-                "epoch": epoch,
-                "batch_idx": batch_idx,
-                "error": f"{type(error).__name__}: {error}",
-            }
+            {"stage": stage, "epoch": epoch, "batch_idx": batch_idx, "error": error_text}
         )
         if isinstance(error, BudgetExceededError) or self.on_error == "raise":
             self._failed_at = f"{stage} step of {where}"
             _add_note(error, f"afnio Trainer: {stage} step failed at {where}")
             raise error
-        self._report(f"{description} (skipped: on_error='skip')")
+        self._report(f"{stage} step failed at {where}: {error_text} (skipped: on_error='skip')")
 
     def _end_epoch(self, agent: Any, val_dataloader: Any) -> None:
         epoch = self.current_epoch
@@ -638,13 +634,13 @@ class Trainer:
         if self._tracker is not None:
             self._epoch_tracker_start = _snapshot(self._tracker)
         if self.enable_checkpointing:
+            copies = [self.checkpoint_dir / "last.ckpt"]
             if improved:
                 self.best_model_path = self.checkpoint_dir / "best.ckpt"
+                copies.append(self.best_model_path)
             state = self._checkpoint_state("epoch")
-            write_checkpoint(state, self.checkpoint_dir / f"epoch={epoch}.ckpt")
-            self.last_checkpoint_path = write_checkpoint(state, self.checkpoint_dir / "last.ckpt")
-            if improved:
-                write_checkpoint(state, self.best_model_path)
+            write_checkpoint(state, self.checkpoint_dir / f"epoch={epoch}.ckpt", *copies)
+            self.last_checkpoint_path = copies[0]
 
     def _improved(self, value: Any) -> bool:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
@@ -653,11 +649,13 @@ class Trainer:
             return True
         return value > self.best_score if self.mode == "max" else value < self.best_score
 
-    def _save_last(self, reason: str) -> Path:
+    def _save(self, reason: str, path: str | os.PathLike) -> Path:
         self._sync_usage()
-        path = write_checkpoint(self._checkpoint_state(reason), self.checkpoint_dir / "last.ckpt")
-        self.last_checkpoint_path = path
-        return path
+        self.last_checkpoint_path = write_checkpoint(self._checkpoint_state(reason), path)
+        return self.last_checkpoint_path
+
+    def _save_last(self, reason: str) -> Path:
+        return self._save(reason, self.checkpoint_dir / "last.ckpt")
 
     def _checkpoint_after_stop(self, reason: str) -> Path | None:
         if not self.enable_checkpointing or self._agent is None:
@@ -699,32 +697,36 @@ class Trainer:
         usage: Callable[[], Usage],
     ) -> dict[str, float]:
         step = getattr(agent, hook)
-        was_training = bool(getattr(agent, "training", True))
         if epoch is not None and callable(getattr(loader, "set_epoch", None)):
             loader.set_epoch(epoch)
         accumulator = MetricAccumulator()
         title = {"val": "Validation", "test": "Test"}[prefix]
-        self.progress.start(title, _length(loader))
+        with self._inference(agent, title, loader):
+            for batch_idx, batch in enumerate(loader):
+                try:
+                    parsed = parse_step_output(step(batch, batch_idx), hook)
+                except Exception as error:
+                    self._step_failed(error, prefix, epoch, batch_idx)
+                    continue
+                self._accumulate(accumulator, parsed, batch, hook)
+                self.progress.update(batch_idx + 1, accumulator.means(prefix + "_"), usage())
+        return accumulator.means(prefix + "_")
+
+    @contextmanager
+    def _inference(self, agent: Any, title: str, loader: Any) -> Iterator[None]:
+        """Run the block under ``eval()`` and ``no_grad()`` with a progress bar titled ``title``.
+
+        Afterwards the bar is closed and the agent is back in the mode it was in.
+        """
+        was_training = bool(getattr(agent, "training", True))
         agent.eval()
+        self.progress.start(title, _length(loader))
         try:
             with no_grad():
-                for batch_idx, batch in enumerate(loader):
-                    try:
-                        parsed = parse_step_output(step(batch, batch_idx), hook)
-                    except Exception as error:
-                        self._step_failed(error, prefix, epoch, batch_idx)
-                        continue
-                    size = batch_size_of(batch, parsed.explanation)
-                    values = dict(parsed.extras)
-                    values["score"] = score_per_sample(
-                        parsed.score, size, self.score_reduction, hook
-                    )
-                    accumulator.add(values, size)
-                    self.progress.update(batch_idx + 1, accumulator.means(prefix + "_"), usage())
+                yield
         finally:
             self.progress.stop()
             agent.train() if was_training else agent.eval()
-        return accumulator.means(prefix + "_")
 
     def _evaluate_standalone(
         self, agent: Any, loader: Any, hook: str, prefix: str, stage: str

@@ -45,6 +45,13 @@ __all__ = [
 
 _ELLIPSIS = "…"
 
+# (fill, stroke) of each kind of box, shared by every output format.
+_COLORS = {
+    "leaf": ("#dbeafe", "#1d4ed8"),
+    "op": ("#e5e7eb", "#374151"),
+    "variable": ("#fef3c7", "#b45309"),
+}
+
 
 @dataclass
 class GraphNode:
@@ -214,10 +221,11 @@ def _lines(node: GraphNode, max_chars: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- Graphviz DOT
+# Operations are square boxes; Variables have rounded corners.
+_DOT_SHAPE = {"leaf": '"rounded,filled"', "op": "filled", "variable": '"rounded,filled"'}
 _DOT_STYLE = {
-    "leaf": 'shape=box, style="rounded,filled", fillcolor="#dbeafe", color="#1d4ed8"',
-    "op": 'shape=box, style=filled, fillcolor="#e5e7eb", color="#374151"',
-    "variable": 'shape=box, style="rounded,filled", fillcolor="#fef3c7", color="#b45309"',
+    kind: f'shape=box, style={_DOT_SHAPE[kind]}, fillcolor="{fill}", color="{stroke}"'
+    for kind, (fill, stroke) in _COLORS.items()
 }
 
 
@@ -281,12 +289,10 @@ def to_mermaid(variables: Variable | Sequence[Variable], max_chars: int = 60) ->
         The flowchart text (``flowchart TB`` first).
     """
     nodes, edges = collect_graph(variables)
-    out = [
-        "flowchart TB",
-        "  classDef leaf fill:#dbeafe,stroke:#1d4ed8",
-        "  classDef op fill:#e5e7eb,stroke:#374151",
-        "  classDef variable fill:#fef3c7,stroke:#b45309",
-    ]
+    out = ["flowchart TB"]
+    out.extend(
+        f"  classDef {kind} fill:{fill},stroke:{stroke}" for kind, (fill, stroke) in _COLORS.items()
+    )
     for node in nodes:
         out.append(f"  {node.id}[{_mermaid_quote(chr(10).join(_lines(node, max_chars)))}]")
         out.append(f"  class {node.id} {node.kind}")
@@ -302,8 +308,6 @@ _LINE_HEIGHT = 15
 _PADDING = 8
 _ROW_GAP = 56
 _COLUMN_GAP = 24
-_FILL = {"leaf": "#dbeafe", "op": "#e5e7eb", "variable": "#fef3c7"}
-_STROKE = {"leaf": "#1d4ed8", "op": "#374151", "variable": "#b45309"}
 
 
 @dataclass
@@ -319,8 +323,8 @@ class _Box:
 def _rows(nodes: list[GraphNode], edges: list[GraphEdge]) -> list[list[str]]:
     """Layer the DAG so that every arrow points downwards.
 
-    Each node's layer is its longest distance to a node nobody consumes (the drawn Variables),
-    so every arrow points downwards. Within a row nodes are ordered by the mean position of their
+    Each node's layer is its longest distance to a node nobody consumes (the drawn Variables).
+    Within a row nodes are ordered by the mean position of their
     consumers, which keeps arrows short and mostly uncrossed.
     """
     consumers: dict[str, list[str]] = {node.id: [] for node in nodes}
@@ -406,12 +410,12 @@ def _svg(nodes: list[GraphNode], edges: list[GraphEdge], max_chars: int, detail_
     for node in nodes:
         box = boxes[node.id]
         tooltip = "\n".join(_lines(node, detail_chars))
+        fill, stroke = _COLORS[node.kind]
         out.append(f'<g class="node {node.kind}" id="{node.id}">')
         out.append(f"<title>{html.escape(tooltip)}</title>")
         out.append(
             f'<rect x="{box.x:.1f}" y="{box.y:.1f}" width="{box.width:.1f}" '
-            f'height="{box.height:.1f}" rx="6" fill="{_FILL[node.kind]}" '
-            f'stroke="{_STROKE[node.kind]}"/>'
+            f'height="{box.height:.1f}" rx="6" fill="{fill}" stroke="{stroke}"/>'
         )
         for index, line in enumerate(box.lines):
             weight = ' font-weight="bold"' if index == 0 else ""
@@ -466,7 +470,8 @@ def to_html(
             f"<h1>{html.escape(title)}</h1>",
             '<p class="legend">'
             + "".join(
-                f'<span style="background:{_FILL[kind]};border-color:{_STROKE[kind]}">{text}</span>'
+                f'<span style="background:{_COLORS[kind][0]};border-color:{_COLORS[kind][1]}">'
+                f"{text}</span>"
                 for kind, text in (
                     ("leaf", "leaf (collects gradients)"),
                     ("op", "operation"),

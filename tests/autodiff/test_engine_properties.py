@@ -137,3 +137,41 @@ def test_flat_order_equals_next_functions_order(first, second, extra):
     sinks = [edge.node for edge in out.grad_fn.next_functions]
     assert all(isinstance(node, AccumulateGrad) for node in sinks)
     assert [node.variable for node in sinks] == expected
+
+
+def mirror(value, keep):
+    """``value``'s structure with a gradient naming each Variable (None where ``keep`` says no)."""
+    if isinstance(value, Variable):
+        return Variable(f"grad of {value.data}") if keep(value) else None
+    if isinstance(value, (list, tuple)):
+        return type(value)(mirror(item, keep) for item in value)
+    if isinstance(value, dict):
+        return {key: mirror(item, keep) for key, item in value.items()}
+    return None
+
+
+def _even(variable):
+    return variable.data[-1] in "02468"
+
+
+class Mirror(Function):
+    @staticmethod
+    def forward(ctx, first, second=None, **extra):
+        ctx.arguments = (first, second, *extra.values())
+        return Variable("out")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return tuple(mirror(argument, _even) for argument in ctx.arguments)
+
+
+@given(nested, nested, nested)
+def test_container_gradients_reach_their_own_variables(first, second, extra):
+    made = []
+    a, b, c = (materialize(spec, made) for spec in (first, second, extra))
+    seed = Variable("seed", requires_grad=True)
+    Mirror.apply([seed, a], second=b, extra=c).backward(Variable("fb"))
+    for variable in made:
+        expected = [f"grad of {variable.data}"] if _even(variable) else []
+        assert [g.data for g in variable.grad] == expected
+    assert seed.grad == []

@@ -9,7 +9,7 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff._feedback import fill_template, placeholders
+from afnio.autodiff._feedback import fill_prompt, fill_template, placeholders
 from afnio.autodiff.evaluator import ExactMatchEvaluator
 from afnio.autodiff.lm_ops import (
     ChatCompletion,
@@ -100,6 +100,13 @@ def test_scalar_call_renders_messages_and_passes_completion_args():
 def test_placeholder_rule():
     assert placeholders('{a} {{b}} {"c": 1} {d e} {_f1}') == ["a", "_f1"]
     assert fill_template("{a}{a} {{a}} {b}", {"a": "{b}"}) == "{b}{b} {a} {b}"
+
+
+def test_fill_prompt_adds_the_feedback_length_bound(monkeypatch):
+    template = "at most {max_sentences} sentences about {what}; {other} stays"
+    assert fill_prompt(template, {"what": "x"}) == "at most 4 sentences about x; {other} stays"
+    monkeypatch.setattr(prompts, "MAX_FEEDBACK_SENTENCES", 2)  # read at call time
+    assert fill_prompt(template) == "at most 2 sentences about {what}; {other} stays"
 
 
 @pytest.mark.parametrize(

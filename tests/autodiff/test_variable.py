@@ -59,6 +59,16 @@ def test_detach_and_copy_():
     assert x.data == ["z", "z"]
 
 
+def test_copy_keeps_a_scalar_scalar():
+    x = Variable("a", role="answer")
+    with pytest.raises(ValueError, match=r"'answer' \(a scalar\)"):
+        x.copy_(["b", "c"])
+    with pytest.raises(ValueError, match=r"'answer' \(a scalar\)"):
+        x.copy_(Variable(["b"]))
+    assert x.data == "a"
+    assert x.copy_(Variable("b")).data == "b"
+
+
 def test_append_grad_checks_shape():
     x = Variable(["a", "b"], role="answers", requires_grad=True)
     x.append_grad(Variable(["", "shorter"]))

@@ -88,6 +88,15 @@ def test_module_list_indexing_slicing_and_naming() -> None:
         layers.extend(3)
 
 
+def test_module_list_insert_clamps_out_of_range_positions_like_list_insert() -> None:
+    layers = ModuleList([Tag("a"), Tag("b")])
+    layers.insert(-1, Tag("x"))
+    layers.insert(-10, Tag("first"))
+    layers.insert(10, Tag("last"))
+    assert tags(layers) == ["first", "a", "x", "b", "last"]
+    assert list(layers._modules) == ["0", "1", "2", "3", "4"]
+
+
 def test_module_dict_behaves_like_an_ordered_dict() -> None:
     blocks = ModuleDict({"encoder": Tag("e"), "decoder": Tag("d")})
     assert list(blocks) == ["encoder", "decoder"] and "encoder" in blocks

@@ -217,9 +217,15 @@ def test_unparseable_reply_is_retried_then_quoted() -> None:
     model = ScriptedModel(["no tags here"])
     text = afnio.Variable("x", role="text", requires_grad=True)
     out = Join(backward_engine=BackwardEngine(model, max_attempts=2))(text)
-    with pytest.raises(ValueError, match="no tags here"):
+    with pytest.raises(ValueError, match="no tags here") as error:
         out.backward(afnio.Variable("bad"))
+    assert isinstance(error.value, afnio.autodiff.ReplyParseError)
+    assert error.value.reply == "no tags here"
+    assert "BackwardEngine" in str(error.value) and "<FEEDBACK>" in str(error.value)
+    assert "2 attempts" in str(error.value)
     assert model.calls == 2 and text.grad == []
+    correction = model.requests[1][0]
+    assert correction[-2] == {"role": "assistant", "content": "no tags here"}
 
 
 def test_seed_style_backward_override_and_returned_gradients() -> None:
@@ -386,6 +392,36 @@ def test_shared_input_over_the_token_budget_is_chunked_then_merged() -> None:
     merge = user_prompts(model)[-1]
     assert merge.count("<FEEDBACK_PART") == 4 and "the mark" in merge
     assert [g.data for g in mark.grad] == ["part"]
+
+
+def test_one_sample_over_the_token_budget_is_sent_whole_in_one_request() -> None:
+    from afnio.autodiff.lm_ops import get_gradient_token_budget, set_gradient_token_budget
+
+    model = feedback_model("shorter")
+    join = Join(model_client=model)
+    mark = afnio.Variable("?", role="mark", requires_grad=True)
+    out = join(afnio.Variable("word " * 400, role="long text"), mark)
+    old_budget = get_gradient_token_budget()
+    set_gradient_token_budget(50)
+    try:
+        out.backward(afnio.Variable("too long"))
+    finally:
+        set_gradient_token_budget(old_budget)
+    assert model.calls == 1 and ("word " * 400).strip() in user_prompts(model)[0]
+    assert [g.data for g in mark.grad] == ["shorter"]
+
+
+def test_gradient_requests_use_the_lm_ops_feedback_length_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from afnio.autodiff import prompts as autodiff_prompts
+
+    monkeypatch.setattr(autodiff_prompts, "MAX_FEEDBACK_SENTENCES", 7)
+    model = feedback_model()
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    Join(model_client=model)(text).backward(afnio.Variable("longer"))
+    (request,) = [messages for messages, _ in model.requests]
+    assert "at most 7 sentences" in request[0]["content"]
 
 
 def test_inputs_shared_by_all_samples_are_shown_once() -> None:

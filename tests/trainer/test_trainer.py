@@ -506,6 +506,32 @@ def test_read_checkpoint_rejects_other_files(tmp_path):
         read_checkpoint(tmp_path / "partial.ckpt")
 
 
+def test_write_checkpoint_encodes_once_and_writes_every_copy(tmp_path, monkeypatch):
+    encodings = []
+    real_save = afnio.trainer.checkpoint.save
+
+    def counting_save(obj, f):
+        encodings.append(obj["epoch"])
+        real_save(obj, f)
+
+    monkeypatch.setattr(afnio.trainer.checkpoint, "save", counting_save)
+    paths = [tmp_path / "a" / "epoch=0.ckpt", tmp_path / "b" / "last.ckpt", tmp_path / "best.ckpt"]
+    assert write_checkpoint({"epoch": 0}, *paths) == paths[0]
+    assert encodings == [0]
+    assert len({path.read_bytes() for path in paths}) == 1
+    assert afnio.serialization.load(paths[1])["epoch"] == 0
+
+
+def test_an_epoch_end_writes_one_state_to_its_epoch_last_and_best_files(tmp_path):
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    trainer.fit(make_agent(trainer), *loaders())
+    folder = trainer.checkpoint_dir
+    contents = {(folder / name).read_bytes() for name in ("epoch=0.ckpt", "last.ckpt", "best.ckpt")}
+    assert len(contents) == 1
+    assert trainer.last_checkpoint_path == folder / "last.ckpt"
+    assert trainer.best_model_path == folder / "best.ckpt"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

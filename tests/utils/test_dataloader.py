@@ -175,6 +175,17 @@ def test_bad_seed_is_refused_even_without_shuffle():
 def test_set_epoch_rejects_bad_values():
     with pytest.raises(ValueError, match="epoch should be a non-negative integer"):
         DataLoader(Numbers(3)).set_epoch(-1)
+    for bad in (True, 1.0, "2"):
+        with pytest.raises(ValueError, match=r"^DataLoader\.set_epoch: epoch should be"):
+            DataLoader(Numbers(3)).set_epoch(bad)
+
+
+def test_bad_seeds_name_their_owner():
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=r"^DataLoader: seed should be"):
+            DataLoader(Numbers(3), seed=bad)
+        with pytest.raises(ValueError, match=r"^random_split: seed should be"):
+            random_split(range(4), [2, 2], seed=bad)
 
 
 @given(

@@ -38,6 +38,14 @@ def _absolute_index(container: Module, index: Any) -> int:
     return index + size if index < 0 else index
 
 
+def _insert(container: Module, index: int, module: Module) -> None:
+    """Put ``module`` at position ``index`` (``0 <= index <= len``) of a numbered container,
+    shifting the entries after it up by one."""
+    for i in range(len(container._modules), index, -1):
+        container._modules[str(i)] = container._modules[str(i - 1)]
+    container._modules[str(index)] = module
+
+
 def _renumber(container: Module) -> None:
     modules = list(container._modules.values())
     container._modules.clear()
@@ -122,11 +130,7 @@ class Sequential(Module):
         size = len(self._modules)
         if not -size <= index <= size:
             raise IndexError(f"Index out of range: {index}")
-        if index < 0:
-            index += size
-        for i in range(size, index, -1):
-            self._modules[str(i)] = self._modules[str(i - 1)]
-        self._modules[str(index)] = module
+        _insert(self, index + size if index < 0 else index, module)
         return self
 
     def pop(self, index: int | slice) -> Any:
@@ -209,10 +213,7 @@ class ModuleList(Module):
         """Insert ``module`` before position ``index``."""
         _check_module("ModuleList.insert", module)
         size = len(self._modules)
-        index = max(0, index + size) if index < 0 else min(index, size)
-        for i in range(size, index, -1):
-            self._modules[str(i)] = self._modules[str(i - 1)]
-        self._modules[str(index)] = module
+        _insert(self, max(0, index + size) if index < 0 else min(index, size), module)
 
     def pop(self, index: int | slice) -> Any:
         """Remove and return the module(s) at ``index``."""

@@ -44,7 +44,14 @@ from typing import Any
 
 from afnio._runtime import run
 from afnio._variable import Variable, check_gradient_shape, validate_data
-from afnio.autodiff._feedback import chunk_by_budget, gather_all, parse_feedback
+from afnio.autodiff import prompts as autodiff_prompts
+from afnio.autodiff._feedback import (
+    ask,
+    chunk_by_budget,
+    gather_all,
+    get_gradient_token_budget,
+    parse_feedback,
+)
 from afnio.autodiff.basic_ops import broadcast_size
 from afnio.autodiff.function import flatten_variables
 from afnio.autodiff.grad_mode import is_grad_enabled, no_grad
@@ -57,7 +64,6 @@ from afnio.autodiff.graph import (
     gradient_role,
     reduce_to_scalar,
 )
-from afnio.autodiff.lm_ops import get_gradient_token_budget
 from afnio.cognitive import prompts
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter, ParameterType
@@ -75,7 +81,6 @@ __all__ = [
     "GradComponentBackward",
     "fun_to_grad_component",
 ]
-
 
 
 class BackwardEngine:
@@ -131,27 +136,22 @@ class BackwardEngine:
         return client, {**get_backward_model_completion_args(), **self.completion_args}
 
     async def afeedback(self, messages: list[dict[str, Any]]) -> str:
-        """Ask for feedback and return the text between the ``<FEEDBACK>`` tags.
+        """Ask for feedback and return it: the text between the ``<FEEDBACK>`` tags (or a JSON
+        object's ``"feedback"``), retrying with a correction after a reply that has neither.
 
         Raises:
-            ValueError: If no reply within ``max_attempts`` has the tags; quotes the last reply.
+            ValueError: If no reply within ``max_attempts`` can be read: an
+                :class:`afnio.autodiff.ReplyParseError` quoting the last reply.
         """
         client, completion_args = self.resolve()
-        conversation = list(messages)
-        reply = ""
-        for _ in range(self.max_attempts):
-            reply = await client.achat(conversation, **completion_args)
-            feedback = parse_feedback(reply)
-            if feedback is not None:
-                return feedback
-            conversation = [
-                *messages,
-                {"role": "assistant", "content": reply},
-                {"role": "user", "content": prompts.COMPONENT_FEEDBACK_FORMAT_CORRECTION},
-            ]
-        raise ValueError(
-            f"BackwardEngine: the backward model's reply has no <FEEDBACK>...</FEEDBACK> after "
-            f"{self.max_attempts} attempts; last reply: {reply[:500]!r}"
+        return await ask(
+            client,
+            messages,
+            completion_args,
+            parse_feedback,
+            prompts.COMPONENT_FEEDBACK_FORMAT_CORRECTION,
+            "BackwardEngine: the backward model's reply has no <FEEDBACK>...</FEEDBACK>",
+            retries=self.max_attempts - 1,
         )
 
     def model_name(self) -> str | None:
@@ -251,6 +251,14 @@ def _reshape_feedback(feedback: Variable, target: Variable) -> Variable | None:
             f"role {target.role!r} of batch size {target.batch_size}"
         )
     return Variable([_text(text) for text in data], role=role)
+
+
+def _system_prompt() -> str:
+    """The system message of every gradient request, with the feedback length bound shared
+    with the LM ops (:data:`afnio.autodiff.prompts.MAX_FEEDBACK_SENTENCES`, read at call time)."""
+    return prompts.COMPONENT_GRADIENT_SYSTEM_PROMPT.format(
+        max_sentences=autodiff_prompts.MAX_FEEDBACK_SENTENCES
+    )
 
 
 async def _value(value: Any) -> Any:
@@ -480,16 +488,17 @@ class GradComponent(Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
             return self.forward(*args, **kwargs)
-        return self._run_calls(args, kwargs)
+        size = self._batch_size(list(flatten_variables([args, kwargs])))
+        return self._run_calls(args, kwargs, size)
 
     def _batch_size(self, variables: list[Variable]) -> int | None:
         if not self.elementwise:
             return None
         return broadcast_size(self.name, variables)
 
-    def _run_calls(self, args: tuple, kwargs: dict) -> Any:
-        """Unwrap the arguments and run ``call`` (once, or once per batch element)."""
-        size = self._batch_size(list(flatten_variables([args, kwargs])))
+    def _run_calls(self, args: tuple, kwargs: dict, size: int | None) -> Any:
+        """Unwrap the arguments and run ``call`` once, or once per element of a batch of
+        ``size`` (see :meth:`_batch_size`)."""
         indices = [None] if size is None else list(range(size))
         calls = [(_unwrap(args, i), _unwrap(kwargs, i)) for i in indices]
         with no_grad():
@@ -516,7 +525,7 @@ class GradComponent(Module):
         """
         variables = list(flatten_variables([args, kwargs]))
         size = self._batch_size(variables)
-        result = self._run_calls(args, kwargs)
+        result = self._run_calls(args, kwargs, size)
         if isinstance(result, Variable) or (
             isinstance(result, list) and any(isinstance(item, Variable) for item in result)
         ):
@@ -601,9 +610,11 @@ class GradComponent(Module):
         """Compute gradients for the predecessors of ``response``.
 
         With a backward engine (this component's, or the global backward model client) and the
-        engine not disabled, one request per predecessor that requires grad — all concurrent —
-        asks how that input should change given the output's feedback; otherwise the feedback
-        passes through (:meth:`backward_with_pass_through_gradients`).
+        engine not disabled, the engine is asked — concurrently for every predecessor that
+        requires grad — how that input should change given the output's feedback: once per
+        batch element with feedback for a batched input, once over all samples (split into
+        token-budget chunks only when needed) for a scalar input or scalar feedback. Otherwise
+        the feedback passes through (:meth:`backward_with_pass_through_gradients`).
 
         Args:
             response: The output Variable: ``response.grad`` holds its feedback,
@@ -622,8 +633,9 @@ class GradComponent(Module):
     async def _engine_gradient(
         self, engine: BackwardEngine, response: Variable, feedback: Variable, target: Variable
     ) -> Variable | None:
-        """Ask ``engine`` for ``target``'s gradient: per element for a batched target, one
-        request over all samples for a scalar one; samples without feedback cost nothing."""
+        """Ask ``engine`` for ``target``'s gradient: per element when target and feedback are
+        both batched, else one request over all samples (copied to every element of a batched
+        target); samples without feedback cost nothing."""
         trace = response.trace
         names = trace.get("input_names", [])
         position = next(i for i, p in enumerate(response.predecessors) if p is target)
@@ -657,11 +669,18 @@ class GradComponent(Module):
                 for key in keys
             )
 
+        shared_blocks = (
+            [prompts.COMPONENT_SHARED_INPUTS.format(inputs=describe(samples[0], shared_keys))]
+            if shared_keys
+            else []
+        )
+        kind = ""
+        if isinstance(target, Parameter) and target.param_type is not ParameterType.NONE:
+            kind = f", a {target.param_type.value} parameter"
+        system = _system_prompt()
+
         def render(indices: list[int], value: Any) -> list[dict[str, str]]:
-            blocks = []
-            if shared_keys:
-                shared = describe(samples[0], shared_keys)
-                blocks.append(prompts.COMPONENT_SHARED_INPUTS.format(inputs=shared))
+            blocks = list(shared_blocks)
             for i in indices:
                 varying = [key for key in samples[i] if key not in shared_keys]
                 blocks.append(
@@ -673,9 +692,6 @@ class GradComponent(Module):
                     )
                 )
             rendered = "\n\n".join(blocks)
-            kind = ""
-            if isinstance(target, Parameter) and target.param_type is not ParameterType.NONE:
-                kind = f", a {target.param_type.value} parameter"
             user = prompts.COMPONENT_GRADIENT_PROMPT.format(
                 component=self.name,
                 description=self.desc or "(no description)",
@@ -684,9 +700,6 @@ class GradComponent(Module):
                 target=prompts.COMPONENT_TARGET.format(
                     name=name, role=target.role or "no role given", kind=kind, value=_text(value)
                 ),
-            )
-            system = prompts.COMPONENT_GRADIENT_SYSTEM_PROMPT.format(
-                max_sentences=prompts.MAX_FEEDBACK_SENTENCES
             )
             return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
@@ -714,21 +727,27 @@ class GradComponent(Module):
         the prompt would pass the gradient token budget; chunk answers are then merged."""
         budget = get_gradient_token_budget()
         model = engine.model_name()
-        base = count_message_tokens(render([], target.data), model)
-        sizes = [
-            count_message_tokens(render([i], target.data), model) - base + 2 for i in live
-        ]
-        groups = chunk_by_budget(base, sizes, budget)
+        if len(live) == 1:
+            # One sample is never split, so skip measuring the prompt (the costly part).
+            groups = [[0]]
+        else:
+            base = count_message_tokens(render([], target.data), model)
+            sizes = [
+                count_message_tokens(render([i], target.data), model) - base + 2 for i in live
+            ]
+            groups = chunk_by_budget(base, sizes, budget)
         texts = await gather_all(
             [engine.afeedback(render([live[k] for k in group], target.data)) for group in groups]
         )
         texts = [text for text in texts if text]
+        if len(texts) <= 1:
+            return texts[0] if texts else ""
+        reduce_base = count_message_tokens(self._reduce_messages(target, []), model)
         while len(texts) > 1:
             parts = [
                 prompts.COMPONENT_REDUCE_PART.format(number=n + 1, text=text)
                 for n, text in enumerate(texts)
             ]
-            reduce_base = count_message_tokens(self._reduce_messages(target, []), model)
             sizes = [count_tokens(part, model) + 2 for part in parts]
             groups = chunk_by_budget(reduce_base, sizes, budget)
             if len(groups) == len(texts):
@@ -747,9 +766,7 @@ class GradComponent(Module):
 
     @staticmethod
     def _reduce_messages(target: Variable, parts: list[str]) -> list[dict[str, str]]:
-        system = prompts.COMPONENT_GRADIENT_SYSTEM_PROMPT.format(
-            max_sentences=prompts.MAX_FEEDBACK_SENTENCES
-        )
+        system = _system_prompt()
         user = prompts.COMPONENT_REDUCE_PROMPT.format(
             role=target.role or "no role given", parts="\n".join(parts)
         )

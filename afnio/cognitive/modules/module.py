@@ -114,6 +114,17 @@ def _detach_chat(messages: list[dict[str, Any]], keep_vars: bool) -> list[dict[s
     return [{"role": m["role"], "content": convert(m["content"])} for m in messages]
 
 
+def _saved_form(kind: str, value: Any, keep_vars: bool) -> Any:
+    """How a registered value of ``kind`` (see ``Module._local_state``) goes into a state dict."""
+    if kind in ("parameter", "buffer"):
+        return value if keep_vars else value.detach()
+    if kind == "chat":
+        return _detach_chat(value, keep_vars)
+    if kind == "model":
+        return client_to_config(value)
+    return copy.deepcopy(value)
+
+
 def _shape_name(variable: Variable) -> str:
     return "a scalar" if variable.batch_size is None else "a batch"
 
@@ -601,21 +612,8 @@ class Module:
         return type(self).get_extra_state is not Module.get_extra_state
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        for name, param in self._parameters.items():
-            if param is not None:
-                destination[prefix + name] = param if keep_vars else param.detach()
-        for name, buffer in self._buffers.items():
-            if buffer is not None and name not in self._non_persistent_buffers_set:
-                destination[prefix + name] = buffer if keep_vars else buffer.detach()
-        for name, messages in self._chats.items():
-            if messages is not None:
-                destination[prefix + name] = _detach_chat(messages, keep_vars)
-        for name, model in self._models.items():
-            if model is not None:
-                destination[prefix + name] = client_to_config(model)
-        for name, config in self._completion_configs.items():
-            if config is not None:
-                destination[prefix + name] = copy.deepcopy(config)
+        for name, (kind, value) in self._local_state().items():
+            destination[prefix + name] = _saved_form(kind, value, keep_vars)
         if self._has_extra_state():
             destination[prefix + _EXTRA_STATE_KEY_SUFFIX] = self.get_extra_state()
 
@@ -645,6 +643,7 @@ class Module:
         return destination
 
     def _local_state(self) -> dict[str, tuple[str, Any]]:
+        """This module's own saved entries, in state-dict order: ``{name: (kind, value)}``."""
         local: dict[str, tuple[str, Any]] = {}
         for name, param in self._parameters.items():
             if param is not None:

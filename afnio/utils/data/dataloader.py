@@ -13,13 +13,19 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from afnio._variable import Variable
 from afnio.utils.data.dataset import Dataset
-from afnio.utils.data.sampler import BatchSampler, RandomSampler, Sampler, SequentialSampler
+from afnio.utils.data.sampler import (
+    BatchSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    _check_epoch,
+    _check_seed,
+)
 
 __all__ = ["DataLoader", "default_collate"]
 
@@ -150,7 +156,8 @@ class DataLoader:
         epoch: The epoch the next ``iter(loader)`` produces.
 
     Raises:
-        ValueError: For the option combinations PyTorch rejects, or a negative ``seed``.
+        ValueError: For the option combinations PyTorch rejects, or a ``seed`` that is not a
+            non-negative integer.
 
     Example:
         >>> loader = DataLoader(list(range(7)), batch_size=3, drop_last=True)
@@ -169,12 +176,7 @@ class DataLoader:
         seed: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
-        ):
-            raise ValueError(
-                f"DataLoader: seed should be a non-negative integer or None, but got seed={seed!r}"
-            )
+        _check_seed("DataLoader", seed)
         shuffle = bool(shuffle) if shuffle is not None else False
         if sampler is not None and shuffle:
             raise ValueError("DataLoader: sampler option is mutually exclusive with shuffle")
@@ -211,12 +213,7 @@ class DataLoader:
         Raises:
             ValueError: If ``epoch`` is not a non-negative integer.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
-            raise ValueError(
-                f"DataLoader.set_epoch: epoch should be a non-negative integer, but got "
-                f"epoch={epoch!r}"
-            )
-        self.epoch = int(epoch)
+        self.epoch = _check_epoch("DataLoader.set_epoch", epoch)
 
     def __iter__(self) -> Iterator[Any]:
         epoch, self.epoch = self.epoch, self.epoch + 1

@@ -24,6 +24,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from afnio.utils.data.sampler import _check_seed
+
 __all__ = ["Dataset", "Subset", "random_split"]
 
 T_co = TypeVar("T_co", covariant=True)
@@ -102,12 +104,7 @@ def random_split(
         >>> [len(s) for s in random_split(range(30), [0.3, 0.3, 0.4], seed=0)]
         [9, 9, 12]
     """
-    if seed is not None and (
-        not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0
-    ):
-        raise ValueError(
-            f"random_split: seed should be a non-negative integer or None, but got seed={seed!r}"
-        )
+    _check_seed("random_split", seed)
     size = len(dataset)
     if _is_fraction_list(lengths):
         for position, fraction in enumerate(lengths):

@@ -51,6 +51,14 @@ def _check_seed(owner: str, seed: Any) -> int | None:
     return int(seed)
 
 
+def _check_epoch(owner: str, epoch: Any) -> int:
+    if not _is_int(epoch) or epoch < 0:
+        raise ValueError(
+            f"{owner}: epoch should be a non-negative integer, but got epoch={epoch!r}"
+        )
+    return int(epoch)
+
+
 def _check_replacement(owner: str, replacement: Any) -> bool:
     if not isinstance(replacement, bool):
         raise TypeError(
@@ -111,12 +119,7 @@ class Sampler(abc.ABC):
         Raises:
             ValueError: If ``epoch`` is not a non-negative integer.
         """
-        if not _is_int(epoch) or epoch < 0:
-            raise ValueError(
-                f"{type(self).__name__}.set_epoch: epoch should be a non-negative integer, "
-                f"but got epoch={epoch!r}"
-            )
-        self.epoch = int(epoch)
+        self.epoch = _check_epoch(f"{type(self).__name__}.set_epoch", epoch)
 
     def _start_epoch(self) -> int:
         """Return the epoch to produce now and advance the counter for the next iteration."""

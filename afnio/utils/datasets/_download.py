@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DatasetDownloadError", "default_data_root", "download_file", "file_md5"]
+__all__ = ["DatasetDownloadError", "check_md5", "default_data_root", "download_file", "file_md5"]
 
 #: Seconds a download may take, and may wait for any single network read.
 DOWNLOAD_TIMEOUT = 30.0
@@ -42,6 +42,25 @@ def file_md5(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_md5(dataset: str, source: object, got: str, expected: str) -> None:
+    """Refuse a data file already on disk (or packaged) whose md5 ``got`` is not ``expected``.
+
+    Args:
+        dataset: The dataset's name, quoted in the error.
+        source: The file, as shown in the error.
+        got: The file's md5 hex digest.
+        expected: The md5 hex digest the dataset was published with.
+
+    Raises:
+        ValueError: If the digests differ; the message says to delete the file to fetch it anew.
+    """
+    if got != expected:
+        raise ValueError(
+            f"{dataset}: data file {source} has md5 {got}, expected {expected}; it is corrupted "
+            "or a different version — delete it to download it again"
+        )
 
 
 def _fetch(url: str, target: Path, timeout: float) -> str:

@@ -12,12 +12,11 @@ from typing import Any
 
 from afnio._variable import Variable
 from afnio.utils.data.dataset import Dataset
-from afnio.utils.datasets._download import download_file
+from afnio.utils.datasets._download import check_md5, download_file
+from afnio.utils.datasets._splits import SPLIT_NAMES, canonical_split
 
 __all__ = ["FacilitySupport"]
 
-_SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-_SPLIT_NAMES = {"train": "Train", "val": "Validation", "test": "Test"}
 
 
 class FacilitySupport(Dataset[tuple[Variable, tuple[Variable, Variable, Variable]]]):
@@ -65,12 +64,7 @@ class FacilitySupport(Dataset[tuple[Variable, tuple[Variable, Variable, Variable
     packaged_file: Any = resources.files("afnio.utils.datasets").joinpath("data", "dataset.json")
 
     def __init__(self, split: str, root: str | os.PathLike[str] | None = None) -> None:
-        if split not in _SPLITS:
-            raise ValueError(
-                f"FacilitySupport: split should be one of ['train', 'val', 'test'] (or "
-                f"'validation'), but got split={split!r}"
-            )
-        self.split = _SPLITS[split]
+        self.split = canonical_split("FacilitySupport", split)
         self.root = None if root is None else Path(root).expanduser()
         records = self._load_records()
         random.Random(0).shuffle(records)
@@ -98,11 +92,7 @@ class FacilitySupport(Dataset[tuple[Variable, tuple[Variable, Variable, Variable
                 download_file("FacilitySupport", urls, source, self.md5)
         content = source.read_bytes()
         got = hashlib.md5(content, usedforsecurity=False).hexdigest()
-        if got != self.md5:
-            raise ValueError(
-                f"FacilitySupport: data file {source} has md5 {got}, expected {self.md5}; it is "
-                "corrupted or a different version — delete it to download it again"
-            )
+        check_md5("FacilitySupport", source, got, self.md5)
         return json.loads(content.decode("utf-8"))
 
     def __getitem__(self, index: int) -> tuple[Variable, tuple[Variable, Variable, Variable]]:
@@ -129,5 +119,5 @@ class FacilitySupport(Dataset[tuple[Variable, tuple[Variable, Variable, Variable
         lines = [f"Number of datapoints: {len(self)}"]
         if self.root is not None:
             lines.append(f"Root location: {self.root}")
-        lines.append(f"Split: {_SPLIT_NAMES[self.split]}")
+        lines.append(f"Split: {SPLIT_NAMES[self.split]}")
         return "Dataset FacilitySupport\n" + "\n".join("    " + line for line in lines)

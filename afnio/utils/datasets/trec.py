@@ -7,12 +7,11 @@ import random
 from pathlib import Path
 
 from afnio.utils.data.dataset import Dataset
-from afnio.utils.datasets._download import default_data_root, download_file, file_md5
+from afnio.utils.datasets._download import check_md5, default_data_root, download_file, file_md5
+from afnio.utils.datasets._splits import SPLIT_NAMES, canonical_split
 
 __all__ = ["TREC"]
 
-_SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-_SPLIT_NAMES = {"train": "Train", "val": "Validation", "test": "Test"}
 _TASK_NAMES = {"coarse": "Classify Coarse Labels", "fine": "Classify Fine Labels"}
 
 Sample = tuple[str, tuple[str, str]]
@@ -90,11 +89,7 @@ class TREC(Dataset[Sample]):
             raise ValueError(
                 f"TREC: task should be one of ['coarse', 'fine'], but got task={task!r}"
             )
-        if split not in _SPLITS:
-            raise ValueError(
-                f"TREC: split should be one of ['train', 'val', 'test'] (or 'validation'), "
-                f"but got split={split!r}"
-            )
+        canonical = canonical_split("TREC", split)
         if (
             isinstance(validation_split, bool)
             or not isinstance(validation_split, (int, float))
@@ -105,7 +100,7 @@ class TREC(Dataset[Sample]):
                 f"but got validation_split={validation_split!r}"
             )
         self.task = task
-        self.split = _SPLITS[split]
+        self.split = canonical
         self.validation_split = float(validation_split)
         self.root = default_data_root() if root is None else Path(root).expanduser()
         self._ensure_files()
@@ -128,12 +123,7 @@ class TREC(Dataset[Sample]):
             if not path.exists():
                 urls = [mirror + filename for mirror in self.mirrors]
                 download_file("TREC", urls, path, md5)
-            got = file_md5(path)
-            if got != md5:
-                raise ValueError(
-                    f"TREC: data file {path} has md5 {got}, expected {md5}; it is corrupted or a "
-                    "different version — delete it to download it again"
-                )
+            check_md5("TREC", path, file_md5(path), md5)
 
     def _train_val_split(self) -> tuple[list[Sample], list[Sample]]:
         unique = list(dict.fromkeys(_parse(self.raw_folder / self.resources[0][0])))
@@ -172,7 +162,7 @@ class TREC(Dataset[Sample]):
         lines = [
             f"Number of datapoints: {len(self)}",
             f"Root location: {self.root}",
-            f"Split: {_SPLIT_NAMES[self.split]}",
+            f"Split: {SPLIT_NAMES[self.split]}",
             f"Task: {_TASK_NAMES[self.task]}",
         ]
         return "Dataset TREC\n" + "\n".join("    " + line for line in lines)
