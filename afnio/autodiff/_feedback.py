@@ -30,6 +30,7 @@ __all__ = [
     "fill_template",
     "gather_all",
     "get_gradient_token_budget",
+    "merge_in_rounds",
     "parse_feedback",
     "parse_judgement",
     "placeholders",
@@ -307,3 +308,41 @@ async def gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
                 # Mark secondary failures as seen; the first one is already propagating.
                 task.exception()
 
+
+async def _ready(value: T) -> T:
+    return value
+
+
+async def merge_in_rounds(
+    texts: Sequence[str],
+    *,
+    render_part: Callable[[int, str], str],
+    part_tokens: Callable[[str], int],
+    base_tokens: int,
+    budget: int,
+    merge: Callable[[list[str]], Awaitable[str]],
+) -> str:
+    """Merge ``texts`` into one with condense calls, in budget-sized groups, round by round.
+
+    Each round renders the texts as numbered parts (``render_part(number, text)``), groups them
+    with :func:`chunk_by_budget` (``base_tokens`` plus each part's ``part_tokens``), and sends
+    every group of two or more to ``merge`` concurrently. Nothing is cut: when every part alone
+    fills the budget, parts are merged in pairs anyway.
+
+    Returns:
+        The single remaining text (``""`` when all texts are empty).
+    """
+    texts = [text for text in texts if text]
+    while len(texts) > 1:
+        parts = [render_part(number + 1, text) for number, text in enumerate(texts)]
+        groups = chunk_by_budget(base_tokens, [part_tokens(part) for part in parts], budget)
+        if len(groups) == len(texts):
+            groups = [list(range(n, min(n + 2, len(texts)))) for n in range(0, len(texts), 2)]
+        merged = await gather_all(
+            [
+                merge([parts[i] for i in group]) if len(group) > 1 else _ready(texts[group[0]])
+                for group in groups
+            ]
+        )
+        texts = [text for text in merged if text]
+    return texts[0] if texts else ""

@@ -61,6 +61,7 @@ from afnio.autodiff._feedback import (
     fill_template,
     gather_all,
     get_gradient_token_budget,
+    merge_in_rounds,
     parse_feedback,
     placeholders,
     prompt_tokens,
@@ -445,10 +446,6 @@ class BoundMessages:
         return None
 
 
-async def _ready(text: str) -> str:
-    return text
-
-
 def _describe(op: str, slot: Slot) -> str:
     return f"{op} backward for the Variable with role {slot.variable.role!r}"
 
@@ -550,26 +547,16 @@ class GradientRequest:
         ``build(parts)`` makes a condense prompt around the rendered ``parts``. Nothing is cut:
         when even two parts pass the budget they are still merged together.
         """
-        budget = get_gradient_token_budget()
-        texts = [text for text in texts if text]
-        while len(texts) > 1:
-            parts = [
-                fill_template(prompts.REDUCE_PART, {"number": str(n + 1), "text": text})
-                for n, text in enumerate(texts)
-            ]
-            sizes = [self._text_tokens(part) + 1 for part in parts]
-            groups = chunk_by_budget(self._tokens(build("")), sizes, budget)
-            if len(groups) == len(texts):
-                groups = [list(range(n, min(n + 2, len(texts)))) for n in range(0, len(texts), 2)]
-            merged = await gather_all(
-                [
-                    self._ask(slot, build("\n".join(parts[i] for i in group)))
-                    if len(group) > 1 else _ready(texts[group[0]])
-                    for group in groups
-                ]
-            )
-            texts = [text for text in merged if text]
-        return texts[0] if texts else ""
+        return await merge_in_rounds(
+            texts,
+            render_part=lambda number, text: fill_template(
+                prompts.REDUCE_PART, {"number": str(number), "text": text}
+            ),
+            part_tokens=lambda part: self._text_tokens(part) + 1,
+            base_tokens=self._tokens(build("")),
+            budget=get_gradient_token_budget(),
+            merge=lambda parts: self._ask(slot, build("\n".join(parts))),
+        )
 
     async def _output_feedback(self, slot: Slot, index: int, fits: Callable[[str], bool]) -> str:
         """Feedback on output ``index``; when it alone pushes a prompt past the budget and it is

@@ -50,6 +50,7 @@ from afnio.autodiff._feedback import (
     chunk_by_budget,
     gather_all,
     get_gradient_token_budget,
+    merge_in_rounds,
     parse_feedback,
 )
 from afnio.autodiff.basic_ops import broadcast_size
@@ -259,10 +260,6 @@ def _system_prompt() -> str:
     return prompts.COMPONENT_GRADIENT_SYSTEM_PROMPT.format(
         max_sentences=autodiff_prompts.MAX_FEEDBACK_SENTENCES
     )
-
-
-async def _value(value: Any) -> Any:
-    return value
 
 
 # ---------------------------------------------------------------------- the graph node
@@ -742,27 +739,16 @@ class GradComponent(Module):
         texts = [text for text in texts if text]
         if len(texts) <= 1:
             return texts[0] if texts else ""
-        reduce_base = count_message_tokens(self._reduce_messages(target, []), model)
-        while len(texts) > 1:
-            parts = [
-                prompts.COMPONENT_REDUCE_PART.format(number=n + 1, text=text)
-                for n, text in enumerate(texts)
-            ]
-            sizes = [count_tokens(part, model) + 2 for part in parts]
-            groups = chunk_by_budget(reduce_base, sizes, budget)
-            if len(groups) == len(texts):
-                # Every part alone fills the budget: merge pairs rather than drop anything.
-                groups = [list(range(n, min(n + 2, len(texts)))) for n in range(0, len(texts), 2)]
-            merged = await gather_all(
-                [
-                    engine.afeedback(self._reduce_messages(target, [parts[k] for k in group]))
-                    if len(group) > 1
-                    else _value(texts[group[0]])
-                    for group in groups
-                ]
-            )
-            texts = [text for text in merged if text]
-        return texts[0] if texts else ""
+        return await merge_in_rounds(
+            texts,
+            render_part=lambda number, text: prompts.COMPONENT_REDUCE_PART.format(
+                number=number, text=text
+            ),
+            part_tokens=lambda part: count_tokens(part, model) + 2,
+            base_tokens=count_message_tokens(self._reduce_messages(target, []), model),
+            budget=budget,
+            merge=lambda parts: engine.afeedback(self._reduce_messages(target, parts)),
+        )
 
     @staticmethod
     def _reduce_messages(target: Variable, parts: list[str]) -> list[dict[str, str]]:
