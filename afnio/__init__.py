@@ -14,6 +14,7 @@ Example:
 """
 
 from afnio import autodiff, cognitive, models, optim, utils
+from afnio._settings import Settings, get_settings, set_settings, settings
 from afnio._variable import Variable
 from afnio.autodiff.grad_mode import (
     enable_grad,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Parameter",
+    "Settings",
     "Variable",
     "autodiff",
     "cognitive",
@@ -42,6 +44,7 @@ __all__ = [
     "get_backward_model_client",
     "get_backward_model_completion_args",
     "get_client",
+    "get_settings",
     "get_usage",
     "inference_mode",
     "is_grad_enabled",
@@ -53,6 +56,8 @@ __all__ = [
     "save",
     "set_backward_model_client",
     "set_grad_enabled",
+    "set_settings",
+    "settings",
     "track_usage",
     "utils",
 ]

@@ -7,6 +7,15 @@ from afnio.autodiff.evaluator import (
     ExactMatchEvaluator,
     LMJudgeEvaluator,
 )
+from afnio.autodiff.feedback import (
+    ContextWindowError,
+    FeedbackFormatWarning,
+    ReplyParseError,
+    get_feedback_stats,
+    get_gradient_token_budget,
+    reset_feedback_stats,
+    set_gradient_token_budget,
+)
 from afnio.autodiff.function import Function, FunctionCtx
 from afnio.autodiff.grad_mode import (
     enable_grad,
@@ -16,22 +25,21 @@ from afnio.autodiff.grad_mode import (
     set_grad_enabled,
 )
 from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
-from afnio.autodiff.lm_ops import (
-    ChatCompletion,
-    ReplyParseError,
-    get_gradient_token_budget,
-    set_gradient_token_budget,
-)
+from afnio.autodiff.lm_ops import ChatCompletion
 
 __all__ = [
     "AccumulateGrad",
     "Add",
     "ChatCompletion",
+    "ContextWindowError",
     "DeterministicEvaluator",
     "ExactMatchEvaluator",
+    "FeedbackFormatWarning",
     "LMJudgeEvaluator",
     "ReplyParseError",
+    "get_feedback_stats",
     "get_gradient_token_budget",
+    "reset_feedback_stats",
     "set_gradient_token_budget",
     "Function",
     "FunctionCtx",

@@ -126,6 +126,8 @@ class Add(Function):
         ['Hi Ann', 'Bye Ann']
     """
 
+    inline_backward = True
+
     @staticmethod
     def forward(ctx: FunctionCtx, x: Any, y: Any) -> Variable:
         x, y = _as_variable(x, "Add", "x"), _as_variable(y, "Add", "y")
@@ -162,6 +164,8 @@ class Sum(Function):
         [language rule]
         Answer in French.
     """
+
+    inline_backward = True
 
     @staticmethod
     def forward(ctx: FunctionCtx, variables: Sequence[Variable]) -> Variable:
@@ -203,6 +207,8 @@ class Split(Function):
         sep: The separator (``None``: runs of whitespace).
         maxsplit: At most this many splits (``-1``: no limit).
     """
+
+    inline_backward = True
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Variable, sep: str | None = None, maxsplit: int = -1):

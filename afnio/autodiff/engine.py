@@ -3,8 +3,9 @@
 1. Walk the graph from the roots and count, for every node, the edges that feed it.
 2. A node is *ready* once every consumer has delivered; its incoming gradients are combined in
    descending sequence order of their producers (so arrival order never matters).
-3. Ready synchronous nodes run inline; ready async nodes become tasks on the loop, so independent
-   branches (and the LLM calls inside them) overlap.
+3. Ready async nodes become tasks on the loop and synchronous ones that may block run in worker
+   threads, so independent branches (and the LLM calls inside them) overlap; quick pure-Python
+   nodes (``inline``) run directly.
 4. Gradients for leaves are collected and appended at the end in the order a sequential engine
    (highest sequence number first) would produce them. If any node fails, no leaf is touched.
 """
@@ -12,7 +13,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from afnio._runtime import run
@@ -32,6 +36,17 @@ __all__ = ["abackward", "backward"]
 # (producer sequence number, position among the producer's edges, gradient)
 Delivery = tuple[float, int, Variable]
 _ROOT = float("inf")
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=64, thread_name_prefix="afnio-node")
+
+
+def _off_loop(node: Node, grads: list[Variable | None]) -> asyncio.Future:
+    """Run a synchronous node in a worker thread (with the caller's context variables)."""
+    context = contextvars.copy_context()
+    return asyncio.get_running_loop().run_in_executor(_workers(), context.run, node.apply, grads)
 
 
 def _delivery_order(delivery: Delivery) -> tuple[float, int]:
@@ -204,10 +219,12 @@ async def _execute(task: _GraphTask) -> None:
                     continue
                 if node.freed:
                     raise RuntimeError(FREED_GRAPH_MESSAGE)
-                if node.is_async:
+                if node.inline:
+                    task.complete(node, node.apply(grads))
+                elif node.is_async:
                     running[asyncio.ensure_future(node.aapply(grads))] = node
                 else:
-                    task.complete(node, node.apply(grads))
+                    running[_off_loop(node, grads)] = node
             if running:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for finished in sorted(done, key=lambda t: -running[t].sequence_nr):

@@ -23,14 +23,23 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from afnio._variable import Variable
 from afnio.autodiff import prompts
-from afnio.autodiff._feedback import ask, fill_prompt, fill_template, gather_all, parse_judgement
 from afnio.autodiff.basic_ops import broadcast_elements, broadcast_size
+from afnio.autodiff.feedback import (
+    BackwardModel,
+    Unreadable,
+    ask,
+    extract,
+    fill_prompt,
+    fill_template,
+    gather_all,
+)
 from afnio.autodiff.function import Function, FunctionCtx
 from afnio.autodiff.graph import gradient_role, reduce_to_scalar
 from afnio.autodiff.lm_ops import (
@@ -38,6 +47,7 @@ from afnio.autodiff.lm_ops import (
     GradientRequest,
     Slot,
     check_clients,
+    check_forward_fits,
     feedback_texts,
 )
 from afnio.models.model import ChatCompletionModel
@@ -209,6 +219,8 @@ class DeterministicEvaluator(Function):
         Compared with the target 3, the summaries "ab" gets a score of 1 from length within limit. This counts as a success.
     """  # noqa: E501
 
+    inline_backward = True
+
     @staticmethod
     def forward(
         ctx: FunctionCtx,
@@ -256,6 +268,8 @@ class ExactMatchEvaluator(Function):
         Compared with the gold "cow", the labels "dog" gets a score of 0 from exact match. This does not count as a success.
     """  # noqa: E501
 
+    inline_backward = True
+
     @staticmethod
     def forward(
         ctx: FunctionCtx,
@@ -289,6 +303,45 @@ def _with_format_instruction(messages: list[dict[str, str]]) -> list[dict[str, s
     else:
         messages.append({"role": "user", "content": instruction})
     return messages
+
+
+_JUDGEMENT_SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "number"}, "explanation": {"type": "string"}},
+    "required": ["score", "explanation"],
+}
+
+
+def _finite_number(text: str) -> int | float | None:
+    for kind in (int, float):
+        try:
+            number = kind(text.strip())
+        except ValueError:
+            continue
+        return number if math.isfinite(number) else None
+    return None
+
+
+def parse_judgement(reply: str) -> tuple[int | float, str]:
+    """``(score, explanation)`` from a judge's reply: a JSON object ``{"score": <number>,
+    "explanation": <text>}`` or the tags ``<SCORE>…</SCORE>`` and ``<EXPLANATION>…</EXPLANATION>``.
+
+    Raises:
+        Unreadable: When either part is missing or the score is not a finite number.
+
+    Example:
+        >>> parse_judgement('```json\\n{"score": 0.5, "explanation": "Half right."}\\n```')
+        (0.5, 'Half right.')
+        >>> parse_judgement("<SCORE>1</SCORE><EXPLANATION>Correct.</EXPLANATION>")
+        (1, 'Correct.')
+    """
+    score_text, explanation = extract(reply, "SCORE"), extract(reply, "EXPLANATION")
+    if score_text is None or explanation is None:
+        raise Unreadable('the reply is not one JSON object with "score" and "explanation"')
+    score = _finite_number(score_text)
+    if score is None:
+        raise Unreadable(f"the score {score_text[:40]!r} is not a finite number")
+    return score, explanation
 
 
 class LMJudgeEvaluator(Function):
@@ -372,24 +425,28 @@ class LMJudgeEvaluator(Function):
         all_inputs.update(inputs or {})
         arguments.update({name: _INPUTS_ARG for name in inputs or {}})
         bound = BoundMessages(_JUDGE, messages, all_inputs, _MESSAGES_ARG, arguments)
-        correction = fill_prompt(prompts.JUDGE_FORMAT_CORRECTION)
-
+        requests = [_with_format_instruction(bound.render(p)) for p in bound.positions]
+        check_forward_fits(bound, forward_model_client, requests, completion_args)
+        repair = fill_prompt(prompts.JUDGE_FORMAT_CORRECTION)
         what = prediction.role if isinstance(prediction, Variable) and prediction.role else (
             "the prediction"
         )
 
-        def judge(position: int | None) -> Any:
+        def judge(position: int | None, request: list[dict[str, str]]) -> Any:
             sample = "" if position is None else f"sample {position} of "
             return ask(
                 forward_model_client,
-                _with_format_instruction(bound.render(position)),
-                completion_args,
+                request,
                 parse_judgement,
-                correction,
-                f"{_JUDGE}: the judge's reply about {sample}{what!r}",
+                what=f"{_JUDGE}: the judge's reply about {sample}{what!r}",
+                repair=repair,
+                completion_args=completion_args,
+                schema=("judgement", _JUDGEMENT_SCHEMA),
             )
 
-        judgements = await gather_all([judge(position) for position in bound.positions])
+        judgements = await gather_all(
+            [judge(position, request) for position, request in zip(bound.positions, requests)]
+        )
         scores = [score for score, _ in judgements]
         explanations = [explanation for _, explanation in judgements]
         successes = _successes(_JUDGE, success_fn, scores)
@@ -399,8 +456,7 @@ class LMJudgeEvaluator(Function):
         ctx.successes = successes
         ctx.replies = [json.dumps({"score": s, "explanation": e}) for s, e in judgements]
         ctx.eval_mode = bool(eval_mode)
-        ctx.backward_model_client = backward_model_client
-        ctx.backward_completion_args = backward_completion_args
+        ctx.backward = BackwardModel.capture(backward_model_client, backward_completion_args)
         explanation_role = f"explanation by a language-model judge of {what}"
         ctx.explanation_role = explanation_role
         return (
@@ -427,8 +483,7 @@ class LMJudgeEvaluator(Function):
                 for slot in bound.slots
             ]
             request = GradientRequest(
-                bound, ctx.replies, ctx.explanation_role, feedback,
-                ctx.backward_model_client, ctx.backward_completion_args,
+                bound, ctx.replies, ctx.explanation_role, feedback, ctx.backward
             )
             for index, grad in enumerate(await request.gradients(wanted)):
                 if wanted[index]:

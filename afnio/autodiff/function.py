@@ -63,11 +63,14 @@ class FunctionCtx:
     Attributes:
         needs_input_grad: One bool per input argument, True when a Variable inside it requires
             grad.
+        trace: What the op wants shown about this call (e.g. a GradComponent's inputs and full
+            response); graph drawings read it from the node. ``None`` by default.
     """
 
     def __init__(self, function: type[Function]) -> None:
         self._function = function
         self.needs_input_grad: tuple[bool, ...] = ()
+        self.trace: dict[str, Any] | None = None
         self.materialize_grads = True
         self._saved: tuple[Variable, ...] = ()
         self._non_differentiable: set[int] = set()
@@ -112,6 +115,7 @@ class FunctionCtx:
             delattr(self, name)
         self._freed = True
         self._saved = ()
+        self.trace = None
 
 
 class BackwardFunction(Node):
@@ -133,6 +137,11 @@ class BackwardFunction(Node):
 
     def name(self) -> str:
         return f"{self._forward_cls.__name__}Backward"
+
+    @property
+    def trace(self) -> dict[str, Any] | None:
+        """The trace the Function recorded on ``ctx`` (``None`` once the graph is freed)."""
+        return self.ctx.trace
 
     def release(self) -> None:
         super().release()
@@ -255,7 +264,11 @@ class _FunctionMeta(type):
             f"{name}Backward",
             (BackwardFunction,),
             # An async backward makes an async node, so the engine runs it concurrently.
-            {"_forward_cls": cls, "is_async": inspect.iscoroutinefunction(cls.backward)},
+            {
+                "_forward_cls": cls,
+                "is_async": inspect.iscoroutinefunction(cls.backward),
+                "inline": bool(getattr(cls, "inline_backward", False)),
+            },
         )
         cls._signature_cache = None
 
@@ -272,8 +285,12 @@ class Function(metaclass=_FunctionMeta):
       argument the same container with gradients (or ``None``) where its Variables were.
 
     Either may be ``async def``; :meth:`apply` is synchronous regardless (use :meth:`aapply` from
-    async code). Keyword arguments are bound to ``forward``'s parameters, so "input argument"
-    means each parameter of ``forward`` in declaration order (after ``ctx``), one per element of a
+    async code). A synchronous ``backward`` may block (call a model, read a file): the engine runs
+    it in a worker thread so other branches go on; set ``inline_backward = True`` on a Function
+    whose backward is quick pure Python to have it run directly on the engine's loop.
+
+    Keyword arguments are bound to ``forward``'s parameters, so "input argument" means each
+    parameter of ``forward`` in declaration order (after ``ctx``), one per element of a
     ``*args``, followed by the values of any ``**kwargs`` in call order. Trailing inputs that hold
     no Variable may be left out of backward's return value.
 
@@ -283,6 +300,7 @@ class Function(metaclass=_FunctionMeta):
 
     _backward_cls: type[BackwardFunction]
     _signature_cache: inspect.Signature | None
+    inline_backward: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(

@@ -58,7 +58,8 @@ class Node:
 
     Subclasses implement :meth:`apply` (synchronous) or set ``is_async = True`` and implement
     :meth:`aapply`. Both receive one gradient (or ``None``) per output of the forward operation
-    and return one gradient (or ``None``) per entry of ``next_functions``.
+    and return one gradient (or ``None``) per entry of ``next_functions``. A synchronous node
+    runs in a worker thread (it may block) unless it sets ``inline = True``.
 
     Args:
         next_functions: Edges to the producers of this operation's inputs, in flat order.
@@ -67,6 +68,7 @@ class Node:
     """
 
     is_async = False
+    inline = False
 
     def __init__(
         self, next_functions: Sequence[GradientEdge] = (), outputs: Sequence[Variable] = ()
@@ -86,6 +88,11 @@ class Node:
     def output_info(self, output_nr: int) -> tuple[str, int | None]:
         """Return the role and batch size of forward output ``output_nr``."""
         return self.output_meta[output_nr]
+
+    @property
+    def trace(self) -> dict[str, Any] | None:
+        """What the operation recorded for display (inputs, full response), or ``None``."""
+        return None
 
     def retain_output(self, output_nr: int, variable: Variable) -> None:
         """Remember ``variable`` so the engine stores its combined gradient in ``grad``."""

@@ -14,20 +14,25 @@ its own gradient). Any batched content or input makes a batched call: one reques
 all in flight at once. A scalar broadcasts against the batch.
 
 Backward asks the *backward model client* (``afnio.set_backward_model_client``, or the
-``backward_model_client=`` of the call) how each Variable that requires grad should change:
+``backward_model_client=`` of the call, captured when the forward runs) how each Variable that
+requires grad should change, through the feedback layer (:mod:`afnio.autodiff.feedback`), which
+fits every prompt to that model's context window:
 
 * a Variable used by a single request (scalar call, batched Variable element, list item) gets
   one call per element whose output feedback is non-empty, all concurrently;
 * a scalar Variable shared by a batch gets **one** call that sees every sample with feedback —
-  split into chunks only when the prompt would pass the gradient token budget
-  (:func:`set_gradient_token_budget`), the chunks' feedback then merged by condense calls;
+  split into chunks only when the prompt would not fit (the backward model's window minus its
+  output reserve, or the ``gradient_token_budget`` setting when lower), the chunks' feedback
+  then merged by condense calls;
 * elements with empty feedback cost nothing;
 * feedback on one output that is itself too long for a prompt (many consumers' feedback
   combined) is condensed first, once per element; a single piece is never cut.
 
 Gradients come back in the flat order of the arguments (messages, then inputs). The backward
-model's reply must hold ``<FEEDBACK>…</FEEDBACK>`` (or JSON ``{"feedback": …}``); a malformed
-reply is retried twice, then :class:`ReplyParseError` quotes it.
+model's reply should hold ``<FEEDBACK>…</FEEDBACK>`` (or JSON ``{"feedback": …}``, asked for
+through structured outputs where the backend has them); a reply without them is repaired
+(``reply_retries`` times) and then used as the feedback as it is, with a
+:class:`~afnio.autodiff.feedback.FeedbackFormatWarning` — only an empty reply counts as none.
 
 Example:
     >>> import afnio
@@ -53,34 +58,24 @@ from typing import Any
 
 from afnio._variable import Variable
 from afnio.autodiff import prompts
-from afnio.autodiff._feedback import (
+from afnio.autodiff.basic_ops import broadcast_size
+from afnio.autodiff.feedback import (
+    BackwardModel,
     ReplyParseError,
-    ask,
+    check_fits,
     chunk_by_budget,
     fill_prompt,
     fill_template,
     gather_all,
-    get_gradient_token_budget,
     merge_in_rounds,
-    parse_feedback,
     placeholders,
-    prompt_tokens,
-    set_gradient_token_budget,
+    token_budget,
 )
-from afnio.autodiff.basic_ops import broadcast_size
 from afnio.autodiff.function import Function, FunctionCtx
 from afnio.autodiff.graph import FAN_IN_SEPARATOR, gradient_role
-from afnio.models import registry
 from afnio.models.model import ChatCompletionModel
-from afnio.models.tokens import count_tokens
 
-__all__ = [
-    "PART_SEPARATOR",
-    "ChatCompletion",
-    "ReplyParseError",
-    "get_gradient_token_budget",
-    "set_gradient_token_budget",
-]
+__all__ = ["PART_SEPARATOR", "ChatCompletion", "ReplyParseError"]
 
 PART_SEPARATOR = "\n"
 """Text placed between the content parts of one message."""
@@ -410,6 +405,20 @@ class BoundMessages:
         item = "" if slot.element is None else f" (item {slot.element + 1} of the list given)"
         return f"the value filled into the placeholder {{{slot.name}}}{item} in {in_messages}"
 
+    def largest_parts(self, position: int | None, count: int = 2) -> str:
+        """The ``count`` longest parts and inputs of one element's request, by role, for errors
+        (e.g. ``"system prompt: 120 characters, input {message}: 9000 characters"``)."""
+        sizes = [
+            (len(_at(part.data, position)), self.part_label(m, j))
+            for m, message in enumerate(self.messages)
+            for j, part in enumerate(message.parts)
+            if isinstance(part, Variable)
+        ]
+        sizes += [(len(item.text_at(position)), self.input_label(name))
+                  for name, item in self.inputs.items()]
+        largest = sorted(sizes, key=lambda size: -size[0])[:count]
+        return ", ".join(f"{label}: {length} characters" for length, label in largest)
+
     def output_role(self) -> str:
         """A role for the call's output: what it is a response to."""
         roles: list[str] = []
@@ -461,36 +470,16 @@ def feedback_texts(grad_output: Variable | None, count: int) -> list[str]:
     return [_as_text(data)]
 
 
-def resolve_backward_client(
-    op: str, client: ChatCompletionModel | None, role: str = ""
-) -> ChatCompletionModel:
-    """The client for gradient calls: the op's own, else the global backward model client.
-
-    Raises:
-        RuntimeError: When neither is set (names the op and the Variable needing a gradient).
-    """
-    if client is None:
-        client = registry.get_backward_model_client()
-    if client is None:
-        raise RuntimeError(
-            f"{op}: computing the textual gradient of the Variable with role {role!r} needs a "
-            "backward model client; call afnio.set_backward_model_client(...) (or pass "
-            "backward_model_client= to the op)"
-        )
-    return client
-
-
 class GradientRequest:
     """Computes textual gradients of the Variables of one LM call (the shared backward machinery
-    of :class:`ChatCompletion` and the LM judge).
+    of :class:`ChatCompletion` and the LM judge), through the feedback layer.
 
     Args:
         bound: The call's messages and inputs.
         outputs: The model's output per batch element (one entry for a scalar call).
         output_role: The role of the call's output.
         feedback: Feedback on the output per batch element (``""`` = none).
-        client: The op's own backward client (``None`` = the global one, looked up lazily).
-        completion_args: Arguments of every gradient request (``None`` = the global ones).
+        backward: The backward model captured when the forward ran.
     """
 
     def __init__(
@@ -499,33 +488,22 @@ class GradientRequest:
         outputs: Sequence[str],
         output_role: str,
         feedback: Sequence[str],
-        client: ChatCompletionModel | None,
-        completion_args: Mapping[str, Any] | None,
+        backward: BackwardModel,
     ) -> None:
         self.bound = bound
         self.outputs = list(outputs)
         self.output_role = output_role
         self.feedback = list(feedback)
-        self._own_client = client
-        self._completion_args = completion_args
-        self.client: ChatCompletionModel | None = None
+        self.backward = backward
         self._condensed: dict[int, asyncio.Future[str]] = {}
 
-    @property
-    def completion_args(self) -> dict[str, Any]:
-        if self._completion_args is None:
-            return registry.get_backward_model_completion_args()
-        return dict(self._completion_args)
-
-    def _system(self) -> dict[str, str]:
-        return {"role": "system", "content": fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)}
+    def _messages(self, user_prompt: str) -> list[dict[str, str]]:
+        system = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
+        return [{"role": "system", "content": system}, {"role": "user", "content": user_prompt}]
 
     async def _ask(self, slot: Slot, user_prompt: str) -> str:
-        correction = fill_prompt(prompts.FEEDBACK_FORMAT_CORRECTION)
-        messages = [self._system(), {"role": "user", "content": user_prompt}]
-        return await ask(
-            self.client, messages, self.completion_args, parse_feedback, correction,
-            _describe(self.bound.op, slot),
+        return await self.backward.feedback(
+            self._messages(user_prompt), _describe(self.bound.op, slot)
         )
 
     @staticmethod
@@ -535,26 +513,21 @@ class GradientRequest:
         )
 
     def _tokens(self, user_prompt: str) -> int:
-        messages = [self._system(), {"role": "user", "content": user_prompt}]
-        return prompt_tokens(messages, self.client)
-
-    def _text_tokens(self, text: str) -> int:
-        return count_tokens(text, getattr(self.client, "model", None) or None)
+        return self.backward.tokens(self._messages(user_prompt))
 
     async def _merge(self, slot: Slot, texts: list[str], build: Callable[[str], str]) -> str:
         """Merge ``texts`` with condense calls, in budget-sized groups, until one is left.
 
-        ``build(parts)`` makes a condense prompt around the rendered ``parts``. Nothing is cut:
-        when even two parts pass the budget they are still merged together.
+        ``build(parts)`` makes a condense prompt around the rendered ``parts``.
         """
         return await merge_in_rounds(
             texts,
             render_part=lambda number, text: fill_template(
                 prompts.REDUCE_PART, {"number": str(number), "text": text}
             ),
-            part_tokens=lambda part: self._text_tokens(part) + 1,
+            part_tokens=lambda part: self.backward.text_tokens(part) + 1,
             base_tokens=self._tokens(build("")),
-            budget=get_gradient_token_budget(),
+            budget=self.backward.budget(),
             merge=lambda parts: self._ask(slot, build("\n".join(parts))),
         )
 
@@ -565,7 +538,7 @@ class GradientRequest:
         # A single piece is never condensed, so skip measuring the prompt (the costly part).
         pieces = [piece for piece in feedback.split(FAN_IN_SEPARATOR) if piece.strip()]
         if len(pieces) < 2 or fits(feedback) or not fits(""):
-            return feedback
+            return feedback  # one piece is never cut; with no room at all, check_fits refuses
         if index not in self._condensed:
 
             def build(parts: str) -> str:
@@ -592,7 +565,7 @@ class GradientRequest:
 
     async def element(self, slot: Slot, position: int | None) -> str:
         """Feedback on ``slot`` from the single request of batch element ``position``."""
-        budget = get_gradient_token_budget()
+        budget = self.backward.budget()
 
         def fits(feedback: str) -> bool:
             return self._tokens(self._element_prompt(slot, position, feedback)) <= budget
@@ -632,13 +605,13 @@ class GradientRequest:
 
     async def shared(self, slot: Slot, positions: list[int]) -> str:
         """One gradient for a scalar Variable shared by the batch (chunked past the budget)."""
-        budget = get_gradient_token_budget()
+        budget = self.backward.budget()
         base = self._tokens(self._shared_prompt(slot, [], 0))
 
         def fits_alone(position: int) -> Callable[[str], bool]:
             def fits(feedback: str) -> bool:
                 sample = self._sample(slot, position, feedback)
-                return base + self._text_tokens(sample) + 2 <= budget
+                return base + self.backward.text_tokens(sample) + 2 <= budget
 
             return fits
 
@@ -649,7 +622,7 @@ class GradientRequest:
             self._sample(slot, position, text) for position, text in zip(positions, feedback)
         ]
         # +2 for the blank line joining samples; counting pieces keeps this linear in the batch.
-        sizes = [self._text_tokens(sample) + 2 for sample in samples]
+        sizes = [self.backward.text_tokens(sample) + 2 for sample in samples]
         groups = chunk_by_budget(base, sizes, budget)
         results = await gather_all(
             [
@@ -696,21 +669,36 @@ class GradientRequest:
         async def nothing() -> None:
             return None
 
-        needing_call = next(
-            (slot for slot, want in zip(self.bound.slots, wanted)
-             if want and self._has_feedback(slot)),
-            None,
-        )
-        if needing_call is not None:
-            self.client = resolve_backward_client(
-                self.bound.op, self._own_client, needing_call.variable.role
-            )
+        for slot, want in zip(self.bound.slots, wanted):
+            if want and self._has_feedback(slot):
+                self.backward.require(_describe(self.bound.op, slot))
         return await gather_all(
             [
                 self.gradient(slot) if want else nothing()
                 for slot, want in zip(self.bound.slots, wanted)
             ]
         )
+
+
+def check_forward_fits(
+    bound: BoundMessages,
+    client: ChatCompletionModel,
+    requests: Sequence[list[dict[str, str]]],
+    completion_args: Mapping[str, Any],
+) -> None:
+    """Refuse, before anything is sent, a call whose request for some batch element would not
+    fit ``client``'s context window with the output reserve of ``completion_args``.
+
+    Raises:
+        ContextWindowError: Naming the op, the batch element and its largest parts' roles.
+    """
+    budget = token_budget(client, completion_args)
+    for position, request in zip(bound.positions, requests):
+        needed = client.count_message_tokens(request)
+        if needed > budget:
+            element = "" if position is None else f" for batch element {position}"
+            parts = bound.largest_parts(position)
+            check_fits(needed, budget, f"{bound.op}: the request{element} ({parts})")
 
 
 def check_clients(
@@ -746,8 +734,9 @@ class ChatCompletion(Function):
     Call ``ChatCompletion.apply(forward_model_client, messages, inputs=None, **completion_args)``
     (see the module docstring for messages, placeholders and batching). ``completion_args``
     (``temperature``, ``response_format``, …) go to the model unchanged; two keywords are
-    afnio's own and never sent: ``backward_model_client`` (default: the global one, read at
-    backward time) and ``backward_completion_args`` (default: the global ones).
+    afnio's own and never sent: ``backward_model_client`` and ``backward_completion_args``
+    (default: those of the settings in force when the forward runs — they are captured on the
+    graph then, see :func:`afnio.settings`).
 
     Returns:
         A Variable with the reply (a batch of replies for a batched call) whose role starts with
@@ -756,7 +745,10 @@ class ChatCompletion(Function):
     Raises:
         TypeError: For a client that isn't a ChatCompletionModel or malformed messages/inputs.
         ValueError: When placeholders and inputs differ or batch sizes differ.
-        RuntimeError: In backward, when a gradient is needed and no backward client is set.
+        ContextWindowError: Before anything is sent, when a request would not fit the forward
+            model's context window (the message names the largest parts and their roles).
+        RuntimeError: In backward, when a gradient is needed and no backward client was set
+            when the forward ran.
         ReplyParseError: In backward, when the backward model's reply can't be parsed after
             retries (the message quotes the reply).
 
@@ -789,16 +781,14 @@ class ChatCompletion(Function):
             "ChatCompletion", forward_model_client, backward_model_client, backward_completion_args
         )
         bound = BoundMessages("ChatCompletion", messages, inputs)
+        requests = [bound.render(position) for position in bound.positions]
+        check_forward_fits(bound, forward_model_client, requests, completion_args)
         replies = await gather_all(
-            [
-                forward_model_client.achat(bound.render(position), **completion_args)
-                for position in bound.positions
-            ]
+            [forward_model_client.achat(request, **completion_args) for request in requests]
         )
         ctx.bound = bound
         ctx.replies = [_as_text(reply) for reply in replies]
-        ctx.backward_model_client = backward_model_client
-        ctx.backward_completion_args = backward_completion_args
+        ctx.backward = BackwardModel.capture(backward_model_client, backward_completion_args)
         output_role = bound.output_role()
         ctx.output_role = output_role
         data: Any = ctx.replies if bound.batch_size is not None else ctx.replies[0]
@@ -816,8 +806,7 @@ class ChatCompletion(Function):
             ctx.replies,
             ctx.output_role,
             feedback_texts(grad_output, len(bound.positions)),
-            ctx.backward_model_client,
-            ctx.backward_completion_args,
+            ctx.backward,
         )
         grads = await request.gradients(wanted)
         inputs_grad = {name: bound.input_gradient(name, grads) for name in bound.inputs}

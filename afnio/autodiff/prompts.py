@@ -1,8 +1,9 @@
 """Every prompt the autodiff package sends or writes.
 
 Templates use afnio's placeholder rule: ``{name}`` is filled, every other brace is literal (see
-:func:`afnio.autodiff._feedback.fill_template`). Each prompt names the role of the variable it
-asks about, asks for *feedback* (never a rewrite) and bounds the answer's length.
+:func:`afnio.autodiff.feedback.fill_template`). Each prompt names the role of the variable it
+asks about, asks for *feedback* (never a rewrite) and bounds the answer's length
+(``{max_sentences}``, the ``max_feedback_sentences`` setting).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ __all__ = [
     "JUDGE_FORMAT_CORRECTION",
     "JUDGE_FORMAT_INSTRUCTION",
     "MARKED_VARIABLE",
-    "MAX_FEEDBACK_SENTENCES",
     "REDUCE_GRADIENT_PROMPT",
     "REDUCE_PART",
     "SHARED_GRADIENT_PROMPT",
@@ -28,9 +28,6 @@ __all__ = [
     "VARYING_PART",
     "VARYING_PART_WITH_VARIABLE",
 ]
-
-MAX_FEEDBACK_SENTENCES = 4
-"""Upper bound on the length of every piece of feedback the backward model writes."""
 
 # --------------------------------------------------------------------------- gradients
 GRADIENT_SYSTEM_PROMPT = (
@@ -104,9 +101,10 @@ CONDENSE_OUTPUT_FEEDBACK_PROMPT = (
 """Used only when feedback on one output is too long for a gradient prompt's token budget."""
 
 FEEDBACK_FORMAT_CORRECTION = (
-    "Your reply could not be read: it must contain the feedback between <FEEDBACK> and "
-    "</FEEDBACK>. Answer again in that format, in at most {max_sentences} sentences."
+    "Your reply could not be read: {reason}. Answer again with the feedback between <FEEDBACK> "
+    "and </FEEDBACK>, in at most {max_sentences} sentences."
 )
+"""Sent (with the unreadable reply) to repair a feedback reply; used by every feedback request."""
 
 # --------------------------------------------------------------------------- evaluators
 JUDGE_FORMAT_INSTRUCTION = (
@@ -117,7 +115,7 @@ JUDGE_FORMAT_INSTRUCTION = (
 """Appended to the last user message of an :class:`~afnio.autodiff.evaluator.LMJudgeEvaluator`."""
 
 JUDGE_FORMAT_CORRECTION = (
-    'Your reply could not be read. Reply with one JSON object: {"score": <number>, '
+    'Your reply could not be read: {reason}. Reply with one JSON object: {"score": <number>, '
     '"explanation": "<at most {max_sentences} sentences>"}, and nothing else.'
 )
 

@@ -1,15 +1,15 @@
 """Every prompt the cognitive package sends: the backward prompts of :class:`GradComponent`.
 
-Placeholders are filled with :meth:`str.format`, so literal braces in these templates are doubled.
-Each prompt names the role of the variable it asks about, asks for feedback (never a rewrite)
-and bounds the answer's length (``{max_sentences}``: the bound the LM ops use too,
-:data:`afnio.autodiff.prompts.MAX_FEEDBACK_SENTENCES`).
+Templates use afnio's one placeholder rule (:func:`afnio.autodiff.feedback.fill_template`):
+``{name}`` is filled, every other brace is literal. Each prompt names the role of the variable it
+asks about, asks for feedback (never a rewrite) and bounds the answer's length
+(``{max_sentences}``, the ``max_feedback_sentences`` setting the LM ops use too). A reply without
+its tags is repaired with :data:`afnio.autodiff.prompts.FEEDBACK_FORMAT_CORRECTION`.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "COMPONENT_FEEDBACK_FORMAT_CORRECTION",
     "COMPONENT_GRADIENT_PROMPT",
     "COMPONENT_GRADIENT_SYSTEM_PROMPT",
     "COMPONENT_INPUT",
@@ -50,12 +50,6 @@ COMPONENT_GRADIENT_PROMPT = (
     "How should the input under review change so that the output earns better feedback?"
 )
 """The user message of one gradient request; ``samples`` holds one or more samples."""
-
-COMPONENT_FEEDBACK_FORMAT_CORRECTION = (
-    "Your answer did not contain <FEEDBACK>...</FEEDBACK>. Answer again, with your feedback "
-    "between <FEEDBACK> and </FEEDBACK>."
-)
-"""Sent (with the unparseable reply) when a reply lacks the feedback tags."""
 
 COMPONENT_REDUCE_PART = "<FEEDBACK_PART {number}>\n{text}\n</FEEDBACK_PART {number}>"
 """One piece of feedback to merge."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from afnio._settings import get_settings, set_settings
 from afnio.models.model import ChatCompletionModel
 
 __all__ = [
@@ -40,9 +41,6 @@ PROVIDERS: dict[str, str] = {
 """Provider name → the client class a path of that provider builds (``module.Class``)."""
 
 _DEFAULT_LOCAL_MODEL = "smollm2"
-
-_backward_client: ChatCompletionModel | None = None
-_backward_completion_args: dict[str, Any] = {}
 
 
 def parse_model_path(model_path: str) -> tuple[str, str, dict[str, Any]]:
@@ -144,6 +142,10 @@ def set_backward_model_client(
 ) -> None:
     """Set the client that computes textual gradients when an op has none of its own.
 
+    A thin setter of the process-wide settings (:func:`afnio.settings` overrides it locally).
+    Ops capture the client when their forward runs, so a graph built before this call keeps
+    the client it was built with.
+
     Args:
         model_path: A client instance, a model path for :func:`get_client`, or ``None`` to
             unset the backward client.
@@ -162,7 +164,6 @@ def set_backward_model_client(
         {'temperature': 0}
         >>> set_backward_model_client(None)
     """
-    global _backward_client, _backward_completion_args
     if model_path is None or isinstance(model_path, ChatCompletionModel):
         if client_args:
             raise ValueError(
@@ -172,15 +173,16 @@ def set_backward_model_client(
         client = model_path
     else:
         client = get_client(model_path, **(client_args or {}))
-    _backward_client = client
-    _backward_completion_args = dict(completion_args or {})
+    set_settings(
+        backward_model_client=client, backward_completion_args=dict(completion_args or {})
+    )
 
 
 def get_backward_model_client() -> ChatCompletionModel | None:
-    """The global backward model client, or ``None`` when none was set."""
-    return _backward_client
+    """The backward model client in force here, or ``None`` when none was set."""
+    return get_settings().backward_model_client
 
 
 def get_backward_model_completion_args() -> dict[str, Any]:
     """The completion arguments sent with every backward request."""
-    return dict(_backward_completion_args)
+    return dict(get_settings().backward_completion_args)

@@ -1,6 +1,8 @@
 """Prompts of the optimizers.
 
-TGD's default request is :data:`TGD_MESSAGES`. Its placeholders are filled by the optimizer:
+TGD's default request is :data:`TGD_MESSAGES`. Templates follow afnio's one placeholder rule
+(:func:`afnio.autodiff.feedback.fill_template`: ``{name}`` is filled, ``{{name}}`` is the literal
+``{name}``, any other brace is literal). Its placeholders are filled by the optimizer:
 
 - ``{variable_role}``: the parameter's role (and its parameter type, when it has one);
 - ``{variable}``: the current value, inside ``<VARIABLE>`` tags;

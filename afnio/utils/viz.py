@@ -97,7 +97,7 @@ def _variable_title(variable: Variable) -> str:
 
 def _trace_fields(node: Node) -> list[tuple[str, Any]]:
     """The inputs and response a traced node (e.g. a GradComponent's) recorded in forward."""
-    trace = getattr(node, "trace", None)
+    trace = node.trace
     if not isinstance(trace, dict):
         return []
     fields: list[tuple[str, Any]] = []

@@ -10,14 +10,14 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff._feedback import fill_template
+from afnio.autodiff.feedback import fill_template
 from afnio.autodiff.evaluator import DeterministicEvaluator, ExactMatchEvaluator, LMJudgeEvaluator
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
 from afnio.testing import ScriptedModel
 
 GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
+    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
 )
 MARKED = re.compile(r"<VARIABLE>(.*?)</VARIABLE>", re.DOTALL)
 
@@ -27,8 +27,8 @@ def echo_marked(messages, **kwargs):
 
 
 @pytest.fixture
-def no_global_backward(monkeypatch):
-    monkeypatch.setattr(registry, "_backward_client", None)
+def no_global_backward():
+    registry.set_backward_model_client(None)
 
 
 # --------------------------------------------------------------------------- deterministic
@@ -174,7 +174,8 @@ def test_judge_scores_explanations_and_format_instruction():
     assert kwargs == {"temperature": 0}
     assert request[-1]["content"].endswith(
         fill_template(
-            prompts.JUDGE_FORMAT_INSTRUCTION, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
+            prompts.JUDGE_FORMAT_INSTRUCTION,
+            {"max_sentences": str(afnio.get_settings().max_feedback_sentences)},
         )
     )
     assert '{"score": <number>' in request[-1]["content"]

@@ -9,20 +9,16 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff._feedback import fill_prompt, fill_template, placeholders
+from afnio.autodiff.feedback import fill_prompt, fill_template, placeholders
 from afnio.autodiff.evaluator import ExactMatchEvaluator
-from afnio.autodiff.lm_ops import (
-    ChatCompletion,
-    ReplyParseError,
-    get_gradient_token_budget,
-    set_gradient_token_budget,
-)
+from afnio.autodiff.feedback import get_gradient_token_budget, set_gradient_token_budget
+from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
 from afnio.models.tokens import count_message_tokens
 from afnio.testing import ScriptedModel
 
 GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
+    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
 )
 MARKED = re.compile(r"<VARIABLE>(.*?)</VARIABLE>", re.DOTALL)
 
@@ -41,9 +37,8 @@ def echo_marked(messages, **kwargs) -> str:
 
 
 @pytest.fixture
-def no_global_backward(monkeypatch):
-    monkeypatch.setattr(registry, "_backward_client", None)
-    monkeypatch.setattr(registry, "_backward_completion_args", {})
+def no_global_backward():
+    registry.set_backward_model_client(None)
 
 
 @pytest.fixture
@@ -102,11 +97,11 @@ def test_placeholder_rule():
     assert fill_template("{a}{a} {{a}} {b}", {"a": "{b}"}) == "{b}{b} {a} {b}"
 
 
-def test_fill_prompt_adds_the_feedback_length_bound(monkeypatch):
+def test_fill_prompt_adds_the_feedback_length_bound():
     template = "at most {max_sentences} sentences about {what}; {other} stays"
     assert fill_prompt(template, {"what": "x"}) == "at most 4 sentences about x; {other} stays"
-    monkeypatch.setattr(prompts, "MAX_FEEDBACK_SENTENCES", 2)  # read at call time
-    assert fill_prompt(template) == "at most 2 sentences about {what}; {other} stays"
+    with afnio.settings(max_feedback_sentences=2):  # read at call time
+        assert fill_prompt(template) == "at most 2 sentences about {what}; {other} stays"
 
 
 @pytest.mark.parametrize(
@@ -240,7 +235,7 @@ def test_scalar_backward_one_call_per_variable_in_argument_order():
     assert "system prompt" in prompt and "part 1 of 2 of message 1 of 2" in prompt
     assert "too short" in prompt and "because" in prompt
     # The output role and the feedback requested in a bounded length.
-    assert f"at most {prompts.MAX_FEEDBACK_SENTENCES} sentences" in prompt
+    assert f"at most {afnio.get_settings().max_feedback_sentences} sentences" in prompt
     assert backward_model.requests[0][1] == {}
 
 
@@ -326,14 +321,16 @@ def test_missing_backward_client_is_a_clear_error(no_global_backward):
     assert prompt.grad == []
 
 
-def test_global_backward_client_read_at_backward_time(no_global_backward):
+def test_backward_client_is_captured_at_forward_time(no_global_backward):
     prompt = afnio.Variable("p", role="prompt", requires_grad=True)
-    out = ChatCompletion.apply(ScriptedModel(["x"]), [user(prompt)])
     backward_model = ScriptedModel(echo_marked)
     registry.set_backward_model_client(backward_model, completion_args={"seed": 7})
+    out = ChatCompletion.apply(ScriptedModel(["x"]), [user(prompt)])
+    later = ScriptedModel(echo_marked)
+    registry.set_backward_model_client(later)  # too late for the graph already built
     out.backward(afnio.Variable("bad"))
     assert prompt.grad[0].data == "change p"
-    assert backward_model.requests[0][1] == {"seed": 7}
+    assert backward_model.requests[0][1] == {"seed": 7} and later.calls == 0
 
 
 def test_json_feedback_is_accepted():
@@ -564,7 +561,7 @@ def test_single_oversized_feedback_is_sent_whole_not_cut(budget):
 
 
 def test_json_feedback_with_raw_newlines_is_parsed():
-    from afnio.autodiff._feedback import parse_feedback
+    from afnio.autodiff.feedback import parse_feedback
 
     assert parse_feedback('{"feedback": "Name the deadline.\nBe brief."}') == (
         "Name the deadline.\nBe brief."

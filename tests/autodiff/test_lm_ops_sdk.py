@@ -10,7 +10,7 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff._feedback import fill_template
+from afnio.autodiff.feedback import fill_template
 from afnio.autodiff.evaluator import ExactMatchEvaluator, LMJudgeEvaluator
 from afnio.autodiff.lm_ops import ChatCompletion
 from afnio.models.anthropic import AsyncAnthropic
@@ -18,7 +18,7 @@ from afnio.models.openai import AsyncOpenAI
 from afnio.testing import FakeProviderServer
 
 GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
+    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
 )
 
 

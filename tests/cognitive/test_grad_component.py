@@ -23,9 +23,8 @@ from afnio.testing import ScriptedModel
 
 
 @pytest.fixture(autouse=True)
-def no_global_backward_client(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(registry, "_backward_client", None)
-    monkeypatch.setattr(registry, "_backward_completion_args", {})
+def no_global_backward_client() -> Iterator[None]:
+    registry.set_backward_model_client(None)
     yield
 
 
@@ -373,7 +372,7 @@ def test_fun_to_grad_component_as_a_function_and_async() -> None:
 
 
 def test_shared_input_over_the_token_budget_is_chunked_then_merged() -> None:
-    from afnio.autodiff.lm_ops import get_gradient_token_budget, set_gradient_token_budget
+    from afnio.autodiff.feedback import get_gradient_token_budget, set_gradient_token_budget
 
     model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>part</FEEDBACK>")
     join = Join(model_client=model)
@@ -395,7 +394,7 @@ def test_shared_input_over_the_token_budget_is_chunked_then_merged() -> None:
 
 
 def test_one_sample_over_the_token_budget_is_sent_whole_in_one_request() -> None:
-    from afnio.autodiff.lm_ops import get_gradient_token_budget, set_gradient_token_budget
+    from afnio.autodiff.feedback import get_gradient_token_budget, set_gradient_token_budget
 
     model = feedback_model("shorter")
     join = Join(model_client=model)
@@ -411,15 +410,11 @@ def test_one_sample_over_the_token_budget_is_sent_whole_in_one_request() -> None
     assert [g.data for g in mark.grad] == ["shorter"]
 
 
-def test_gradient_requests_use_the_lm_ops_feedback_length_bound(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from afnio.autodiff import prompts as autodiff_prompts
-
-    monkeypatch.setattr(autodiff_prompts, "MAX_FEEDBACK_SENTENCES", 7)
+def test_gradient_requests_use_the_lm_ops_feedback_length_bound() -> None:
     model = feedback_model()
     text = afnio.Variable("x", role="text", requires_grad=True)
-    Join(model_client=model)(text).backward(afnio.Variable("longer"))
+    with afnio.settings(max_feedback_sentences=7):
+        Join(model_client=model)(text).backward(afnio.Variable("longer"))
     (request,) = [messages for messages, _ in model.requests]
     assert "at most 7 sentences" in request[0]["content"]
 

@@ -3,16 +3,18 @@
 In training mode, calling a component runs :meth:`GradComponent.forward`: Variable arguments are
 unwrapped to their data, :meth:`~GradComponent.call` runs (once per batch element, concurrently
 through :meth:`~GradComponent.acall` when the component defines it), and the result comes back
-as a Variable whose ``grad_fn`` is a ``<ComponentClass>Backward`` node with the Variable
+as a :class:`ComponentResponse` recorded through the :class:`~afnio.autodiff.function.Function`
+machinery like any op: its ``grad_fn`` is a ``<ComponentClass>Backward`` node with the Variable
 arguments as predecessors. In eval mode the component is just its ``call``: Variables in, plain
 values out.
 
-During ``backward`` the node hands the component a *response* Variable (same data and role as
-the output, its ``grad`` holding the combined feedback, ``response.predecessors`` holding fresh
-copies of the inputs) and calls :meth:`GradComponent.backward`. Whatever the component appends
-to those copies' ``grad`` lists (or returns, one entry per predecessor) becomes the gradient
-the engine delivers to the real inputs — so gradients reach leaves only through the engine, in
-its deterministic order.
+During ``backward`` the node hands the component a *response* (same data and role as the output,
+its ``grad`` holding the combined feedback, ``predecessors`` holding fresh copies of the inputs)
+and calls :meth:`GradComponent.backward`. Whatever the component appends to those copies'
+``grad`` lists (or returns, one entry per predecessor) becomes the gradient the engine delivers
+to the real inputs — so gradients reach leaves only through the engine, in its deterministic
+order. A synchronous ``backward`` override runs off the event loop, as every synchronous node
+does.
 
 Example:
     >>> from afnio.cognitive import Parameter, ParameterType, fun_to_grad_component
@@ -38,48 +40,35 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from afnio._runtime import run
 from afnio._variable import Variable, check_gradient_shape, validate_data
-from afnio.autodiff import prompts as autodiff_prompts
-from afnio.autodiff._feedback import (
-    ask,
-    chunk_by_budget,
-    gather_all,
-    get_gradient_token_budget,
-    merge_in_rounds,
-    parse_feedback,
-)
 from afnio.autodiff.basic_ops import broadcast_size
-from afnio.autodiff.function import flatten_variables
-from afnio.autodiff.grad_mode import is_grad_enabled, no_grad
-from afnio.autodiff.graph import (
-    FREED_GRAPH_MESSAGE,
-    Node,
-    combine_gradients,
-    empty_gradient,
-    gradient_edge,
-    gradient_role,
-    reduce_to_scalar,
+from afnio.autodiff.feedback import (
+    BackwardModel,
+    chunk_by_budget,
+    fill_prompt,
+    fill_template,
+    gather_all,
+    merge_in_rounds,
 )
+from afnio.autodiff.function import Function, FunctionCtx, flatten_variables
+from afnio.autodiff.grad_mode import no_grad
+from afnio.autodiff.graph import combine_gradients, gradient_role, reduce_to_scalar
 from afnio.cognitive import prompts
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter, ParameterType
 from afnio.models.model import ChatCompletionModel
-from afnio.models.registry import (
-    get_backward_model_client,
-    get_backward_model_completion_args,
-)
-from afnio.models.tokens import count_message_tokens, count_tokens
 
 __all__ = [
     "BackwardEngine",
+    "ComponentResponse",
     "FunGradComponent",
     "GradComponent",
-    "GradComponentBackward",
     "fun_to_grad_component",
 ]
 
@@ -88,12 +77,13 @@ class BackwardEngine:
     """The model that writes a GradComponent's gradients: a client plus completion arguments.
 
     Args:
-        model_client: The client to ask. ``None`` means the global backward model client
-            (:func:`afnio.models.registry.set_backward_model_client`) at backward time.
-        completion_args: Arguments sent with every request (added to the global backward
-            completion arguments when the global client is used).
-        max_attempts: How many times a request is sent before a reply without
-            ``<FEEDBACK>...</FEEDBACK>`` is an error.
+        model_client: The client to ask. ``None`` means the backward model client of the
+            settings in force when the component's forward runs
+            (:func:`afnio.set_backward_model_client`, :func:`afnio.settings`).
+        completion_args: Arguments sent with every request (added to the settings' backward
+            completion arguments when the settings' client is used).
+        max_attempts: Requests sent (the first plus repairs) before an unreadable reply is
+            used as it is; ``None``: the ``reply_retries`` setting plus one.
 
     Example:
         >>> from afnio.testing import ScriptedModel
@@ -106,69 +96,76 @@ class BackwardEngine:
         self,
         model_client: ChatCompletionModel | None = None,
         completion_args: dict[str, Any] | None = None,
-        max_attempts: int = 2,
+        max_attempts: int | None = None,
     ) -> None:
         if model_client is not None and not isinstance(model_client, ChatCompletionModel):
             raise TypeError(
                 "BackwardEngine: argument 'model_client' must be a ChatCompletionModel or None, "
                 f"got {type(model_client).__name__}"
             )
-        if max_attempts < 1:
+        if max_attempts is not None and (
+            isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+        ):
             raise ValueError(f"BackwardEngine: max_attempts must be at least 1, got {max_attempts}")
         self.model_client = model_client
         self.completion_args = dict(completion_args or {})
         self.max_attempts = max_attempts
 
-    def resolve(self) -> tuple[ChatCompletionModel, dict[str, Any]]:
-        """The client and completion arguments to use now.
-
-        Raises:
-            RuntimeError: If the engine has no client and no global backward client is set.
-        """
-        if self.model_client is not None:
-            return self.model_client, dict(self.completion_args)
-        client = get_backward_model_client()
-        if client is None:
-            raise RuntimeError(
-                "BackwardEngine: no model client; pass one to "
-                "set_backward_engine(model_client=...) or call "
-                "afnio.models.registry.set_backward_model_client(...)"
-            )
-        return client, {**get_backward_model_completion_args(), **self.completion_args}
+    def capture(self) -> BackwardModel:
+        """The client and arguments to use for a graph built now."""
+        captured = BackwardModel.capture(self.model_client)
+        args = dict(self.completion_args)
+        if self.model_client is None:
+            args = {**captured.completion_args, **args}
+        retries = None if self.max_attempts is None else self.max_attempts - 1
+        return BackwardModel(captured.client, args, retries)
 
     async def afeedback(self, messages: list[dict[str, Any]]) -> str:
-        """Ask for feedback and return it: the text between the ``<FEEDBACK>`` tags (or a JSON
-        object's ``"feedback"``), retrying with a correction after a reply that has neither.
+        """Ask for feedback through the feedback layer (see
+        :meth:`~afnio.autodiff.feedback.BackwardModel.feedback`).
 
         Raises:
-            ValueError: If no reply within ``max_attempts`` can be read: an
-                :class:`afnio.autodiff.ReplyParseError` quoting the last reply.
+            RuntimeError: If the engine has no client and none is set in the settings.
         """
-        client, completion_args = self.resolve()
-        return await ask(
-            client,
-            messages,
-            completion_args,
-            parse_feedback,
-            prompts.COMPONENT_FEEDBACK_FORMAT_CORRECTION,
-            "BackwardEngine: the backward model's reply has no <FEEDBACK>...</FEEDBACK>",
-            retries=self.max_attempts - 1,
-        )
-
-    def model_name(self) -> str | None:
-        """The model name used for token counting (``None`` when no client is available)."""
-        client = self.model_client or get_backward_model_client()
-        return (client.model or None) if client is not None else None
+        return await self.capture().feedback(messages, "BackwardEngine")
 
     def feedback(self, messages: list[dict[str, Any]]) -> str:
         """Synchronous twin of :meth:`afeedback`."""
         return run(self.afeedback(messages))
 
     def __repr__(self) -> str:
-        client = "global backward client" if self.model_client is None else repr(
+        client = "settings' backward client" if self.model_client is None else repr(
             f"{self.model_client.provider}/{self.model_client.model}"
         )
         return f"BackwardEngine(model_client={client}, completion_args={self.completion_args})"
+
+
+class ComponentResponse(Variable):
+    """The output of a traced GradComponent call, and the response its ``backward`` receives.
+
+    Attributes:
+        trace: What forward recorded: ``component``, ``input_args``, ``input_names``,
+            ``sample_inputs`` (one dict per batch element) and ``full_response``.
+        predecessors: The Variables the call took (in backward: detached copies whose ``grad``
+            lists collect the gradients for the real inputs).
+        backward_model: In backward, the component's backward engine as captured when the
+            forward ran (``None``: no engine, so feedback passes through).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        role: str,
+        requires_grad: bool = False,
+        *,
+        trace: dict[str, Any],
+        predecessors: Sequence[Variable] = (),
+        backward_model: BackwardModel | None = None,
+    ) -> None:
+        super().__init__(data, role=role, requires_grad=requires_grad)
+        self.trace = trace
+        self.predecessors = list(predecessors)
+        self.backward_model = backward_model
 
 
 # ---------------------------------------------------------------------- argument handling
@@ -186,6 +183,17 @@ def _unwrap(value: Any, index: int | None = None) -> Any:
     if isinstance(value, dict):
         return {key: _unwrap(item, index) for key, item in value.items()}
     return value
+
+
+def _like(value: Any, gradients: Iterator[Variable | None]) -> Any:
+    """``value``'s structure with the next gradient where each Variable was, ``None`` elsewhere."""
+    if isinstance(value, Variable):
+        return next(gradients)
+    if isinstance(value, (list, tuple)):
+        return [_like(item, gradients) for item in value]
+    if isinstance(value, dict):
+        return {key: _like(item, gradients) for key, item in value.items()}
+    return None
 
 
 def _variable_names(args: tuple, kwargs: dict) -> list[str]:
@@ -222,17 +230,14 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def _proxy(variable: Variable) -> Variable:
-    """A detached copy of ``variable`` (same class, role and metadata) with an empty ``grad``."""
-    proxy = object.__new__(type(variable))
-    proxy.__dict__.update(variable.__dict__)
-    proxy._data = list(variable.data) if variable.is_batched else variable.data
-    proxy.grad = []
-    proxy.grad_fn = None
-    proxy.output_nr = 0
-    proxy._grad_accumulator = None
-    proxy._retains_grad = False
-    return proxy
+def _detached_copy(variable: Variable) -> Variable:
+    """A fresh leaf with ``variable``'s data, role, ``requires_grad`` (and parameter type)."""
+    if isinstance(variable, Parameter):
+        return Parameter(
+            variable.data, role=variable.role, requires_grad=variable.requires_grad,
+            param_type=variable.param_type, name=variable.name,
+        )
+    return Variable(variable.data, role=variable.role, requires_grad=variable.requires_grad)
 
 
 def _reshape_feedback(feedback: Variable, target: Variable) -> Variable | None:
@@ -254,110 +259,136 @@ def _reshape_feedback(feedback: Variable, target: Variable) -> Variable | None:
     return Variable([_text(text) for text in data], role=role)
 
 
-def _system_prompt() -> str:
-    """The system message of every gradient request, with the feedback length bound shared
-    with the LM ops (:data:`afnio.autodiff.prompts.MAX_FEEDBACK_SENTENCES`, read at call time)."""
-    return prompts.COMPONENT_GRADIENT_SYSTEM_PROMPT.format(
-        max_sentences=autodiff_prompts.MAX_FEEDBACK_SENTENCES
+def _collect(name: str, result: Any, predecessors: list[Variable]) -> list[Variable | None]:
+    """One gradient per predecessor, from what a component's ``backward`` returned or appended."""
+    if result is None:
+        grads: list[Variable | None] = []
+        for proxy in predecessors:
+            if not proxy.grad:
+                grads.append(None)
+                continue
+            for piece in proxy.grad:
+                check_gradient_shape(proxy, piece, name)
+            grads.append(combine_gradients(proxy.grad, proxy.role, proxy.batch_size))
+        return grads
+    if not isinstance(result, (list, tuple)) or len(result) != len(predecessors):
+        raise RuntimeError(
+            f"{name}: backward must return None (after appending to each "
+            f"response.predecessors[i].grad) or one gradient per predecessor "
+            f"({len(predecessors)}), got {type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, (list, tuple)) else "")
+        )
+    for proxy, gradient in zip(predecessors, result):
+        if gradient is not None:
+            check_gradient_shape(proxy, gradient, name)
+    return list(result)
+
+
+# ---------------------------------------------------------------------- the recorded op
+def _overrides(component_class: type, method: str) -> bool:
+    return getattr(component_class, method) is not getattr(GradComponent, method)
+
+
+def _runs_sync_backward(component_class: type) -> bool:
+    """A component that overrides only a plain ``backward`` gets a synchronous node, which the
+    engine runs off the event loop like any synchronous node that may block."""
+    return (
+        _overrides(component_class, "backward")
+        and not _overrides(component_class, "abackward")
+        and not inspect.iscoroutinefunction(component_class.backward)
     )
 
 
-# ---------------------------------------------------------------------- the graph node
-class GradComponentBackward(Node):
-    """The backward node of one GradComponent forward call.
+def _response(ctx: FunctionCtx, grad_output: Variable) -> ComponentResponse:
+    response = ComponentResponse(
+        ctx.data, ctx.role, requires_grad=True, trace=ctx.trace,
+        predecessors=[_detached_copy(variable) for variable in ctx.inputs],
+        backward_model=ctx.backward,
+    )
+    response.grad = [grad_output]
+    return response
 
-    ``name()`` is ``<ComponentClass>Backward``. Its predecessors (``next_functions``) are the
-    Variables among the call's arguments, in flat order (positional arguments, then keyword
-    arguments, containers depth-first).
-    """
 
-    is_async = True
+def _backward_arguments(ctx: FunctionCtx, grad_output: Variable) -> dict[str, Any]:
+    return {
+        "response": _response(ctx, grad_output),
+        "id": ctx.data_id,
+        "disable_backward_engine": ctx.component.backward_engine_disabled,
+    }
 
-    def __init__(
-        self,
-        component: GradComponent,
-        inputs: list[Variable],
-        output: Variable,
-        data_id: Any = None,
-    ) -> None:
-        super().__init__([gradient_edge(variable) for variable in inputs], [output])
-        self.component = component
-        self.inputs = inputs
-        self.data_id = data_id
-        self._output_data = list(output.data) if output.is_batched else output.data
-        self._output_role = output.role
-        self.trace: dict[str, Any] = output.trace
-        self._name = f"{type(component).__name__}Backward"
 
-    def name(self) -> str:
-        return self._name
+def _input_gradients(
+    ctx: FunctionCtx, arguments: dict[str, Any], result: Any
+) -> tuple[Any, ...]:
+    """Backward's return value: the gradients collected from the response's predecessors,
+    shaped like the ``args`` and ``kwargs`` the forward received."""
+    name = f"{type(ctx.component).__name__}Backward"
+    flat = iter(_collect(name, result, arguments["response"].predecessors))
+    return None, _like(list(ctx.args), flat), _like(ctx.kwargs, flat), None, None
 
-    def release(self) -> None:
-        super().release()
-        self.inputs = []
-        self.trace = {}
 
-    def apply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
-        return run(self.aapply(grad_outputs))
+def _record(ctx: FunctionCtx, component: Any, args: tuple, kwargs: dict, data: Any,
+            trace: dict[str, Any]) -> ComponentResponse:
+    inputs = list(flatten_variables([args, kwargs]))
+    ctx.component, ctx.args, ctx.kwargs, ctx.inputs = component, args, kwargs, inputs
+    ctx.data, ctx.role, ctx.trace, ctx.data_id = data, f"{component.name} response", trace, (
+        kwargs.get("id")
+    )
+    ctx.backward = component._capture_engine()
+    return ComponentResponse(data, ctx.role, trace=trace, predecessors=inputs)
 
-    async def aapply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
-        if self.freed:
-            raise RuntimeError(FREED_GRAPH_MESSAGE)
-        grad = grad_outputs[0] if grad_outputs else None
-        if grad is None:
-            grad = empty_gradient(*self.output_meta[0])
-        predecessors = [_proxy(variable) for variable in self.inputs]
-        response = Variable(self._output_data, role=self._output_role, requires_grad=True)
-        response.grad = [grad]
-        response.predecessors = predecessors
-        response.trace = self.trace
-        component = self.component
-        disabled = component.backward_engine_disabled
-        if _overrides(component, "backward") and not _overrides(component, "abackward"):
-            arguments = {
-                "response": response, "id": self.data_id, "disable_backward_engine": disabled
-            }
-            if inspect.iscoroutinefunction(component.backward):
-                result = await component.backward(**arguments)
-            else:
-                # A synchronous override runs in a worker thread so that it does not block the
-                # loop other nodes (and its own nested model calls) run on.
-                result = await asyncio.to_thread(component.backward, **arguments)
-                if inspect.isawaitable(result):
-                    result = await result
+
+class _SyncComponentCall(Function):
+    """A traced component call whose ``backward`` override is synchronous."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, component: Any, args: tuple, kwargs: dict, data: Any, trace: dict
+    ) -> ComponentResponse:
+        return _record(ctx, component, args, kwargs, data, trace)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Any, ...]:
+        arguments = _backward_arguments(ctx, grad_output)
+        result = ctx.component.backward(**arguments)
+        if inspect.isawaitable(result):
+            result = run(result)
+        return _input_gradients(ctx, arguments, result)
+
+
+class _AsyncComponentCall(Function):
+    """A traced component call whose backward is awaited on the event loop."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, component: Any, args: tuple, kwargs: dict, data: Any, trace: dict
+    ) -> ComponentResponse:
+        return _record(ctx, component, args, kwargs, data, trace)
+
+    @staticmethod
+    async def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Any, ...]:
+        arguments = _backward_arguments(ctx, grad_output)
+        component = ctx.component
+        if _overrides(type(component), "backward") and not _overrides(
+            type(component), "abackward"
+        ):
+            result = await component.backward(**arguments)  # an async def override
         else:
-            result = await component.abackward(
-                response=response, id=self.data_id, disable_backward_engine=disabled
-            )
-        return self._collect(result, predecessors)
-
-    def _collect(self, result: Any, predecessors: list[Variable]) -> list[Variable | None]:
-        where = self._name
-        if result is None:
-            grads: list[Variable | None] = []
-            for proxy in predecessors:
-                if not proxy.grad:
-                    grads.append(None)
-                    continue
-                for piece in proxy.grad:
-                    check_gradient_shape(proxy, piece, where)
-                grads.append(combine_gradients(proxy.grad, proxy.role, proxy.batch_size))
-            return grads
-        if not isinstance(result, (list, tuple)) or len(result) != len(predecessors):
-            raise RuntimeError(
-                f"{where}: backward must return None (after appending to each "
-                f"response.predecessors[i].grad) or one gradient per predecessor "
-                f"({len(predecessors)}), got {type(result).__name__}"
-                + (f" of length {len(result)}" if isinstance(result, (list, tuple)) else "")
-            )
-        for proxy, gradient in zip(predecessors, result):
-            if gradient is not None:
-                check_gradient_shape(proxy, gradient, where)
-        return list(result)
+            result = await component.abackward(**arguments)
+        return _input_gradients(ctx, arguments, result)
 
 
-def _overrides(component: GradComponent, method: str) -> bool:
-    return getattr(type(component), method) is not getattr(GradComponent, method)
+_CALL_FUNCTIONS: weakref.WeakKeyDictionary[type, type[Function]] = weakref.WeakKeyDictionary()
+
+
+def _call_function(component_class: type) -> type[Function]:
+    """The Function recording calls of ``component_class`` (its node: ``<Class>Backward``)."""
+    function = _CALL_FUNCTIONS.get(component_class)
+    if function is None:
+        base = _SyncComponentCall if _runs_sync_backward(component_class) else _AsyncComponentCall
+        function = type(component_class.__name__, (base,), {"__module__": __name__})
+        _CALL_FUNCTIONS[component_class] = function
+    return function
 
 
 # ---------------------------------------------------------------------- the component
@@ -377,6 +408,9 @@ class GradComponent(Module):
         model_client: Shortcut for ``BackwardEngine(model_client, model_kwargs)``.
         model_kwargs: Completion arguments for that engine.
         elementwise: Call once per batch element (default) or once with whole lists.
+
+    Attributes:
+        id: An identifier of your choosing (AdalFlow's ``id``; default ``None``).
 
     Example:
         >>> import afnio
@@ -405,6 +439,7 @@ class GradComponent(Module):
         super().__init__()
         self.desc = desc
         self.name = name or type(self).__name__
+        self.id: Any = None
         self.elementwise = elementwise
         self.backward_engine: BackwardEngine | None = None
         self._disable_backward_engine = False
@@ -421,7 +456,8 @@ class GradComponent(Module):
         """Choose the model that writes this component's gradients.
 
         Give a ready :class:`BackwardEngine`, or a client (and completion arguments) to build
-        one; with neither, the engine uses the global backward model client at backward time.
+        one; with neither, the engine uses the settings' backward model client, read when a
+        forward runs.
 
         Raises:
             TypeError: If ``backward_engine`` is not a BackwardEngine.
@@ -455,12 +491,12 @@ class GradComponent(Module):
         """Whether :meth:`disable_backward_engine` is in effect."""
         return self._disable_backward_engine
 
-    def _resolve_engine(self) -> BackwardEngine | None:
+    def _capture_engine(self) -> BackwardModel | None:
+        """The backward model for a call traced now (``None``: feedback passes through)."""
         if self.backward_engine is not None:
-            return self.backward_engine
-        if get_backward_model_client() is not None:
-            return BackwardEngine()
-        return None
+            return self.backward_engine.capture()
+        captured = BackwardModel.capture()
+        return captured if captured.client is not None else None
 
     # ------------------------------------------------------------------ forward
     def call(self, *args: Any, **kwargs: Any) -> Any:
@@ -476,11 +512,12 @@ class GradComponent(Module):
         )
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
-        """Async twin of :meth:`call`; the default runs ``call``."""
-        return self.call(*args, **kwargs)
+        """Async twin of :meth:`call`; the default runs ``call`` in a worker thread, so a
+        ``call`` that blocks never stalls the event loop."""
+        return await asyncio.to_thread(self.call, *args, **kwargs)
 
     def _has_async_call(self) -> bool:
-        return _overrides(self, "acall")
+        return _overrides(type(self), "acall")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
@@ -513,8 +550,8 @@ class GradComponent(Module):
         (``input_args``, ``full_response``, and per-sample ``sample_inputs``).
 
         Returns:
-            A Variable holding what ``call`` returned. Under grad mode with an input that
-            requires grad, its ``grad_fn`` is this component's backward node.
+            A :class:`ComponentResponse` holding what ``call`` returned. Under grad mode with an
+            input that requires grad, its ``grad_fn`` is this component's backward node.
 
         Raises:
             TypeError: If ``call`` returns something a Variable cannot hold.
@@ -536,21 +573,15 @@ class GradComponent(Module):
                 f"{self.name}: in training mode call must return a str, int, float or a list of "
                 f"them (other values are fine in eval mode): {exc}"
             ) from None
-        output = Variable(data, role=f"{self.name} response")
         indices = [None] if size is None else list(range(size))
-        output.trace = {
+        trace = {
             "component": self.name,
             "input_args": _trace_inputs(args, kwargs, None),
             "input_names": _variable_names(args, kwargs),
             "sample_inputs": [_trace_inputs(args, kwargs, i) for i in indices],
             "full_response": result,
         }
-        if is_grad_enabled() and any(variable.requires_grad for variable in variables):
-            node = GradComponentBackward(self, variables, output, data_id=kwargs.get("id"))
-            output.grad_fn = node
-            output.output_nr = 0
-            output._requires_grad = True
-        return output
+        return _call_function(type(self)).apply(self, args, kwargs, data, trace)
 
     # ------------------------------------------------------------------ backward
     def backward_with_pass_through_gradients(
@@ -573,21 +604,21 @@ class GradComponent(Module):
     async def abackward(
         self,
         *,
-        response: Variable,
+        response: ComponentResponse,
         id: Any = None,
         disable_backward_engine: bool = False,
         **kwargs: Any,
     ) -> None:
         """Async twin of :meth:`backward` (what the backward node awaits by default)."""
-        engine = None
-        if not (disable_backward_engine or self._disable_backward_engine):
-            engine = self._resolve_engine()
-        if engine is None:
+        engine = response.backward_model
+        if disable_backward_engine or self._disable_backward_engine or engine is None:
             return self.backward_with_pass_through_gradients(response=response, id=id, **kwargs)
         if not response.grad:
             return None
         feedback = combine_gradients(response.grad, response.role, response.batch_size)
         wanted = [p for p in response.predecessors if p.requires_grad]
+        if wanted and any(_text(t) for t in _texts(feedback)):
+            engine.require(f"{self.name} backward")
         gradients = await gather_all(
             [self._engine_gradient(engine, response, feedback, p) for p in wanted]
         )
@@ -599,22 +630,23 @@ class GradComponent(Module):
     def backward(
         self,
         *,
-        response: Variable,
+        response: ComponentResponse,
         id: Any = None,
         disable_backward_engine: bool = False,
         **kwargs: Any,
     ) -> None:
         """Compute gradients for the predecessors of ``response``.
 
-        With a backward engine (this component's, or the global backward model client) and the
-        engine not disabled, the engine is asked — concurrently for every predecessor that
-        requires grad — how that input should change given the output's feedback: once per
-        batch element with feedback for a batched input, once over all samples (split into
-        token-budget chunks only when needed) for a scalar input or scalar feedback. Otherwise
-        the feedback passes through (:meth:`backward_with_pass_through_gradients`).
+        With a backward engine (this component's, or the settings' backward model client when
+        the forward ran) and the engine not disabled, the engine is asked — concurrently for
+        every predecessor that requires grad — how that input should change given the output's
+        feedback: once per batch element with feedback for a batched input, once over all
+        samples (split into chunks only when the prompt would not fit) for a scalar input or
+        scalar feedback. Otherwise the feedback passes through
+        (:meth:`backward_with_pass_through_gradients`).
 
         Args:
-            response: The output Variable: ``response.grad`` holds its feedback,
+            response: The output: ``response.grad`` holds its feedback,
                 ``response.predecessors`` copies of the inputs (append gradients to their
                 ``grad``), ``response.trace`` the forward trace.
             id: The data id given to forward as ``id=``, if any.
@@ -628,7 +660,8 @@ class GradComponent(Module):
         )
 
     async def _engine_gradient(
-        self, engine: BackwardEngine, response: Variable, feedback: Variable, target: Variable
+        self, engine: BackwardModel, response: ComponentResponse, feedback: Variable,
+        target: Variable,
     ) -> Variable | None:
         """Ask ``engine`` for ``target``'s gradient: per element when target and feedback are
         both batched, else one request over all samples (copied to every element of a batched
@@ -638,12 +671,8 @@ class GradComponent(Module):
         position = next(i for i, p in enumerate(response.predecessors) if p is target)
         name = names[position] if position < len(names) else f"input_{position}"
         samples = trace.get("sample_inputs") or [trace.get("input_args", {})]
-        if feedback.batch_size is None:
-            texts = [_text(feedback.data)]
-            outputs = [response.data]
-        else:
-            texts = [_text(text) for text in feedback.data]
-            outputs = list(response.data)
+        texts = [_text(text) for text in _texts(feedback)]
+        outputs = [response.data] if feedback.batch_size is None else list(response.data)
         if len(samples) != len(texts):
             samples = [trace.get("input_args", {})] * len(texts)
         live = [i for i, text in enumerate(texts) if text]
@@ -660,53 +689,59 @@ class GradComponent(Module):
 
         def describe(sample: Mapping[str, Any], keys: Sequence[str]) -> str:
             return "\n".join(
-                prompts.COMPONENT_INPUT.format(
-                    name=key, role=self._input_role(key, response, names), value=_text(sample[key])
+                fill_template(
+                    prompts.COMPONENT_INPUT,
+                    {"name": key, "role": self._input_role(key, response, names),
+                     "value": _text(sample[key])},
                 )
                 for key in keys
             )
 
         shared_blocks = (
-            [prompts.COMPONENT_SHARED_INPUTS.format(inputs=describe(samples[0], shared_keys))]
+            [fill_template(prompts.COMPONENT_SHARED_INPUTS,
+                           {"inputs": describe(samples[0], shared_keys)})]
             if shared_keys
             else []
         )
         kind = ""
         if isinstance(target, Parameter) and target.param_type is not ParameterType.NONE:
             kind = f", a {target.param_type.value} parameter"
-        system = _system_prompt()
+        what = f"{self.name} backward for the input with role {target.role!r}"
 
         def render(indices: list[int], value: Any) -> list[dict[str, str]]:
             blocks = list(shared_blocks)
             for i in indices:
                 varying = [key for key in samples[i] if key not in shared_keys]
                 blocks.append(
-                    prompts.COMPONENT_SAMPLE.format(
-                        index=i,
-                        inputs=describe(samples[i], varying),
-                        output=_text(outputs[i]),
-                        feedback=texts[i],
+                    fill_template(
+                        prompts.COMPONENT_SAMPLE,
+                        {"index": str(i), "inputs": describe(samples[i], varying),
+                         "output": _text(outputs[i]), "feedback": texts[i]},
                     )
                 )
-            rendered = "\n\n".join(blocks)
-            user = prompts.COMPONENT_GRADIENT_PROMPT.format(
-                component=self.name,
-                description=self.desc or "(no description)",
-                output_role=response.role,
-                samples=rendered,
-                target=prompts.COMPONENT_TARGET.format(
-                    name=name, role=target.role or "no role given", kind=kind, value=_text(value)
-                ),
+            user = fill_template(
+                prompts.COMPONENT_GRADIENT_PROMPT,
+                {
+                    "component": self.name,
+                    "description": self.desc or "(no description)",
+                    "output_role": response.role,
+                    "samples": "\n\n".join(blocks),
+                    "target": fill_template(
+                        prompts.COMPONENT_TARGET,
+                        {"name": name, "role": target.role or "no role given", "kind": kind,
+                         "value": _text(value)},
+                    ),
+                },
             )
-            return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            return _messages(engine, user)
 
         if target.batch_size is None or feedback.batch_size is None:
-            text = await self._shared_feedback(engine, target, live, render)
+            text = await self._shared_feedback(engine, target, live, render, what)
             if target.batch_size is None:
                 return Variable(text, role=role)
             return Variable([text] * target.batch_size, role=role)
         replies = await gather_all(
-            [engine.afeedback(render([i], target.data[i])) for i in live]
+            [engine.feedback(render([i], target.data[i]), what) for i in live]
         )
         data = [""] * target.batch_size
         for i, text in zip(live, replies):
@@ -715,51 +750,50 @@ class GradComponent(Module):
 
     async def _shared_feedback(
         self,
-        engine: BackwardEngine,
+        engine: BackwardModel,
         target: Variable,
         live: list[int],
         render: Callable[[list[int], Any], list[dict[str, str]]],
+        what: str,
     ) -> str:
-        """One request over all samples with feedback, split into token-budget chunks only when
-        the prompt would pass the gradient token budget; chunk answers are then merged."""
-        budget = get_gradient_token_budget()
-        model = engine.model_name()
+        """One request over all samples with feedback, split into chunks only when the prompt
+        would not fit; the chunks' answers are then merged."""
+        budget = engine.budget()
         if len(live) == 1:
             # One sample is never split, so skip measuring the prompt (the costly part).
             groups = [[0]]
         else:
-            base = count_message_tokens(render([], target.data), model)
-            sizes = [
-                count_message_tokens(render([i], target.data), model) - base + 2 for i in live
-            ]
+            base = engine.tokens(render([], target.data))
+            sizes = [engine.tokens(render([i], target.data)) - base + 2 for i in live]
             groups = chunk_by_budget(base, sizes, budget)
         texts = await gather_all(
-            [engine.afeedback(render([live[k] for k in group], target.data)) for group in groups]
+            [engine.feedback(render([live[k] for k in group], target.data), what)
+             for group in groups]
         )
         texts = [text for text in texts if text]
         if len(texts) <= 1:
             return texts[0] if texts else ""
+
+        def merge_request(parts: list[str]) -> list[dict[str, str]]:
+            user = fill_template(
+                prompts.COMPONENT_REDUCE_PROMPT,
+                {"role": target.role or "no role given", "parts": "\n".join(parts)},
+            )
+            return _messages(engine, user)
+
         return await merge_in_rounds(
             texts,
-            render_part=lambda number, text: prompts.COMPONENT_REDUCE_PART.format(
-                number=number, text=text
+            render_part=lambda number, text: fill_template(
+                prompts.COMPONENT_REDUCE_PART, {"number": str(number), "text": text}
             ),
-            part_tokens=lambda part: count_tokens(part, model) + 2,
-            base_tokens=count_message_tokens(self._reduce_messages(target, []), model),
+            part_tokens=lambda part: engine.text_tokens(part) + 2,
+            base_tokens=engine.tokens(merge_request([])),
             budget=budget,
-            merge=lambda parts: engine.afeedback(self._reduce_messages(target, parts)),
+            merge=lambda parts: engine.feedback(merge_request(parts), what),
         )
 
     @staticmethod
-    def _reduce_messages(target: Variable, parts: list[str]) -> list[dict[str, str]]:
-        system = _system_prompt()
-        user = prompts.COMPONENT_REDUCE_PROMPT.format(
-            role=target.role or "no role given", parts="\n".join(parts)
-        )
-        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
-
-    @staticmethod
-    def _input_role(key: str, response: Variable, names: list[str]) -> str:
+    def _input_role(key: str, response: ComponentResponse, names: list[str]) -> str:
         for position, name in enumerate(names):
             if name == key:
                 return response.predecessors[position].role or "no role given"
@@ -767,6 +801,16 @@ class GradComponent(Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, desc={self.desc!r}"
+
+
+def _texts(feedback: Variable) -> list[Any]:
+    data = feedback.data
+    return list(data) if isinstance(data, list) else [data]
+
+
+def _messages(engine: BackwardModel, user: str) -> list[dict[str, str]]:
+    system = fill_prompt(prompts.COMPONENT_GRADIENT_SYSTEM_PROMPT)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 class FunGradComponent(GradComponent):
@@ -838,11 +882,11 @@ class FunGradComponent(GradComponent):
         return run(self.afun(*args, **kwargs))
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
-        """Await the wrapped async function (or run the plain one)."""
+        """Await the wrapped async function (or run the plain one in a worker thread)."""
+        if self.afun is None:
+            return await super().acall(*args, **kwargs)
         kwargs.pop("doc_string", None)
-        if self.afun is not None:
-            return await self.afun(*args, **kwargs)
-        return self.fun(*args, **kwargs)
+        return await self.afun(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Variable:
         """Trace a call; a Variable ``doc_string`` joins the predecessors (last, as a keyword)."""
