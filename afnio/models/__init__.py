@@ -4,7 +4,8 @@ Build a client from a path with :func:`get_client` (``"openai/gpt-4.1-nano"``,
 ``"anthropic/claude-haiku-4-5"``, ``"local/smollm2"``,
 ``"openai-compatible/<model>@<base_url>"``) or from its class. Every client shares the request
 pipeline of :class:`ChatCompletionModel`: response cache, budget, concurrency and rate limits,
-retries, and usage/cost accounting (:func:`get_usage`, :func:`track_usage`).
+retries, usage/cost accounting (:func:`get_usage`, :func:`track_usage`), and a check that each
+request fits the model's context window (:class:`ContextWindowError`).
 
 The SDK client classes (``OpenAI``, ``AsyncOpenAI``, ``Anthropic``, ``AsyncAnthropic``,
 ``LocalModel``) are imported on first access, so ``import afnio`` doesn't load the SDKs.
@@ -16,8 +17,16 @@ import importlib
 from typing import Any
 
 from afnio.models.cache import CACHE_MODES, ResponseCache
-from afnio.models.errors import BudgetExceededError, CacheMissError, ModelError, TransientError
+from afnio.models.context_windows import DEFAULT_CONTEXT_WINDOW, context_window_for
+from afnio.models.errors import (
+    BudgetExceededError,
+    CacheMissError,
+    ContextWindowError,
+    ModelError,
+    TransientError,
+)
 from afnio.models.model import (
+    DEFAULT_OUTPUT_RESERVE,
     ChatCompletionModel,
     Completion,
     client_from_config,
@@ -43,16 +52,20 @@ _LAZY_CLIENTS = {
 
 __all__ = [
     "CACHE_MODES",
+    "DEFAULT_CONTEXT_WINDOW",
+    "DEFAULT_OUTPUT_RESERVE",
     "BudgetExceededError",
     "CacheMissError",
     "ChatCompletionModel",
     "Completion",
+    "ContextWindowError",
     "ModelError",
     "ResponseCache",
     "TransientError",
     "Usage",
     "client_from_config",
     "client_to_config",
+    "context_window_for",
     "cost_usd",
     "count_message_tokens",
     "count_tokens",

@@ -108,6 +108,9 @@ class AsyncAnthropic(SdkChatModel):
         config.update(max_tokens=self.max_tokens)
         return config
 
+    def _default_output_cap(self) -> int:
+        return self.max_tokens
+
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         request = self._request(messages, completion_args)
         response = await self._call_sdk(

@@ -6,7 +6,13 @@ family at once and still tell the cases apart.
 
 from __future__ import annotations
 
-__all__ = ["BudgetExceededError", "CacheMissError", "ModelError", "TransientError"]
+__all__ = [
+    "BudgetExceededError",
+    "CacheMissError",
+    "ContextWindowError",
+    "ModelError",
+    "TransientError",
+]
 
 
 class ModelError(Exception):
@@ -44,3 +50,27 @@ class BudgetExceededError(ModelError):
 
 class CacheMissError(ModelError):
     """A response cache in ``replay`` mode has no answer for a request (nothing was sent)."""
+
+
+class ContextWindowError(ModelError):
+    """A request does not fit its model's context window; it was refused before sending.
+
+    ``needed`` counts the prompt's tokens plus the output reserved for the reply (the request's
+    ``max_tokens``, or the client's default cap); ``available`` is the model's context window.
+
+    Args:
+        message: What did not fit, naming who asked (the client, or the op and the variable's
+            role) and how to make it fit.
+        needed: Tokens the request needs, prompt plus output reserve.
+        available: Tokens the model's context window holds.
+
+    Example:
+        >>> err = ContextWindowError("prompt too long", needed=5000, available=4096)
+        >>> err.needed - err.available
+        904
+    """
+
+    def __init__(self, message: str, *, needed: int, available: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.available = available

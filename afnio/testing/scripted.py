@@ -10,7 +10,12 @@ from typing import Any
 from afnio.models.model import ChatCompletionModel, Completion
 from afnio.models.tokens import count_message_tokens, count_tokens
 
-__all__ = ["ScriptedModel"]
+__all__ = ["SCRIPTED_CONTEXT_WINDOW", "ScriptedModel"]
+
+SCRIPTED_CONTEXT_WINDOW = 1_000_000
+"""The context window of a :class:`ScriptedModel` given no ``context_window=``."""
+
+_DEFAULT_MAX_TOKENS = 64
 
 Reply = Callable[..., Any]
 
@@ -19,9 +24,10 @@ class ScriptedModel(ChatCompletionModel):
     """A model client for tests: replies come from a function or a list, every request is kept.
 
     It runs the same request pipeline as the real clients (cache, budget, concurrency and rate
-    limits, retries, usage), so those can be tested offline. Usage is counted with
-    :func:`~afnio.models.tokens.count_message_tokens` / :func:`~afnio.models.tokens.count_tokens`
-    and costs nothing.
+    limits, retries, usage, the context-window check), so those can be tested offline. Tokens
+    are counted with :func:`~afnio.models.tokens.count_message_tokens` /
+    :func:`~afnio.models.tokens.count_tokens` (``cl100k_base``), which is this model's own
+    tokenizer: its counts are exact, with no safety margin. Requests cost nothing.
 
     Args:
         replies: A function ``f(messages, **completion_args) -> str`` (may be ``async``; may
@@ -30,8 +36,11 @@ class ScriptedModel(ChatCompletionModel):
             to echo the last user message.
         latency: Seconds each request takes (an ``asyncio.sleep``, so requests overlap).
         model: The model name to report.
+        max_tokens: Tokens a request reserves for its reply when it gives no ``max_tokens``
+            (see :meth:`~afnio.models.model.ChatCompletionModel.output_reserve`).
         **options: The request-pipeline options of :class:`ChatCompletionModel`
-            (``max_concurrency``, ``budget_usd``, ``cache``, ...).
+            (``max_concurrency``, ``budget_usd``, ``cache``, ...). ``context_window`` defaults
+            to :data:`SCRIPTED_CONTEXT_WINDOW`; give a small one to test that requests fit.
 
     Attributes:
         requests: ``(messages, completion_args)`` of every request actually sent, in the order
@@ -54,9 +63,15 @@ class ScriptedModel(ChatCompletionModel):
         replies: Reply | Sequence[str] | None = None,
         latency: float = 0.0,
         model: str = "scripted",
+        max_tokens: int = _DEFAULT_MAX_TOKENS,
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(
+                f"ScriptedModel: max_tokens must be a positive int, got {max_tokens!r}"
+            )
+        self.max_tokens = max_tokens
         if isinstance(replies, str) or not (
             replies is None or callable(replies) or isinstance(replies, Sequence)
         ):
@@ -114,5 +129,17 @@ class ScriptedModel(ChatCompletionModel):
         self._index += 1
         return reply
 
+    def _own_context_window(self) -> int:
+        return SCRIPTED_CONTEXT_WINDOW
+
+    def _counts_exactly(self) -> bool:
+        return True
+
+    def _default_output_cap(self) -> int:
+        return self.max_tokens
+
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "latency": self.latency}
+        config = {**super().get_config(), "latency": self.latency}
+        if self.max_tokens != _DEFAULT_MAX_TOKENS:
+            config["max_tokens"] = self.max_tokens
+        return config

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from afnio.models.errors import ModelError
+from afnio.models.errors import ContextWindowError, ModelError
 from afnio.models.model import client_from_config, client_to_config
 
 pytestmark = pytest.mark.local_model
@@ -160,3 +160,52 @@ def test_config_round_trip():
     assert rebuilt.get_config() == config
     assert rebuilt.provider == "local"
     assert not rebuilt.loaded
+
+
+# ----------------------------------------------------------------------------- context window
+
+
+def test_the_window_is_n_ctx_and_the_reserve_is_max_tokens():
+    local = LocalModel(n_ctx=1024, max_tokens=48)
+    assert (local.context_window, local.output_reserve({})) == (1024, 48)
+    assert local.output_reserve({"max_tokens": 9}) == 9
+    assert LocalModel(n_ctx=1024, context_window=900).context_window == 900
+    with pytest.raises(ValueError, match="context_window=2048 is larger than n_ctx=1024"):
+        LocalModel(n_ctx=1024, context_window=2048)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Answer in one word."},
+         {"role": "user", "content": "Name a planet with rings."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! <|im_end|>"},
+         {"role": "user", "content": "Dites bonjour en français, s'il vous plaît: 12345"}],
+    ],
+    ids=["one-turn", "system", "multi-turn-special"],
+)
+def test_counts_the_prompt_exactly_as_llama_cpp_does(model, messages):
+    counted = model.count_message_tokens(messages)
+    model.clear_usage()
+    model.chat(messages, max_tokens=2)
+    assert counted == model.get_usage()["prompt_tokens"]
+
+
+def test_counting_needs_only_the_vocabulary():
+    fresh = LocalModel()
+    assert fresh.count_tokens("hello world") == 2
+    assert fresh.count_message_tokens(QUESTION) > fresh.count_tokens(QUESTION[0]["content"])
+    assert not fresh.loaded
+
+
+def test_an_oversized_request_never_reaches_llama_cpp():
+    fresh = LocalModel(n_ctx=128, max_tokens=16)
+    text = "Tell me about the sea. " * 12
+    prompt = fresh.count_message_tokens([{"role": "user", "content": text}])
+    assert prompt < 128  # llama.cpp itself would accept the prompt and cut the reply short
+    with pytest.raises(ContextWindowError) as raised:
+        fresh.chat([{"role": "user", "content": text}], max_tokens=128 - prompt + 1)
+    assert (raised.value.needed, raised.value.available) == (129, 128)
+    assert "LocalModel(" in str(raised.value)
+    assert not fresh.loaded and fresh.get_usage()["requests"] == 0
