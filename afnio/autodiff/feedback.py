@@ -29,6 +29,7 @@ Substituted values are never scanned again, so a value containing braces stays a
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import re
@@ -41,18 +42,22 @@ from typing import Any, TypeVar
 
 from afnio._settings import get_settings, set_settings
 from afnio.autodiff import prompts
+from afnio.autodiff.graph import FAN_IN_SEPARATOR
 from afnio.models.errors import ContextWindowError, StructuredOutputUnsupportedError
 from afnio.models.model import ChatCompletionModel
 
 __all__ = [
     "BackwardModel",
     "ContextWindowError",
+    "GradientPrompts",
+    "OutputFeedback",
     "FeedbackFormatWarning",
     "ReplyParseError",
     "Unreadable",
     "ask",
     "check_fits",
     "chunk_by_budget",
+    "element_gradient",
     "extract",
     "fill_prompt",
     "fill_template",
@@ -60,11 +65,13 @@ __all__ = [
     "get_feedback_stats",
     "get_gradient_token_budget",
     "parse_feedback",
+    "merge_feedback",
     "merge_in_rounds",
     "placeholders",
     "reset_feedback_stats",
     "salvage_feedback",
     "set_gradient_token_budget",
+    "shared_gradient",
     "token_budget",
 ]
 
@@ -223,8 +230,11 @@ class FeedbackFormatWarning(UserWarning):
 
 
 def _last_tagged(reply: str, tag: str) -> str | None:
-    matches = re.findall(rf"<{tag}>(.*?)</{tag}>", reply, re.DOTALL | re.IGNORECASE)
-    return matches[-1].strip() if matches else None
+    """The text between the last closing tag and the opening tag nearest before it."""
+    lowered, opening, closing = reply.lower(), f"<{tag.lower()}>", f"</{tag.lower()}>"
+    end = lowered.rfind(closing)
+    start = lowered.rfind(opening, 0, end) if end >= 0 else -1
+    return reply[start + len(opening):end].strip() if start >= 0 else None
 
 
 def _json_objects(reply: str) -> list[dict]:
@@ -244,13 +254,17 @@ def _json_objects(reply: str) -> list[dict]:
 
 
 def extract(reply: str, tag: str) -> str | None:
-    """The text a reply gives for ``tag``: the last ``<TAG>…</TAG>`` pair (any case), else the
+    """The text a reply gives for ``tag``: inside its last ``<TAG>…</TAG>`` pair (any case; the
+    opening tag nearest before the last closing one, so an echo of the instructions before the
+    answer does no harm), else the
     string under ``tag.lower()`` in the last JSON object that has that key (a number or a list
     there comes back as its JSON text).
 
     Example:
         >>> extract("Use <FEEDBACK> and </FEEDBACK>: <FEEDBACK>Be brief.</FEEDBACK>", "FEEDBACK")
         'Be brief.'
+        >>> extract("I answer in <ANSWER> tags: <ANSWER>4</ANSWER>", "answer")
+        '4'
         >>> extract('```json\\n{"score": 0.5, "explanation": "half"}\\n```', "SCORE")
         '0.5'
         >>> extract("no answer here", "FEEDBACK") is None
@@ -492,19 +506,25 @@ async def merge_in_rounds(
     base_tokens: int,
     budget: int,
     merge: Callable[[list[str]], Awaitable[str]],
-) -> str:
-    """Merge ``texts`` into one with condense calls, in budget-sized groups, round by round.
+    done: Callable[[list[str]], bool] = lambda texts: len(texts) <= 1,
+    max_rounds: int | None = None,
+) -> list[str]:
+    """Merge ``texts`` with condense calls, in budget-sized groups, round by round, until
+    ``done(texts)`` (by default: one text is left) or after ``max_rounds``.
 
     Each round renders the texts as numbered parts (``render_part(number, text)``), groups them
     with :func:`chunk_by_budget` (``base_tokens`` plus each part's ``part_tokens``), and sends
     every group of two or more to ``merge`` concurrently. Nothing is cut: when every part alone
-    fills the budget, parts are merged in pairs anyway.
+    fills the budget, parts are merged in pairs anyway (the client still refuses a request that
+    passes the model's window).
 
     Returns:
-        The single remaining text (``""`` when all texts are empty).
+        The remaining texts (empty texts dropped).
     """
     texts = [text for text in texts if text]
-    while len(texts) > 1:
+    rounds = 0
+    while len(texts) > 1 and not done(texts) and rounds != max_rounds:
+        rounds += 1
         parts = [render_part(number + 1, text) for number, text in enumerate(texts)]
         groups = chunk_by_budget(base_tokens, [part_tokens(part) for part in parts], budget)
         if len(groups) == len(texts):
@@ -516,7 +536,7 @@ async def merge_in_rounds(
             ]
         )
         texts = [text for text in merged if text]
-    return texts[0] if texts else ""
+    return texts
 
 
 # --------------------------------------------------------------------------- the backward model
@@ -620,3 +640,137 @@ class BackwardModel:
             retries=self.retries,
             fallback=lambda reply: salvage_feedback(reply) or "",
         )
+
+
+# ------------------------------------------------------------------------- one variable's gradient
+class GradientPrompts(abc.ABC):
+    """The requests an op renders to get one variable's textual gradient. The layer decides
+    which to send — one per batch element, or one shared request chunked to fit and merged —
+    and fits, asks, parses and merges them the same way for every op."""
+
+    @abc.abstractmethod
+    def element(self, position: int | None, feedback: str) -> list[dict[str, str]]:
+        """The request about the single sample ``position`` (``None``: a scalar call)."""
+
+    @abc.abstractmethod
+    def sample(self, position: int, feedback: str) -> str:
+        """Sample ``position`` as one block of a shared request."""
+
+    @abc.abstractmethod
+    def shared(self, samples: list[str]) -> list[dict[str, str]]:
+        """The request about the blocks ``samples`` (rendered by :meth:`sample`)."""
+
+    @abc.abstractmethod
+    def merge(self, parts: str) -> list[dict[str, str]]:
+        """The request merging the feedback several chunk requests wrote (rendered ``parts``)."""
+
+
+async def merge_feedback(
+    backward: BackwardModel,
+    texts: Sequence[str],
+    request: Callable[[str], list[dict[str, str]]],
+    what: str,
+) -> str:
+    """Merge pieces of feedback into one with condense requests (``request(rendered parts)``),
+    in groups that fit the backward model, round by round."""
+    merged = await merge_in_rounds(
+        texts,
+        render_part=lambda number, text: fill_template(
+            prompts.REDUCE_PART, {"number": str(number), "text": text}
+        ),
+        part_tokens=lambda part: backward.text_tokens(part) + 1,
+        base_tokens=backward.tokens(request("")),
+        budget=backward.budget(),
+        merge=lambda parts: backward.feedback(request("\n".join(parts)), what),
+    )
+    return merged[0] if merged else ""
+
+
+class OutputFeedback:
+    """The feedback on an op's output, one text per batch element (``""``: none).
+
+    An element whose feedback joins several pieces (fan-in from several consumers) and alone
+    makes a request too long is condensed first — once, whichever variable asks first.
+
+    Args:
+        backward: The backward model.
+        texts: Feedback per batch element.
+        condense: Renders the request merging the pieces of one element's feedback.
+    """
+
+    def __init__(
+        self,
+        backward: BackwardModel,
+        texts: Sequence[str],
+        condense: Callable[[str], list[dict[str, str]]],
+    ) -> None:
+        self.backward = backward
+        self.texts = list(texts)
+        self._condense = condense
+        self._condensed: dict[int, asyncio.Future[str]] = {}
+
+    @property
+    def live(self) -> list[int]:
+        """The elements with feedback."""
+        return [index for index, text in enumerate(self.texts) if text]
+
+    async def fitted(self, index: int, fits: Callable[[str], bool], what: str) -> str:
+        """Element ``index``'s feedback, condensed when ``fits`` refuses it and it has pieces."""
+        feedback = self.texts[index]
+        # A single piece is never condensed, so skip measuring the prompt (the costly part).
+        pieces = [piece for piece in feedback.split(FAN_IN_SEPARATOR) if piece.strip()]
+        if len(pieces) < 2 or fits(feedback) or not fits(""):
+            return feedback  # one piece is never cut; with no room at all, check_fits refuses
+        if index not in self._condensed:
+            self._condensed[index] = asyncio.ensure_future(
+                merge_feedback(self.backward, pieces, self._condense, what)
+            )
+        return await asyncio.shield(self._condensed[index])
+
+
+async def element_gradient(
+    backward: BackwardModel,
+    requests: GradientPrompts,
+    feedback: OutputFeedback,
+    position: int | None,
+    what: str,
+) -> str:
+    """The gradient written from the single sample ``position`` (``None``: a scalar call)."""
+    budget = backward.budget()
+    index = 0 if position is None else position
+
+    def fits(text: str) -> bool:
+        return backward.tokens(requests.element(position, text)) <= budget
+
+    text = await feedback.fitted(index, fits, what)
+    return await backward.feedback(requests.element(position, text), what)
+
+
+async def shared_gradient(
+    backward: BackwardModel,
+    requests: GradientPrompts,
+    feedback: OutputFeedback,
+    positions: Sequence[int],
+    what: str,
+) -> str:
+    """One gradient for a variable every sample in ``positions`` used: one request over all of
+    them, split into chunks only when it would not fit, the chunks' feedback then merged."""
+    budget = backward.budget()
+    base = backward.tokens(requests.shared([]))
+
+    def fits_alone(position: int) -> Callable[[str], bool]:
+        return lambda text: base + backward.text_tokens(requests.sample(position, text)) + 2 <= (
+            budget
+        )
+
+    texts = await gather_all(
+        [feedback.fitted(position, fits_alone(position), what) for position in positions]
+    )
+    samples = [requests.sample(position, text) for position, text in zip(positions, texts)]
+    # +2 for the blank line joining samples; counting pieces keeps this linear in the batch.
+    sizes = [backward.text_tokens(sample) + 2 for sample in samples]
+    groups = chunk_by_budget(base, sizes, budget)
+    answers = await gather_all(
+        [backward.feedback(requests.shared([samples[i] for i in group]), what) for group in groups]
+    )
+    return await merge_feedback(backward, answers, requests.merge, what)

@@ -51,8 +51,7 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,18 +60,20 @@ from afnio.autodiff import prompts
 from afnio.autodiff.basic_ops import broadcast_size
 from afnio.autodiff.feedback import (
     BackwardModel,
+    GradientPrompts,
+    OutputFeedback,
     ReplyParseError,
     check_fits,
-    chunk_by_budget,
+    element_gradient,
     fill_prompt,
     fill_template,
     gather_all,
-    merge_in_rounds,
     placeholders,
+    shared_gradient,
     token_budget,
 )
 from afnio.autodiff.function import Function, FunctionCtx
-from afnio.autodiff.graph import FAN_IN_SEPARATOR, gradient_role
+from afnio.autodiff.graph import gradient_role
 from afnio.models.model import ChatCompletionModel
 
 __all__ = ["PART_SEPARATOR", "ChatCompletion", "ReplyParseError"]
@@ -470,6 +471,70 @@ def feedback_texts(grad_output: Variable | None, count: int) -> list[str]:
     return [_as_text(data)]
 
 
+class _SlotRequests(GradientPrompts):
+    """The gradient requests about one slot of an LM call."""
+
+    def __init__(self, request: GradientRequest, slot: Slot) -> None:
+        self.request, self.slot = request, slot
+        self.role = slot.variable.role or "unnamed variable"
+
+    def element(self, position: int | None, feedback: str) -> list[dict[str, str]]:
+        request, slot = self.request, self.slot
+        return _messages(
+            prompts.ELEMENT_GRADIENT_PROMPT,
+            conversation=_conversation(request.bound.render(position, slot)),
+            output_role=request.output_role,
+            output=request.outputs[0 if position is None else position],
+            feedback=feedback,
+            variable_role=self.role,
+            location=request.bound.location(slot),
+        )
+
+    def sample(self, position: int, feedback: str) -> str:
+        values = "\n".join(
+            fill_template(prompts.SHARED_SAMPLE_VALUE, {"label": label, "text": text})
+            for label, text in self.request.bound.varying_values(position, self.slot)
+        )
+        return fill_template(
+            prompts.SHARED_SAMPLE,
+            {
+                "number": str(position + 1),
+                "values": values,
+                "output": self.request.outputs[position],
+                "feedback": feedback,
+            },
+        )
+
+    def shared(self, samples: list[str]) -> list[dict[str, str]]:
+        bound = self.request.bound
+        return _messages(
+            prompts.SHARED_GRADIENT_PROMPT,
+            batch_size=str(bound.batch_size),
+            conversation=_conversation(bound.render(None, self.slot, template=True)),
+            variable_role=self.role,
+            location=bound.location(self.slot),
+            count=str(len(samples)),
+            output_role=self.request.output_role,
+            samples="\n\n".join(samples),
+        )
+
+    def merge(self, parts: str) -> list[dict[str, str]]:
+        return _messages(prompts.REDUCE_GRADIENT_PROMPT, variable_role=self.role, parts=parts)
+
+
+def _messages(template: str, **values: str) -> list[dict[str, str]]:
+    """A gradient request: afnio's gradient system prompt plus ``template`` filled in."""
+    system = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": fill_prompt(template, values)},
+    ]
+
+
+def _conversation(messages: list[dict[str, str]]) -> str:
+    return "\n\n".join(fill_template(prompts.CONVERSATION_MESSAGE, message) for message in messages)
+
+
 class GradientRequest:
     """Computes textual gradients of the Variables of one LM call (the shared backward machinery
     of :class:`ChatCompletion` and the LM judge), through the feedback layer.
@@ -493,175 +558,46 @@ class GradientRequest:
         self.bound = bound
         self.outputs = list(outputs)
         self.output_role = output_role
-        self.feedback = list(feedback)
         self.backward = backward
-        self._condensed: dict[int, asyncio.Future[str]] = {}
-
-    def _messages(self, user_prompt: str) -> list[dict[str, str]]:
-        system = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
-        return [{"role": "system", "content": system}, {"role": "user", "content": user_prompt}]
-
-    async def _ask(self, slot: Slot, user_prompt: str) -> str:
-        return await self.backward.feedback(
-            self._messages(user_prompt), _describe(self.bound.op, slot)
-        )
-
-    @staticmethod
-    def _conversation(messages: list[dict[str, str]]) -> str:
-        return "\n\n".join(
-            fill_template(prompts.CONVERSATION_MESSAGE, message) for message in messages
-        )
-
-    def _tokens(self, user_prompt: str) -> int:
-        return self.backward.tokens(self._messages(user_prompt))
-
-    async def _merge(self, slot: Slot, texts: list[str], build: Callable[[str], str]) -> str:
-        """Merge ``texts`` with condense calls, in budget-sized groups, until one is left.
-
-        ``build(parts)`` makes a condense prompt around the rendered ``parts``.
-        """
-        return await merge_in_rounds(
-            texts,
-            render_part=lambda number, text: fill_template(
-                prompts.REDUCE_PART, {"number": str(number), "text": text}
+        self.feedback = OutputFeedback(
+            backward,
+            feedback,
+            lambda parts: _messages(
+                prompts.CONDENSE_OUTPUT_FEEDBACK_PROMPT, output_role=output_role, parts=parts
             ),
-            part_tokens=lambda part: self.backward.text_tokens(part) + 1,
-            base_tokens=self._tokens(build("")),
-            budget=self.backward.budget(),
-            merge=lambda parts: self._ask(slot, build("\n".join(parts))),
         )
-
-    async def _output_feedback(self, slot: Slot, index: int, fits: Callable[[str], bool]) -> str:
-        """Feedback on output ``index``; when it alone pushes a prompt past the budget and it is
-        made of several pieces (fan-in), the pieces are condensed first (once per element)."""
-        feedback = self.feedback[index]
-        # A single piece is never condensed, so skip measuring the prompt (the costly part).
-        pieces = [piece for piece in feedback.split(FAN_IN_SEPARATOR) if piece.strip()]
-        if len(pieces) < 2 or fits(feedback) or not fits(""):
-            return feedback  # one piece is never cut; with no room at all, check_fits refuses
-        if index not in self._condensed:
-
-            def build(parts: str) -> str:
-                return fill_prompt(
-                    prompts.CONDENSE_OUTPUT_FEEDBACK_PROMPT,
-                    {"output_role": self.output_role, "parts": parts},
-                )
-
-            self._condensed[index] = asyncio.ensure_future(self._merge(slot, pieces, build))
-        return await asyncio.shield(self._condensed[index])
-
-    def _element_prompt(self, slot: Slot, position: int | None, feedback: str) -> str:
-        return fill_prompt(
-            prompts.ELEMENT_GRADIENT_PROMPT,
-            {
-                "conversation": self._conversation(self.bound.render(position, slot)),
-                "output_role": self.output_role,
-                "output": self.outputs[0 if position is None else position],
-                "feedback": feedback,
-                "variable_role": slot.variable.role or "unnamed variable",
-                "location": self.bound.location(slot),
-            },
-        )
-
-    async def element(self, slot: Slot, position: int | None) -> str:
-        """Feedback on ``slot`` from the single request of batch element ``position``."""
-        budget = self.backward.budget()
-
-        def fits(feedback: str) -> bool:
-            return self._tokens(self._element_prompt(slot, position, feedback)) <= budget
-
-        index = 0 if position is None else position
-        feedback = await self._output_feedback(slot, index, fits)
-        return await self._ask(slot, self._element_prompt(slot, position, feedback))
-
-    def _shared_prompt(self, slot: Slot, samples: list[str], count: int) -> str:
-        return fill_prompt(
-            prompts.SHARED_GRADIENT_PROMPT,
-            {
-                "batch_size": str(self.bound.batch_size),
-                "conversation": self._conversation(self.bound.render(None, slot, template=True)),
-                "variable_role": slot.variable.role or "unnamed variable",
-                "location": self.bound.location(slot),
-                "count": str(count),
-                "output_role": self.output_role,
-                "samples": "\n\n".join(samples),
-            },
-        )
-
-    def _sample(self, slot: Slot, position: int, feedback: str) -> str:
-        values = "\n".join(
-            fill_template(prompts.SHARED_SAMPLE_VALUE, {"label": label, "text": text})
-            for label, text in self.bound.varying_values(position, slot)
-        )
-        return fill_template(
-            prompts.SHARED_SAMPLE,
-            {
-                "number": str(position + 1),
-                "values": values,
-                "output": self.outputs[position],
-                "feedback": feedback,
-            },
-        )
-
-    async def shared(self, slot: Slot, positions: list[int]) -> str:
-        """One gradient for a scalar Variable shared by the batch (chunked past the budget)."""
-        budget = self.backward.budget()
-        base = self._tokens(self._shared_prompt(slot, [], 0))
-
-        def fits_alone(position: int) -> Callable[[str], bool]:
-            def fits(feedback: str) -> bool:
-                sample = self._sample(slot, position, feedback)
-                return base + self.backward.text_tokens(sample) + 2 <= budget
-
-            return fits
-
-        feedback = await gather_all(
-            [self._output_feedback(slot, position, fits_alone(position)) for position in positions]
-        )
-        samples = [
-            self._sample(slot, position, text) for position, text in zip(positions, feedback)
-        ]
-        # +2 for the blank line joining samples; counting pieces keeps this linear in the batch.
-        sizes = [self.backward.text_tokens(sample) + 2 for sample in samples]
-        groups = chunk_by_budget(base, sizes, budget)
-        results = await gather_all(
-            [
-                self._ask(slot, self._shared_prompt(slot, [samples[i] for i in group], len(group)))
-                for group in groups
-            ]
-        )
-
-        def build(parts: str) -> str:
-            return fill_prompt(
-                prompts.REDUCE_GRADIENT_PROMPT,
-                {"variable_role": slot.variable.role or "unnamed variable", "parts": parts},
-            )
-
-        return await self._merge(slot, list(results), build)
 
     def _has_feedback(self, slot: Slot) -> bool:
         """Whether an output element ``slot`` took part in has non-empty feedback."""
         if slot.element is not None:
-            return bool(self.feedback[slot.element])
-        return any(self.feedback)
+            return bool(self.feedback.texts[slot.element])
+        return any(self.feedback.texts)
 
     async def gradient(self, slot: Slot) -> Variable | None:
         """The gradient of one slot (``None`` when no element of its feedback is non-empty)."""
         if not self._has_feedback(slot):
             return None
         role = gradient_role(slot.variable.role)
+        what = _describe(self.bound.op, slot)
+        requests, backward, feedback = _SlotRequests(self, slot), self.backward, self.feedback
         if slot.element is not None:
-            return Variable(await self.element(slot, slot.element), role=role)
-        with_feedback = [k for k, text in enumerate(self.feedback) if text]
+            text = await element_gradient(backward, requests, feedback, slot.element, what)
+            return Variable(text, role=role)
         if slot.variable.is_batched:
-            texts = await gather_all([self.element(slot, k) for k in with_feedback])
-            data = [""] * len(self.feedback)
-            for position, text in zip(with_feedback, texts):
+            live = feedback.live
+            texts = await gather_all(
+                [element_gradient(backward, requests, feedback, k, what) for k in live]
+            )
+            data = [""] * len(feedback.texts)
+            for position, text in zip(live, texts):
                 data[position] = text
             return Variable(data, role=role)
         if self.bound.batch_size is None:
-            return Variable(await self.element(slot, None), role=role)
-        return Variable(await self.shared(slot, with_feedback), role=role)
+            return Variable(await element_gradient(backward, requests, feedback, None, what),
+                            role=role)
+        return Variable(
+            await shared_gradient(backward, requests, feedback, feedback.live, what), role=role
+        )
 
     async def gradients(self, wanted: Sequence[bool]) -> list[Variable | None]:
         """Gradients of every slot (``None`` where not wanted), all requests concurrently."""

@@ -16,6 +16,7 @@ from afnio.cognitive.modules import (
     Add,
     BackwardEngine,
     ChatCompletion,
+    ComponentResponse,
     DeterministicEvaluator,
     ExactMatchEvaluator,
     FunGradComponent,
@@ -35,6 +36,7 @@ from afnio.cognitive.parameter import Parameter, ParameterType
 __all__ = [
     "Add",
     "BackwardEngine",
+    "ComponentResponse",
     "ChatCompletion",
     "DeterministicEvaluator",
     "ExactMatchEvaluator",

@@ -13,7 +13,6 @@ __all__ = [
     "COMPONENT_GRADIENT_PROMPT",
     "COMPONENT_GRADIENT_SYSTEM_PROMPT",
     "COMPONENT_INPUT",
-    "COMPONENT_REDUCE_PART",
     "COMPONENT_REDUCE_PROMPT",
     "COMPONENT_SAMPLE",
     "COMPONENT_SHARED_INPUTS",
@@ -50,9 +49,6 @@ COMPONENT_GRADIENT_PROMPT = (
     "How should the input under review change so that the output earns better feedback?"
 )
 """The user message of one gradient request; ``samples`` holds one or more samples."""
-
-COMPONENT_REDUCE_PART = "<FEEDBACK_PART {number}>\n{text}\n</FEEDBACK_PART {number}>"
-"""One piece of feedback to merge."""
 
 COMPONENT_REDUCE_PROMPT = (
     "Reviewers each read a different part of a batch and wrote feedback on the same input, the "

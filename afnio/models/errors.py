@@ -7,6 +7,7 @@ family at once and still tell the cases apart.
 from __future__ import annotations
 
 __all__ = [
+    "StructuredOutputUnsupportedError",
     "BudgetExceededError",
     "CacheMissError",
     "ContextWindowError",
@@ -74,3 +75,8 @@ class ContextWindowError(ModelError):
         super().__init__(message)
         self.needed = needed
         self.available = available
+
+
+class StructuredOutputUnsupportedError(ModelError):
+    """The backend turned down a structured-output request (a JSON schema); the caller may ask
+    again with its tag protocol. Never retried as transient."""

@@ -261,6 +261,11 @@ class ChatCompletionModel(abc.ABC):
         count = tokens.count_message_tokens(messages, self.model)
         return count if self._counts_exactly() else tokens.with_margin(count)
 
+    def structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        """Completion arguments that constrain a reply to ``schema`` on this backend, or
+        ``None`` when it has no structured outputs (callers then use their tag protocol)."""
+        return None
+
     def _default_output_cap(self) -> int:
         """Tokens reserved for a reply when the request gives no ``max_tokens``."""
         return DEFAULT_OUTPUT_RESERVE

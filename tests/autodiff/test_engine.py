@@ -1,6 +1,7 @@
 """The backward engine: ordering, fan-in, concurrency, retain_graph, inputs=."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -215,3 +216,53 @@ def test_failure_leaves_retained_non_leaves_untouched_too():
     with pytest.raises(ValueError):
         (top + "?").backward(Variable("fb"))
     assert top.grad == [] and x.grad == []
+
+
+class Rendezvous(Function):
+    """A synchronous backward that blocks until every branch's backward is running at once."""
+
+    barrier: threading.Barrier
+
+    @staticmethod
+    def forward(ctx, x):
+        return Variable(x.data, role="rendezvous")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        Rendezvous.barrier.wait()  # blocks: a sync node must not hold the engine's loop
+        return Variable("met:" + grad_output.data)
+
+
+def test_blocking_sync_backwards_run_off_the_loop_together():
+    # Four branches whose synchronous backward each blocks until all four are blocked: run
+    # inline on the loop, the first would wait alone and the barrier would time out.
+    Rendezvous.barrier = threading.Barrier(4, timeout=30)
+    leaves = [Variable(f"x{i}", requires_grad=True) for i in range(4)]
+    total = afnio.autodiff.Sum.apply([Rendezvous.apply(leaf) for leaf in leaves])
+    total.backward(Variable("fb"))
+    assert [leaf.grad[0].data for leaf in leaves] == ["met:fb"] * 4
+    assert not Rendezvous.barrier.broken
+
+
+def test_a_sync_backward_may_call_a_model_synchronously():
+    from afnio.testing import ScriptedModel
+
+    model = ScriptedModel(lambda messages, **kw: "asked:" + messages[-1]["content"])
+
+    class AskModel(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return Variable(x.data, role="asked")
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return Variable(model.chat([{"role": "user", "content": grad_output.data}]))
+
+    x = Variable("x", requires_grad=True)
+    AskModel.apply(x).backward(Variable("why"))
+    assert x.grad[0].data == "asked:why"
+
+
+def test_built_in_ops_run_inline_and_user_functions_off_the_loop():
+    assert Variable("a", requires_grad=True).__add__("b").grad_fn.inline
+    assert not Rendezvous._backward_cls.inline and not Rendezvous._backward_cls.is_async

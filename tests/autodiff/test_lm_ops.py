@@ -358,18 +358,46 @@ def test_malformed_feedback_is_retried_then_accepted():
     assert "<FEEDBACK>" in retry[-1]["content"]
 
 
-def test_malformed_feedback_raises_quoting_the_reply_and_leaves_grads_untouched():
-    backward_model = ScriptedModel(["no tags here, sorry"])
+def test_untagged_feedback_after_repairs_is_used_as_it_is_with_a_counted_warning():
+    backward_model = ScriptedModel(["The prompt should ask for one word, sorry"])
     prompt = afnio.Variable("p", role="my prompt", requires_grad=True)
     out = ChatCompletion.apply(
         ScriptedModel(["x"]), [user(prompt)], backward_model_client=backward_model
     )
-    with pytest.raises(ReplyParseError) as info:
+    afnio.autodiff.reset_feedback_stats()
+    with pytest.warns(afnio.autodiff.FeedbackFormatWarning, match="'my prompt'.*3 attempt"):
         out.backward(afnio.Variable("bad"))
-    assert "'no tags here, sorry'" in str(info.value) and "'my prompt'" in str(info.value)
-    assert "3 attempts" in str(info.value) and isinstance(info.value, ValueError)
     assert backward_model.calls == 3
-    assert prompt.grad == []
+    assert [g.data for g in prompt.grad] == ["The prompt should ask for one word, sorry"]
+    stats = afnio.autodiff.get_feedback_stats()
+    assert stats["salvaged"] == 1 and stats["repairs"] == 2 and stats["unreadable"] == 0
+
+
+@pytest.mark.parametrize("reply", ["", "   ", "OK.", "```\n<FEEDBACK>\n```"])
+def test_empty_or_boilerplate_feedback_counts_as_none_and_never_fails(reply):
+    backward_model = ScriptedModel([reply])
+    prompt = afnio.Variable("p", role="my prompt", requires_grad=True)
+    out = ChatCompletion.apply(
+        ScriptedModel(["x"]), [user(prompt)], backward_model_client=backward_model
+    )
+    with pytest.warns(afnio.autodiff.FeedbackFormatWarning, match="counts as no feedback"):
+        out.backward(afnio.Variable("bad"))
+    assert [g.data for g in prompt.grad] == [""]
+
+
+def test_a_reply_quoted_in_the_error_when_nothing_can_be_salvaged():
+    from afnio.autodiff.feedback import Unreadable, ask
+
+    def parse(reply):
+        raise Unreadable("never readable")
+
+    model = ScriptedModel(["no tags here, sorry"])
+    with pytest.raises(ReplyParseError) as info:
+        afnio._runtime.run(ask(model, [{"role": "user", "content": "q"}], parse,
+                               what="demo op for 'my prompt'", repair="fix: {reason}"))
+    assert "'no tags here, sorry'" in str(info.value) and "'my prompt'" in str(info.value)
+    assert "3 attempt" in str(info.value) and isinstance(info.value, ValueError)
+    assert info.value.reasons == ["never readable"] * 3 and model.calls == 3
 
 
 def test_shared_variable_chunked_past_budget_then_condensed(budget):

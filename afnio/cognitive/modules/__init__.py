@@ -9,6 +9,7 @@ from afnio.cognitive.modules.evaluator import (
 )
 from afnio.cognitive.modules.grad_component import (
     BackwardEngine,
+    ComponentResponse,
     FunGradComponent,
     GradComponent,
     fun_to_grad_component,
@@ -19,6 +20,7 @@ from afnio.cognitive.modules.module import IncompatibleKeys, Module
 __all__ = [
     "Add",
     "BackwardEngine",
+    "ComponentResponse",
     "ChatCompletion",
     "DeterministicEvaluator",
     "ExactMatchEvaluator",

@@ -47,14 +47,17 @@ from typing import Any
 
 from afnio._runtime import run
 from afnio._variable import Variable, check_gradient_shape, validate_data
+from afnio.autodiff import prompts as autodiff_prompts
 from afnio.autodiff.basic_ops import broadcast_size
 from afnio.autodiff.feedback import (
     BackwardModel,
-    chunk_by_budget,
+    GradientPrompts,
+    OutputFeedback,
+    element_gradient,
     fill_prompt,
     fill_template,
     gather_all,
-    merge_in_rounds,
+    shared_gradient,
 )
 from afnio.autodiff.function import Function, FunctionCtx, flatten_variables
 from afnio.autodiff.grad_mode import no_grad
@@ -615,9 +618,17 @@ class GradComponent(Module):
             return self.backward_with_pass_through_gradients(response=response, id=id, **kwargs)
         if not response.grad:
             return None
-        feedback = combine_gradients(response.grad, response.role, response.batch_size)
+        combined = combine_gradients(response.grad, response.role, response.batch_size)
+        feedback = OutputFeedback(
+            engine,
+            [_text(text) for text in _texts(combined)],
+            lambda parts: _messages(fill_prompt(
+                autodiff_prompts.CONDENSE_OUTPUT_FEEDBACK_PROMPT,
+                {"output_role": response.role, "parts": parts},
+            )),
+        )
         wanted = [p for p in response.predecessors if p.requires_grad]
-        if wanted and any(_text(t) for t in _texts(feedback)):
+        if wanted and feedback.live:
             engine.require(f"{self.name} backward")
         gradients = await gather_all(
             [self._engine_gradient(engine, response, feedback, p) for p in wanted]
@@ -660,147 +671,114 @@ class GradComponent(Module):
         )
 
     async def _engine_gradient(
-        self, engine: BackwardModel, response: ComponentResponse, feedback: Variable,
+        self, engine: BackwardModel, response: ComponentResponse, feedback: OutputFeedback,
         target: Variable,
     ) -> Variable | None:
         """Ask ``engine`` for ``target``'s gradient: per element when target and feedback are
         both batched, else one request over all samples (copied to every element of a batched
         target); samples without feedback cost nothing."""
-        trace = response.trace
-        names = trace.get("input_names", [])
-        position = next(i for i, p in enumerate(response.predecessors) if p is target)
-        name = names[position] if position < len(names) else f"input_{position}"
-        samples = trace.get("sample_inputs") or [trace.get("input_args", {})]
-        texts = [_text(text) for text in _texts(feedback)]
-        outputs = [response.data] if feedback.batch_size is None else list(response.data)
-        if len(samples) != len(texts):
-            samples = [trace.get("input_args", {})] * len(texts)
-        live = [i for i, text in enumerate(texts) if text]
+        live = feedback.live
         if not live:
             return None
         role = gradient_role(target.role)
-
-        # Inputs equal in every sample (shared scalars such as a doc_string) are shown once.
-        shared_keys = (
-            [key for key in samples[0] if all(s.get(key) == samples[0][key] for s in samples)]
-            if len(samples) > 1
-            else []
-        )
-
-        def describe(sample: Mapping[str, Any], keys: Sequence[str]) -> str:
-            return "\n".join(
-                fill_template(
-                    prompts.COMPONENT_INPUT,
-                    {"name": key, "role": self._input_role(key, response, names),
-                     "value": _text(sample[key])},
-                )
-                for key in keys
-            )
-
-        shared_blocks = (
-            [fill_template(prompts.COMPONENT_SHARED_INPUTS,
-                           {"inputs": describe(samples[0], shared_keys)})]
-            if shared_keys
-            else []
-        )
-        kind = ""
-        if isinstance(target, Parameter) and target.param_type is not ParameterType.NONE:
-            kind = f", a {target.param_type.value} parameter"
+        requests = _ComponentRequests(self, response, target)
         what = f"{self.name} backward for the input with role {target.role!r}"
-
-        def render(indices: list[int], value: Any) -> list[dict[str, str]]:
-            blocks = list(shared_blocks)
-            for i in indices:
-                varying = [key for key in samples[i] if key not in shared_keys]
-                blocks.append(
-                    fill_template(
-                        prompts.COMPONENT_SAMPLE,
-                        {"index": str(i), "inputs": describe(samples[i], varying),
-                         "output": _text(outputs[i]), "feedback": texts[i]},
-                    )
-                )
-            user = fill_template(
-                prompts.COMPONENT_GRADIENT_PROMPT,
-                {
-                    "component": self.name,
-                    "description": self.desc or "(no description)",
-                    "output_role": response.role,
-                    "samples": "\n\n".join(blocks),
-                    "target": fill_template(
-                        prompts.COMPONENT_TARGET,
-                        {"name": name, "role": target.role or "no role given", "kind": kind,
-                         "value": _text(value)},
-                    ),
-                },
-            )
-            return _messages(engine, user)
-
-        if target.batch_size is None or feedback.batch_size is None:
-            text = await self._shared_feedback(engine, target, live, render, what)
-            if target.batch_size is None:
-                return Variable(text, role=role)
-            return Variable([text] * target.batch_size, role=role)
-        replies = await gather_all(
-            [engine.feedback(render([i], target.data[i]), what) for i in live]
+        if target.batch_size is None or response.batch_size is None:
+            text = await shared_gradient(engine, requests, feedback, live, what)
+            return Variable(text if target.batch_size is None else [text] * target.batch_size,
+                            role=role)
+        texts = await gather_all(
+            [element_gradient(engine, requests, feedback, i, what) for i in live]
         )
         data = [""] * target.batch_size
-        for i, text in zip(live, replies):
+        for i, text in zip(live, texts):
             data[i] = text
         return Variable(data, role=role)
 
-    async def _shared_feedback(
-        self,
-        engine: BackwardModel,
-        target: Variable,
-        live: list[int],
-        render: Callable[[list[int], Any], list[dict[str, str]]],
-        what: str,
-    ) -> str:
-        """One request over all samples with feedback, split into chunks only when the prompt
-        would not fit; the chunks' answers are then merged."""
-        budget = engine.budget()
-        if len(live) == 1:
-            # One sample is never split, so skip measuring the prompt (the costly part).
-            groups = [[0]]
-        else:
-            base = engine.tokens(render([], target.data))
-            sizes = [engine.tokens(render([i], target.data)) - base + 2 for i in live]
-            groups = chunk_by_budget(base, sizes, budget)
-        texts = await gather_all(
-            [engine.feedback(render([live[k] for k in group], target.data), what)
-             for group in groups]
-        )
-        texts = [text for text in texts if text]
-        if len(texts) <= 1:
-            return texts[0] if texts else ""
-
-        def merge_request(parts: list[str]) -> list[dict[str, str]]:
-            user = fill_template(
-                prompts.COMPONENT_REDUCE_PROMPT,
-                {"role": target.role or "no role given", "parts": "\n".join(parts)},
-            )
-            return _messages(engine, user)
-
-        return await merge_in_rounds(
-            texts,
-            render_part=lambda number, text: fill_template(
-                prompts.COMPONENT_REDUCE_PART, {"number": str(number), "text": text}
-            ),
-            part_tokens=lambda part: engine.text_tokens(part) + 2,
-            base_tokens=engine.tokens(merge_request([])),
-            budget=budget,
-            merge=lambda parts: engine.feedback(merge_request(parts), what),
-        )
-
-    @staticmethod
-    def _input_role(key: str, response: ComponentResponse, names: list[str]) -> str:
-        for position, name in enumerate(names):
-            if name == key:
-                return response.predecessors[position].role or "no role given"
-        return "constant"
-
     def extra_repr(self) -> str:
         return f"name={self.name!r}, desc={self.desc!r}"
+
+
+class _ComponentRequests(GradientPrompts):
+    """The gradient requests about one input of a traced component call."""
+
+    def __init__(
+        self, component: GradComponent, response: ComponentResponse, target: Variable
+    ) -> None:
+        self.component, self.response, self.target = component, response, target
+        trace = response.trace
+        self.names = trace.get("input_names", [])
+        position = next(i for i, p in enumerate(response.predecessors) if p is target)
+        self.name = self.names[position] if position < len(self.names) else f"input_{position}"
+        size = 1 if response.batch_size is None else response.batch_size
+        samples = trace.get("sample_inputs") or [trace.get("input_args", {})]
+        self.samples = samples if len(samples) == size else [trace.get("input_args", {})] * size
+        self.outputs = [response.data] if response.batch_size is None else list(response.data)
+        # Inputs equal in every sample (shared scalars such as a doc_string) are shown once.
+        first = self.samples[0]
+        self.shared_keys = [
+            key for key in first if all(s.get(key) == first[key] for s in self.samples)
+        ] if len(self.samples) > 1 else []
+
+    def _role_of(self, key: str) -> str:
+        for position, name in enumerate(self.names):
+            if name == key:
+                return self.response.predecessors[position].role or "no role given"
+        return "constant"
+
+    def _inputs(self, sample: Mapping[str, Any], keys: Sequence[str]) -> str:
+        return "\n".join(
+            fill_template(
+                prompts.COMPONENT_INPUT,
+                {"name": key, "role": self._role_of(key), "value": _text(sample[key])},
+            )
+            for key in keys
+        )
+
+    def _request(self, blocks: list[str], value: Any) -> list[dict[str, str]]:
+        target, component = self.target, self.component
+        kind = ""
+        if isinstance(target, Parameter) and target.param_type is not ParameterType.NONE:
+            kind = f", a {target.param_type.value} parameter"
+        if self.shared_keys:
+            shared = self._inputs(self.samples[0], self.shared_keys)
+            blocks = [fill_template(prompts.COMPONENT_SHARED_INPUTS, {"inputs": shared}), *blocks]
+        return _messages(fill_template(
+            prompts.COMPONENT_GRADIENT_PROMPT,
+            {
+                "component": component.name,
+                "description": component.desc or "(no description)",
+                "output_role": self.response.role,
+                "samples": "\n\n".join(blocks),
+                "target": fill_template(
+                    prompts.COMPONENT_TARGET,
+                    {"name": self.name, "role": target.role or "no role given", "kind": kind,
+                     "value": _text(value)},
+                ),
+            },
+        ))
+
+    def sample(self, position: int, feedback: str) -> str:
+        varying = [key for key in self.samples[position] if key not in self.shared_keys]
+        return fill_template(
+            prompts.COMPONENT_SAMPLE,
+            {"index": str(position), "inputs": self._inputs(self.samples[position], varying),
+             "output": _text(self.outputs[position]), "feedback": feedback},
+        )
+
+    def element(self, position: int | None, feedback: str) -> list[dict[str, str]]:
+        index = 0 if position is None else position
+        value = self.target.data[index] if self.target.is_batched else self.target.data
+        return self._request([self.sample(index, feedback)], value)
+
+    def shared(self, samples: list[str]) -> list[dict[str, str]]:
+        return self._request(samples, self.target.data)
+
+    def merge(self, parts: str) -> list[dict[str, str]]:
+        return _messages(fill_template(
+            prompts.COMPONENT_REDUCE_PROMPT,
+            {"role": self.target.role or "no role given", "parts": parts},
+        ))
 
 
 def _texts(feedback: Variable) -> list[Any]:
@@ -808,7 +786,7 @@ def _texts(feedback: Variable) -> list[Any]:
     return list(data) if isinstance(data, list) else [data]
 
 
-def _messages(engine: BackwardModel, user: str) -> list[dict[str, str]]:
+def _messages(user: str) -> list[dict[str, str]]:
     system = fill_prompt(prompts.COMPONENT_GRADIENT_SYSTEM_PROMPT)
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
