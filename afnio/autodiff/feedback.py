@@ -508,30 +508,33 @@ async def merge_in_rounds(
     merge: Callable[[list[str]], Awaitable[str]],
     done: Callable[[list[str]], bool] = lambda texts: len(texts) <= 1,
     max_rounds: int | None = None,
+    merge_single: bool = False,
 ) -> list[str]:
     """Merge ``texts`` with condense calls, in budget-sized groups, round by round, until
     ``done(texts)`` (by default: one text is left) or after ``max_rounds``.
 
     Each round renders the texts as numbered parts (``render_part(number, text)``), groups them
     with :func:`chunk_by_budget` (``base_tokens`` plus each part's ``part_tokens``), and sends
-    every group of two or more to ``merge`` concurrently. Nothing is cut: when every part alone
-    fills the budget, parts are merged in pairs anyway (the client still refuses a request that
-    passes the model's window).
+    every group of two or more (of one or more with ``merge_single``) to ``merge``
+    concurrently. Nothing is cut: when every part alone fills the budget, parts are merged in
+    pairs anyway (the client still refuses a request that passes the model's window).
 
     Returns:
         The remaining texts (empty texts dropped).
     """
     texts = [text for text in texts if text]
     rounds = 0
-    while len(texts) > 1 and not done(texts) and rounds != max_rounds:
+    while (len(texts) > 1 or merge_single) and not done(texts) and rounds != max_rounds:
         rounds += 1
         parts = [render_part(number + 1, text) for number, text in enumerate(texts)]
         groups = chunk_by_budget(base_tokens, [part_tokens(part) for part in parts], budget)
-        if len(groups) == len(texts):
+        if len(groups) == len(texts) > 1:
             groups = [list(range(n, min(n + 2, len(texts)))) for n in range(0, len(texts), 2)]
         merged = await gather_all(
             [
-                merge([parts[i] for i in group]) if len(group) > 1 else _ready(texts[group[0]])
+                merge([parts[i] for i in group])
+                if len(group) > 1 or merge_single
+                else _ready(texts[group[0]])
                 for group in groups
             ]
         )

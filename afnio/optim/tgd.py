@@ -54,10 +54,10 @@ from afnio.autodiff.feedback import (
     Unreadable,
     ask,
     check_fits,
-    chunk_by_budget,
     extract,
     fill_template,
     gather_all,
+    merge_in_rounds,
     placeholders,
     token_budget,
 )
@@ -420,57 +420,46 @@ class _Outcome:
 
 
 async def _condense(param: Variable, feedback: list[str], room: int, opts: TGDOptions) -> list[str]:
-    """Condense ``feedback`` chunk by chunk, round by round, until it fits ``room`` tokens.
+    """Condense ``feedback`` in budgeted rounds (one request per chunk) until it fits ``room``.
 
     Raises:
         Unreadable: When a chunk can't be condensed after the repairs.
     """
     client = opts.model_client
-    sizes = [client.count_tokens(text) for text in feedback]
-    for _ in range(_MAX_CONDENSE_ROUNDS):
-        if sum(sizes) <= room:
-            break
-        chunks = [[feedback[i] for i in group] for group in chunk_by_budget(0, sizes, room)]
 
-        def parse(reply: str) -> str:
-            text = extract(reply, prompts.CONDENSED_TAG)
-            if not text:
-                raise Unreadable(f"the reply has no non-empty <{prompts.CONDENSED_TAG}>")
-            return text
+    def parse(reply: str) -> str:
+        text = extract(reply, prompts.CONDENSED_TAG)
+        if not text:
+            raise Unreadable(f"the reply has no non-empty <{prompts.CONDENSED_TAG}>")
+        return text
 
-        try:
-            condensed = await gather_all(
-                [
-                    ask(
-                        client,
-                        [
-                            {"role": m["role"], "content": fill_template(
-                                m["content"],
-                                {"variable_role": _describe(param), "feedback": _numbered(chunk)},
-                            )}
-                            for m in prompts.CONDENSE_MESSAGES
-                        ],
-                        parse,
-                        what=f"TGD condensing the feedback of {param.role!r}",
-                        repair=fill_template(
-                            prompts.RETRY_MESSAGE, {"tag": prompts.CONDENSED_TAG}
-                        ),
-                        completion_args=opts.completion_args,
-                        retries=opts.max_retries,
-                    )
-                    for chunk in chunks
-                ]
-            )
-        except ReplyParseError as error:
-            raise Unreadable(
-                "its gradients exceed the token budget and could not be condensed: "
-                + "; ".join(error.reasons)
-            ) from None
-        condensed_sizes = [client.count_tokens(text) for text in condensed]
-        if sum(condensed_sizes) >= sum(sizes):
-            break
-        feedback, sizes = condensed, condensed_sizes
-    return feedback
+    def request(parts: list[str]) -> list[dict[str, str]]:
+        values = {"variable_role": _describe(param), "feedback": "\n".join(parts)}
+        return [{"role": m["role"], "content": fill_template(m["content"], values)}
+                for m in prompts.CONDENSE_MESSAGES]
+
+    try:
+        return await merge_in_rounds(
+            feedback,
+            render_part=lambda number, text: f"{number}. {text}",
+            part_tokens=client.count_tokens,
+            base_tokens=0,
+            budget=room,
+            merge=lambda parts: ask(
+                client, request(parts), parse,
+                what=f"TGD condensing the feedback of {param.role!r}",
+                repair=fill_template(prompts.RETRY_MESSAGE, {"tag": prompts.CONDENSED_TAG}),
+                completion_args=opts.completion_args, retries=opts.max_retries,
+            ),
+            done=lambda texts: sum(map(client.count_tokens, texts)) <= room,
+            max_rounds=_MAX_CONDENSE_ROUNDS,
+            merge_single=True,
+        )
+    except ReplyParseError as error:
+        raise Unreadable(
+            "its gradients exceed the token budget and could not be condensed: "
+            + "; ".join(error.reasons)
+        ) from None
 
 
 async def _fit(

@@ -312,73 +312,55 @@ def _response(ctx: FunctionCtx, grad_output: Variable) -> ComponentResponse:
     return response
 
 
-def _backward_arguments(ctx: FunctionCtx, grad_output: Variable) -> dict[str, Any]:
-    return {
-        "response": _response(ctx, grad_output),
-        "id": ctx.data_id,
-        "disable_backward_engine": ctx.component.backward_engine_disabled,
-    }
-
-
-def _input_gradients(
-    ctx: FunctionCtx, arguments: dict[str, Any], result: Any
-) -> tuple[Any, ...]:
+def _input_gradients(ctx: FunctionCtx, response: ComponentResponse, result: Any) -> tuple:
     """Backward's return value: the gradients collected from the response's predecessors,
     shaped like the ``args`` and ``kwargs`` the forward received."""
     name = f"{type(ctx.component).__name__}Backward"
-    flat = iter(_collect(name, result, arguments["response"].predecessors))
+    flat = iter(_collect(name, result, response.predecessors))
     return None, _like(list(ctx.args), flat), _like(ctx.kwargs, flat), None, None
 
 
-def _record(ctx: FunctionCtx, component: Any, args: tuple, kwargs: dict, data: Any,
-            trace: dict[str, Any]) -> ComponentResponse:
-    inputs = list(flatten_variables([args, kwargs]))
-    ctx.component, ctx.args, ctx.kwargs, ctx.inputs = component, args, kwargs, inputs
-    ctx.data, ctx.role, ctx.trace, ctx.data_id = data, f"{component.name} response", trace, (
-        kwargs.get("id")
-    )
-    ctx.backward = component._capture_engine()
-    return ComponentResponse(data, ctx.role, trace=trace, predecessors=inputs)
-
-
-class _SyncComponentCall(Function):
-    """A traced component call whose ``backward`` override is synchronous."""
+class _ComponentCall(Function):
+    """A traced component call whose ``backward`` override is plain (so its node is synchronous
+    and the engine runs it off the loop, like any synchronous node that may block)."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, component: Any, args: tuple, kwargs: dict, data: Any, trace: dict
     ) -> ComponentResponse:
-        return _record(ctx, component, args, kwargs, data, trace)
+        ctx.component, ctx.args, ctx.kwargs, ctx.data, ctx.trace = (
+            component, args, kwargs, data, trace
+        )
+        ctx.inputs = list(flatten_variables([args, kwargs]))
+        ctx.role, ctx.backward = f"{component.name} response", component._capture_engine()
+        return ComponentResponse(data, ctx.role, trace=trace, predecessors=ctx.inputs)
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Any, ...]:
-        arguments = _backward_arguments(ctx, grad_output)
-        result = ctx.component.backward(**arguments)
-        if inspect.isawaitable(result):
-            result = run(result)
-        return _input_gradients(ctx, arguments, result)
+    def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple:
+        response = _response(ctx, grad_output)
+        result = ctx.component.backward(
+            response=response, id=ctx.kwargs.get("id"),
+            disable_backward_engine=ctx.component.backward_engine_disabled,
+        )
+        return _input_gradients(ctx, response, result)
 
 
-class _AsyncComponentCall(Function):
+class _AsyncComponentCall(_ComponentCall):
     """A traced component call whose backward is awaited on the event loop."""
 
     @staticmethod
-    def forward(
-        ctx: FunctionCtx, component: Any, args: tuple, kwargs: dict, data: Any, trace: dict
-    ) -> ComponentResponse:
-        return _record(ctx, component, args, kwargs, data, trace)
-
-    @staticmethod
-    async def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Any, ...]:
-        arguments = _backward_arguments(ctx, grad_output)
-        component = ctx.component
+    async def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple:
+        component, response = ctx.component, _response(ctx, grad_output)
+        method = component.abackward
         if _overrides(type(component), "backward") and not _overrides(
             type(component), "abackward"
         ):
-            result = await component.backward(**arguments)  # an async def override
-        else:
-            result = await component.abackward(**arguments)
-        return _input_gradients(ctx, arguments, result)
+            method = component.backward  # an ``async def backward`` override
+        result = await method(
+            response=response, id=ctx.kwargs.get("id"),
+            disable_backward_engine=component.backward_engine_disabled,
+        )
+        return _input_gradients(ctx, response, result)
 
 
 _CALL_FUNCTIONS: weakref.WeakKeyDictionary[type, type[Function]] = weakref.WeakKeyDictionary()
@@ -388,7 +370,7 @@ def _call_function(component_class: type) -> type[Function]:
     """The Function recording calls of ``component_class`` (its node: ``<Class>Backward``)."""
     function = _CALL_FUNCTIONS.get(component_class)
     if function is None:
-        base = _SyncComponentCall if _runs_sync_backward(component_class) else _AsyncComponentCall
+        base = _ComponentCall if _runs_sync_backward(component_class) else _AsyncComponentCall
         function = type(component_class.__name__, (base,), {"__module__": __name__})
         _CALL_FUNCTIONS[component_class] = function
     return function
