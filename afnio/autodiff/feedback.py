@@ -773,6 +773,9 @@ async def shared_gradient(
     # +2 for the blank line joining samples; counting pieces keeps this linear in the batch.
     sizes = [backward.text_tokens(sample) + 2 for sample in samples]
     groups = chunk_by_budget(base, sizes, budget)
+    window = token_budget(backward.client, backward.completion_args)
+    for group in groups:  # a sample too long even alone: refuse before any chunk is sent
+        check_fits(base + sum(sizes[i] for i in group), window, what)
     answers = await gather_all(
         [backward.feedback(requests.shared([samples[i] for i in group]), what) for group in groups]
     )
