@@ -167,7 +167,8 @@ class _GraphTask:
             deliveries.sort(key=_delivery_order)
             role, batch_size = node.output_info(output_nr)
             combined = combine_gradients([d[2] for d in deliveries], role, batch_size)
-            combined = node.hooked_gradient(output_nr, combined)
+            if node.variable_hooks:
+                combined = node.hooked_gradient(output_nr, combined)
             grads.append(combined)
             key = (node, output_nr)
             captured = self.captures.get(key)
@@ -204,21 +205,28 @@ class _GraphTask:
 
     def leaf_gradients(self) -> list[tuple[AccumulateGrad, Variable]]:
         """Every leaf gradient after its leaf's hooks, in the order a sequential engine appends
-        them (latest producer first, then the producer's edge order)."""
+        them: latest producer first, then the producer's edge order (a unique key)."""
         ordered = sorted(
-            ((delivery, sink) for sink, deliveries in self.leaf_deliveries.items()
-             for delivery in deliveries),
-            key=lambda pair: _delivery_order(pair[0]),
+            (-seq, position, id(sink), sink, gradient)
+            for sink, deliveries in self.leaf_deliveries.items()
+            for seq, position, gradient in deliveries
         )
-        return [(sink, sink.hooked_gradient(0, delivery[2])) for delivery, sink in ordered]
+        return [(sink, sink.hooked_gradient(0, gradient)) for *_, sink, gradient in ordered]
 
     def accumulate(self) -> None:
         """Write the results into ``grad`` lists (only once every hook has succeeded)."""
-        leaves = self.leaf_gradients()
+        sinks = self.leaf_deliveries
+        hooked = self.leaf_gradients() if any(s.variable._hooks for s in sinks) else None
         for variable, gradient in self.retained_updates:
             variable.grad.append(gradient)
-        for sink, gradient in leaves:
-            sink.variable.grad.append(gradient)
+        if hooked is not None:
+            for sink, gradient in hooked:
+                sink.variable.grad.append(gradient)
+            return
+        # Without hooks only each leaf's own order is observable: sort leaf by leaf (cheap).
+        for sink, deliveries in sinks.items():
+            deliveries.sort(key=_delivery_order)
+            sink.variable.grad.extend(d[2] for d in deliveries)
 
 
 async def _execute(task: _GraphTask) -> None:

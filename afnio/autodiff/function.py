@@ -138,7 +138,9 @@ class BackwardFunction(Node):
         self._argument_shapes = [_shape_of(argument) for argument in arguments]
         # For each output of forward: its index among this node's outputs, or None when it is
         # not a Variable or was marked non-differentiable (backward then receives None for it).
-        self._slots = list(range(len(outputs))) if slots is None else slots
+        # None when the two coincide (every output is a differentiable Variable).
+        identity = slots is None or slots == list(range(len(outputs)))
+        self._slots = None if identity else slots
 
     def name(self) -> str:
         return f"{self._forward_cls.__name__}Backward"
@@ -154,14 +156,14 @@ class BackwardFunction(Node):
                 f"{self.name()}: {self._forward_cls.__name__} does not define backward; a "
                 "Function subclass must define a static backward(ctx, *grad_outputs)"
             )
-        materialize = self.ctx.materialize_grads
-        grads: list[Variable | None] = []
-        for slot in self._slots:
-            grad = None if slot is None else grad_outputs[slot]
-            if grad is None and slot is not None and materialize:
-                grad = empty_gradient(*self.output_meta[slot])
-            grads.append(grad)
-        return self._forward_cls.backward(self.ctx, *grads)
+        if self.ctx.materialize_grads:
+            grad_outputs = [
+                grad if grad is not None else empty_gradient(*self.output_meta[index])
+                for index, grad in enumerate(grad_outputs)
+            ]
+        if self._slots is not None:
+            grad_outputs = [None if slot is None else grad_outputs[slot] for slot in self._slots]
+        return self._forward_cls.backward(self.ctx, *grad_outputs)
 
     def apply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
         result = self._call_backward(grad_outputs)
