@@ -84,11 +84,9 @@ class _GraphTask:
         roots: list[tuple[GradientEdge, Variable]],
         retain_graph: bool,
         inputs: list,
-        accumulate: bool = True,
     ) -> None:
         self.retain_graph = retain_graph
-        # False for grad(): gradients are returned, and no Variable's grad is written.
-        self.accumulates = accumulate
+        # Combined gradients of non-leaf inputs= targets (what grad() returns for them).
         self.captured: dict[tuple[Node, int], Variable] = {}
         self.dependencies: dict[Node, int] = {}
         self.buffers: dict[Node, dict[int, list[Delivery]]] = {}
@@ -174,10 +172,9 @@ class _GraphTask:
             captured = self.captures.get(key)
             if captured is not None:
                 self.captured[key] = combined
-            if self.accumulates:
-                retained = node.retained.get(output_nr, captured)
-                if retained is not None:
-                    self.retained_updates.append((retained, combined))
+            retained = node.retained.get(output_nr, captured)
+            if retained is not None:
+                self.retained_updates.append((retained, combined))
         return grads
 
     def should_run(self, node: Node) -> bool:
@@ -283,13 +280,12 @@ def _prepare(
     grad_variables: Any,
     retain_graph: bool | None,
     inputs: Variable | Sequence[Variable] | None,
-    accumulate: bool = True,
 ) -> _GraphTask:
     edges = [
         (gradient_edge(root), gradient)
         for root, gradient in pair_roots_with_gradients(variables, grad_variables)
     ]
-    return _GraphTask(edges, bool(retain_graph), _as_list(inputs), accumulate)
+    return _GraphTask(edges, bool(retain_graph), _as_list(inputs))
 
 
 async def _backward(*args: Any) -> None:
@@ -368,8 +364,8 @@ async def agrad(
             "but got allow_unused=False"
         )
     variables = _grad_inputs(inputs)
-    task = _prepare(outputs, grad_outputs, retain_graph, variables, accumulate=False)
-    await _execute(task)
+    task = _prepare(outputs, grad_outputs, retain_graph, variables)
+    await _execute(task)  # no task.accumulate(): nothing is written to any grad
     pieces: dict[AccumulateGrad, list[Variable]] = {}
     for sink, gradient in task.leaf_gradients():
         pieces.setdefault(sink, []).append(gradient)
