@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from afnio import Variable
 from afnio.autodiff import Function, agrad, backward, grad
 from afnio.autodiff.graph import FAN_IN_SEPARATOR
+from afnio.testing import reference_backward
 
 
 class Tag(Function):
@@ -185,3 +186,9 @@ def test_grad_equals_what_backward_appends_combined(recipe):
     for result, twin in zip(results, twin_leaves):
         pieces = [g.data for g in twin.grad]
         assert (result and result.data) == (FAN_IN_SEPARATOR.join(pieces) if pieces else None)
+    # With the same hooks, the sequential reference engine leaves the same grad lists.
+    reference_leaves, reference_root = build(recipe)
+    reference_backward(reference_root, Variable("fb"))
+    assert [[g.data for g in leaf.grad] for leaf in reference_leaves] == [
+        [g.data for g in leaf.grad] for leaf in twin_leaves
+    ]
