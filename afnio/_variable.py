@@ -228,6 +228,11 @@ class Variable:
 
         Raises:
             TypeError: For a scalar Variable.
+
+        Example:
+            >>> first, second = Variable(["a", "b"], role="answers", requires_grad=True)
+            >>> first.data, first.grad_fn.name()
+            ('a', 'UnbindBackward')
         """
         from afnio.autodiff.basic_ops import Unbind
 
@@ -243,6 +248,10 @@ class Variable:
 
         Raises:
             TypeError: For a scalar Variable (use ``item in v.data`` for a substring test).
+
+        Example:
+            >>> "cat" in Variable(["cat", "dog"], role="labels")
+            True
         """
         if not self.is_batched:
             raise TypeError(
@@ -262,6 +271,13 @@ class Variable:
 
         Raises:
             TypeError: When assigning something other than ``None`` or a list of Variables.
+
+        Example:
+            >>> p = Variable("Be brief.", role="system prompt", requires_grad=True)
+            >>> p.append_grad(Variable("too curt"))
+            >>> p.grad = None
+            >>> p.grad
+            []
         """
         return self._grad
 

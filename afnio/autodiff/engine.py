@@ -355,7 +355,16 @@ async def agrad(
     allow_unused: bool | None = None,
     materialize_grads: bool = False,
 ) -> tuple[Variable | None, ...]:
-    """Awaitable twin of :func:`grad`."""
+    """Awaitable twin of :func:`grad`, for code already running on an event loop.
+
+    Example:
+        >>> import asyncio
+        >>> x = Variable(["a", "b"], role="drafts", requires_grad=True)
+        >>> async def main():
+        ...     return await agrad(x + "!", x, Variable(["shorter", ""]))
+        >>> [g.data for g in asyncio.run(main())]
+        [['shorter', '']]
+    """
     if allow_unused is None:
         allow_unused = materialize_grads
     elif materialize_grads and not allow_unused:

@@ -110,6 +110,14 @@ class Node:
 
         Returns:
             A handle whose ``remove()`` unregisters the hook.
+
+        Example:
+            >>> x = Variable("hi", requires_grad=True)
+            >>> y = x + "!"
+            >>> handle = y.grad_fn.register_variable_hook(0, lambda g: Variable(g.data + "?"))
+            >>> y.backward(Variable("why"))
+            >>> x.grad[0].data
+            'why?'
         """
         check_callable(hook, f"{self.name()}.register_variable_hook")
         if self.variable_hooks is None:
@@ -117,7 +125,14 @@ class Node:
         return add_hook(self.variable_hooks.setdefault(output_nr, OrderedDict()), hook)
 
     def hooked_gradient(self, output_nr: int, gradient: Variable) -> Variable:
-        """``gradient`` for output ``output_nr`` after that output's Variable hooks."""
+        """``gradient`` for output ``output_nr`` after that output's Variable hooks.
+
+        Example:
+            >>> y = Variable("hi", requires_grad=True) + "!"
+            >>> _ = y.register_hook(lambda g: Variable(g.data.upper()))
+            >>> y.grad_fn.hooked_gradient(0, Variable("louder")).data
+            'LOUDER'
+        """
         hooks = self.variable_hooks and self.variable_hooks.get(output_nr)
         if not hooks:
             return gradient
@@ -158,7 +173,14 @@ class AccumulateGrad(Node):
         return self.variable.role, self.variable.batch_size
 
     def hooked_gradient(self, output_nr: int, gradient: Variable) -> Variable:
-        """``gradient`` after the leaf's hooks (``Variable.register_hook``)."""
+        """``gradient`` after the leaf's hooks (``Variable.register_hook``).
+
+        Example:
+            >>> x = Variable("hi", requires_grad=True)
+            >>> _ = x.register_hook(lambda g: Variable(g.data + "!"))
+            >>> AccumulateGrad(x).hooked_gradient(0, Variable("warmer")).data
+            'warmer!'
+        """
         hooks = self.variable._hooks
         if not hooks:
             return gradient
