@@ -80,10 +80,7 @@ class _GraphTask:
     """The state of one backward call."""
 
     def __init__(
-        self,
-        roots: list[tuple[GradientEdge, Variable]],
-        retain_graph: bool,
-        inputs: list,
+        self, roots: list[tuple[GradientEdge, Variable]], retain_graph: bool, inputs: list
     ) -> None:
         self.retain_graph = retain_graph
         # Combined gradients of non-leaf inputs= targets (what grad() returns for them).
