@@ -193,15 +193,37 @@ class Optimizer(abc.ABC):
         self.param_groups.append(param_group)
 
     # ----------------------------------------------------------------- gradients and steps
-    def zero_grad(self) -> None:
-        """Clear the gradients of every parameter.
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of every parameter, as ``torch.optim.Optimizer.zero_grad``.
 
-        Each ``grad`` list is emptied in place, so references to it (held by a Module or by the
-        user) see the cleared list.
+        ``grad`` is a list and stays one, so ``step`` and the Trainer read it as before; the two
+        modes differ, as in torch, in what happens to a reference to the old gradients.
+
+        Args:
+            set_to_none: ``True`` (default, torch's default): give each parameter a new empty
+                list (``p.grad = None`` does the same), so a list read before, e.g. kept for a
+                report, keeps its gradients. ``False``: empty each list in place, so every
+                holder of it sees ``[]`` (torch zeroes the tensor in place).
+
+        Example:
+            >>> import afnio
+            >>> p = afnio.Variable("Be brief.", role="system prompt", requires_grad=True)
+            >>> class Keep(Optimizer):
+            ...     def step(self, closure=None):
+            ...         return self._evaluate_closure(closure)
+            >>> opt = Keep([p], defaults={})
+            >>> p.append_grad(afnio.Variable("too short"))
+            >>> kept = p.grad
+            >>> opt.zero_grad(set_to_none=False)
+            >>> p.grad, kept
+            ([], [])
         """
         for group in self.param_groups:
             for param in group["params"]:
-                param.grad.clear()
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.clear()
 
     clear_grad = zero_grad
 

@@ -10,15 +10,13 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.feedback import fill_template
 from afnio.autodiff.evaluator import DeterministicEvaluator, ExactMatchEvaluator, LMJudgeEvaluator
+from afnio.autodiff.feedback import fill_prompt, fill_template
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
 from afnio.testing import ScriptedModel
 
-GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
-)
+GRADIENT_SYSTEM = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
 MARKED = re.compile(r"<VARIABLE>(.*?)</VARIABLE>", re.DOTALL)
 
 

@@ -48,9 +48,38 @@ class AsyncEcho(Function):
         return Variable("async:" + grad_output.data)
 
 
-def test_function_cannot_be_instantiated():
-    with pytest.raises(RuntimeError, match="apply"):
-        Upper()
+def test_instantiating_a_function_warns_like_torch_and_apply_still_works():
+    # torch 2.x: instantiating an autograd.Function emits a DeprecationWarning (not an error).
+    with pytest.warns(DeprecationWarning, match=r"Upper\.apply"):
+        instance = Upper()
+    x = Variable("hi", role="greeting", requires_grad=True)
+    assert instance.apply(x).data == "HI"
+    # Calling an instance is the legacy style torch rejects with a RuntimeError.
+    with pytest.raises(RuntimeError, match=r"Upper\.apply"):
+        instance(x)
+
+
+def test_function_without_forward_gets_a_clear_error():
+    class NoForward(Function):
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output
+
+    with pytest.raises(RuntimeError, match="NoForward does not define forward"):
+        NoForward.apply(Variable("a", requires_grad=True))
+
+
+def test_function_without_backward_gets_a_clear_error_at_backward():
+    class NoBackward(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return Variable(x.data)
+
+    x = Variable("a", requires_grad=True)
+    y = NoBackward.apply(x)  # torch also only fails once backward runs
+    with pytest.raises(RuntimeError, match="NoBackward does not define backward"):
+        y.backward(Variable("fb"))
+    assert x.grad == []
 
 
 def test_ctx_style_forward_backward_and_name():
@@ -163,6 +192,8 @@ def test_returning_an_input_gives_a_new_output():
 
 
 def test_mark_non_differentiable():
+    received = []
+
     class ScoreAndText(Function):
         @staticmethod
         def forward(ctx, x):
@@ -171,11 +202,48 @@ def test_mark_non_differentiable():
             return score, text
 
         @staticmethod
-        def backward(ctx, grad_text):
+        def backward(ctx, grad_score, grad_text):
+            received.append((grad_score, grad_text.data))
             return grad_text
 
-    score, text = ScoreAndText.apply(Variable("a", requires_grad=True))
+    x = Variable("a", requires_grad=True)
+    score, text = ScoreAndText.apply(x)
     assert score.is_leaf and not score.requires_grad and text.grad_fn is not None
+    text.backward(Variable("fb"))
+    # One slot per forward output, as in torch; the non-differentiable one always gets None.
+    assert received == [(None, "fb")] and x.grad[0].data == "fb"
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_backward_gets_one_slot_per_forward_output(materialize):
+    """torch: backward receives one gradient per output of forward; an output that is not a
+    tensor gets None. Here the Variable outputs sit between a str and an int."""
+    received = []
+
+    class Mixed(Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.set_materialize_grads(materialize)
+            return "label", Variable(x.data + "1"), 7, Variable(x.data + "2", role="second")
+
+        @staticmethod
+        def backward(ctx, grad_label, grad_first, grad_count, grad_second):
+            received.append(
+                (grad_label, grad_first and grad_first.data, grad_count, grad_second)
+            )
+            return Variable(grad_first.data)
+
+    x = Variable("a", role="x", requires_grad=True)
+    label, first, count, second = Mixed.apply(x)
+    assert (label, count) == ("label", 7) and second.grad_fn is first.grad_fn
+    assert (first.output_nr, second.output_nr) == (0, 1)
+    first.backward(Variable("about 1"))
+    # The second Variable got no gradient: empty feedback when materialized, else None.
+    missing = received[0][3]
+    assert received[0][:3] == (None, "about 1", None)
+    assert (missing.data == "" and missing.role == "feedback to second") if materialize else (
+        missing is None
+    )
 
 
 def _bad_backward(value):

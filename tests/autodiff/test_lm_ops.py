@@ -9,17 +9,20 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.feedback import fill_prompt, fill_template, placeholders
 from afnio.autodiff.evaluator import ExactMatchEvaluator
-from afnio.autodiff.feedback import get_gradient_token_budget, set_gradient_token_budget
+from afnio.autodiff.feedback import (
+    fill_prompt,
+    fill_template,
+    get_gradient_token_budget,
+    placeholders,
+    set_gradient_token_budget,
+)
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
 from afnio.models.tokens import count_message_tokens
 from afnio.testing import ScriptedModel
 
-GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
-)
+GRADIENT_SYSTEM = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
 MARKED = re.compile(r"<VARIABLE>(.*?)</VARIABLE>", re.DOTALL)
 
 

@@ -10,16 +10,14 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.feedback import fill_template
 from afnio.autodiff.evaluator import ExactMatchEvaluator, LMJudgeEvaluator
+from afnio.autodiff.feedback import fill_prompt
 from afnio.autodiff.lm_ops import ChatCompletion
 from afnio.models.anthropic import AsyncAnthropic
 from afnio.models.openai import AsyncOpenAI
 from afnio.testing import FakeProviderServer
 
-GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
-)
+GRADIENT_SYSTEM = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
 
 
 def _text(content) -> str:

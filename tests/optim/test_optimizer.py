@@ -124,18 +124,21 @@ def test_add_param_group_later_fills_defaults():
     assert opt.param_groups[1] == {"params": [b], "suffix": "!"}
 
 
-def test_zero_grad_clears_in_place_keeping_the_list():
+def test_zero_grad_set_to_none_gives_new_lists_and_false_clears_in_place():
     a, b = params(2)
     for p in (a, b):
         p.append_grad(afnio.Variable("feedback"))
     lists = [a.grad, b.grad]
     opt = Append([a, b])
+    # torch's default set_to_none=True drops the gradient; a reference taken before keeps it.
     opt.zero_grad()
     assert a.grad == [] and b.grad == []
-    assert a.grad is lists[0] and b.grad is lists[1]
+    assert a.grad is not lists[0] and [g.data for g in lists[0]] == ["feedback"]
+    # set_to_none=False empties in place (torch: zeroes in place), visible through references.
+    lists = [a.grad, b.grad]
     a.append_grad(afnio.Variable("again"))
-    opt.clear_grad()
-    assert lists[0] == []
+    opt.clear_grad(set_to_none=False)
+    assert a.grad is lists[0] and lists[0] == []
     assert Append.clear_grad is Append.zero_grad
 
 

@@ -276,7 +276,7 @@ def test_updates_are_in_place_and_visible_through_the_owning_module():
     assert agent.instructions.data == "Sort {items} alphabetically."
     assert agent.state_dict()["instructions"].data == "Sort {items} alphabetically."
     assert opt.param_groups[0]["params"][0] is agent.instructions
-    opt.zero_grad()
+    opt.zero_grad(set_to_none=False)
     assert agent.instructions.grad is grad_list and grad_list == []
 
 
