@@ -1,4 +1,4 @@
-"""A minimal headless Chromium driver for tests: the DevTools protocol over ``--remote-debugging-pipe``.
+"""A minimal headless Chromium driver for tests: DevTools over ``--remote-debugging-pipe``.
 
 Chromium reads JSON commands, each ending with a NUL byte, from file descriptor 3 and writes
 replies and events to file descriptor 4. That is all this module needs: no websocket library,
@@ -107,8 +107,13 @@ class Chromium:
             os.dup2(high_out, 4)
 
         process = subprocess.Popen(
-            [executable, *FLAGS, f"--window-size={width},{height}", f"--user-data-dir={profile}",
-             "about:blank"],
+            [
+                executable,
+                *FLAGS,
+                f"--window-size={width},{height}",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
