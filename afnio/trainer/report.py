@@ -370,6 +370,17 @@ def _usage_per_epoch(view: RunView) -> dict[int, dict[str, dict[str, float]]]:
     return per_epoch
 
 
+def _moving_mean(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Each point's value replaced by the mean of it and the ``window - 1`` before it."""
+    means, total = [], 0.0
+    for index, (x, y) in enumerate(points):
+        total += y
+        if index >= window:
+            total -= points[index - window][1]
+        means.append((x, total / min(index + 1, window)))
+    return means
+
+
 def _score_charts(view: RunView) -> str:
     step_scores = [
         (float(s["step"]), float(s["metrics"]["score"]))
@@ -382,11 +393,14 @@ def _score_charts(view: RunView) -> str:
         for r in rows
         if isinstance(r.get("val_score"), (int, float))
     ]
+    window = max(1, math.ceil(len(step_scores) / max(len(view.epochs), 1)))
+    smoothed = _moving_mean(step_scores, window) if window > 1 else []
     per_step = _line_chart(
         "score-per-step",
         "Score per training step",
         [
-            _Series("train score (batch)", step_scores, _PALETTE[0], width=1.0),
+            _Series("train score (batch)", step_scores, "#93c5fd", width=1.0),
+            _Series(f"train score (mean of {window} steps)", smoothed, _PALETTE[0], width=2.0),
             _Series("validation score (epoch end)", val_at_step, _PALETTE[1], markers=True),
         ],
         "step",
@@ -489,8 +503,25 @@ def _step_entry(step: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
     )
 
 
+def _epoch_scores(view: RunView) -> dict[int, str]:
+    """``"train 0.61 · validation 0.70"`` per finished epoch."""
+    scores = {}
+    for record in view.epochs:
+        row = record.get("row") or {}
+        parts = [
+            f"{name} {_number(row[key])}"
+            for key, name in (("train_score", "train"), ("val_score", "validation"))
+            if isinstance(row.get(key), (int, float))
+        ]
+        if parts:
+            scores[int(record.get("epoch", 0))] = " · ".join(parts)
+    return scores
+
+
 def _parameter_section(
-    parameter: Mapping[str, Any], events: list[tuple[Mapping[str, Any], Mapping[str, Any]]]
+    parameter: Mapping[str, Any],
+    events: list[tuple[Mapping[str, Any], Mapping[str, Any]]],
+    scores: Mapping[int, str],
 ) -> str:
     name = str(parameter.get("name"))
     initial = _text(parameter.get("value"))
@@ -508,12 +539,16 @@ def _parameter_section(
     epochs = []
     for epoch in sorted(by_epoch):
         items = by_epoch[epoch]
-        changed = sum(1 for _, entry in items if entry.get("before") != entry.get("after"))
+        tally: dict[str, int] = defaultdict(int)
+        for _, entry in items:
+            tally[str(entry.get("verdict") or "unchanged").replace("_", " ")] += 1
+        verdicts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(tally.items()))
         value_after = _text(items[-1][1].get("after"))
+        score = f' <span class="muted">({_e(scores[epoch])})</span>' if epoch in scores else ""
         epochs.append(
             f'<details class="epoch" data-epoch="{epoch}"><summary>Epoch {epoch} · '
-            f"{len(items)} step{'s' if len(items) != 1 else ''} with feedback, {changed} "
-            f"changed the value</summary>"
+            f"{len(items)} step{'s' if len(items) != 1 else ''} with feedback: "
+            f"{_e(verdicts)}{score}</summary>"
             + "".join(_step_entry(step, entry) for step, entry in items)
             + '<details class="value"><summary>value after this epoch</summary>'
             f'<pre class="value">{_e(value_after)}</pre></details></details>'
@@ -558,25 +593,28 @@ def _parameters(view: RunView) -> str:
                 )
     if not parameters:
         return '<p class="muted">No optimized parameters recorded.</p>'
+    scores = _epoch_scores(view)
     return "".join(
-        _parameter_section(p, events[(p.get("optimizer"), p.get("index"))]) for p in parameters
+        _parameter_section(p, events[(p.get("optimizer"), p.get("index"))], scores)
+        for p in parameters
     )
 
 
 # --------------------------------------------------------------------------- config
-def _config_value(value: Any) -> str:
-    """A configuration value as HTML: dicts as nested tables, lists of dicts as tables in a
-    row, other lists and scalars as JSON text."""
-    if isinstance(value, Mapping):
+def _config_value(value: Any, depth: int = 0) -> str:
+    """A configuration value as HTML: dicts (down to four levels) as nested tables, lists of
+    dicts as tables one after another, anything else as JSON text."""
+    if isinstance(value, Mapping) and depth < 4:
         if not value:
             return '<span class="muted">{}</span>'
         rows = "".join(
-            f"<tr><th>{_e(key)}</th><td>{_config_value(item)}</td></tr>"
+            f"<tr><th>{_e(key)}</th><td>{_config_value(item, depth + 1)}</td></tr>"
             for key, item in value.items()
         )
         return f'<table class="kv">{rows}</table>'
-    if isinstance(value, list) and value and all(isinstance(item, Mapping) for item in value):
-        return "".join(_config_value(item) for item in value)
+    nested = isinstance(value, list) and value and depth < 4
+    if nested and all(isinstance(item, Mapping) for item in value):
+        return "".join(_config_value(item, depth) for item in value)
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return f"<code>{_e(text)}</code>"
 
@@ -689,7 +727,8 @@ ol.feedback li{white-space:pre-wrap;margin-bottom:4px}
 .afnio-graph text{font-family:ui-monospace,monospace;font-size:12px;fill:#111827}
 .afnio-graph .edge-label{fill:#374151;font-size:11px;paint-order:stroke;stroke:#fff;
 stroke-width:4px}
-table.kv td,table.kv th{text-align:left;vertical-align:top}table.kv table.kv{margin:0}
+#config{overflow-x:auto}table.kv td,table.kv th{text-align:left;vertical-align:top}
+table.kv table.kv{margin:0}
 code{white-space:pre-wrap;word-break:break-word}
 """
 

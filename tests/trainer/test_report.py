@@ -191,6 +191,11 @@ def test_report_shows_scores_costs_parameter_history_graph_and_config(tmp_path):
     step_chart = text.split('data-chart="score-per-step"')[1].split("</figure>")[0]
     line = re.search(r'data-series="train score \(batch\)"[^>]*points="([^"]+)"', step_chart)
     assert len(line.group(1).split()) == 8
+    smooth = re.search(r'data-series="train score \(mean of 4 steps\)"[^>]*points="([^"]+)"', text)
+    raw_y = [float(point.split(",")[1]) for point in line.group(1).split()]
+    smooth_y = [float(point.split(",")[1]) for point in smooth.group(1).split()]
+    assert smooth_y[-1] == pytest.approx(sum(raw_y[-4:]) / 4, abs=0.1)  # pixel rounding
+    assert smooth_y[0] == raw_y[0]
     # Usage: the two models are stacked in each epoch's bars and totalled per model.
     requests = text.split('data-chart="requests-per-epoch"')[1].split("</figure>")[0]
     assert requests.count("<rect") == 4 and f"{OPTIMIZER}: 8" in requests
