@@ -71,8 +71,17 @@ def synthesize(run_dir: Path, epochs: int, steps: int, seed: int = 0) -> None:
         for i, (name, value) in enumerate(values.items())
     ]
     config = {"trainer": {"max_epochs": epochs}, "agent": "Synthetic", "optimizers": []}
-    history.append({"type": "fit_start", "resumed": False, "epoch": 0, "batches_done": 0,
-                    "step": 0, "config": config, "parameters": parameters})
+    history.append(
+        {
+            "type": "fit_start",
+            "resumed": False,
+            "epoch": 0,
+            "batches_done": 0,
+            "step": 0,
+            "config": config,
+            "parameters": parameters,
+        }
+    )
     step = 0
     for epoch in range(epochs):
         scores = []
@@ -86,8 +95,12 @@ def synthesize(run_dir: Path, epochs: int, steps: int, seed: int = 0) -> None:
                 verdict = rng.choices(["accepted", "rejected", "rolled_back"], [8, 1, 1])[0]
                 after = proposal if verdict == "accepted" else before
                 entry = {
-                    "name": name, "role": parameter["role"], "optimizer": 0,
-                    "index": parameter["index"], "before": before, "after": after,
+                    "name": name,
+                    "role": parameter["role"],
+                    "optimizer": 0,
+                    "index": parameter["index"],
+                    "before": before,
+                    "after": after,
                     "feedback": [" ".join(sentence(rng, 12) for _ in range(4))],  # ~0.4 kB
                     "verdict": verdict,
                     "reason": None if verdict == "accepted" else "validation score dropped",
@@ -100,19 +113,44 @@ def synthesize(run_dir: Path, epochs: int, steps: int, seed: int = 0) -> None:
             scores.append(score)
             by_model = {MODELS[0]: usage(rng, 1.0), MODELS[1]: usage(rng, 0.5)}
             total = {k: sum(u[k] for u in by_model.values()) for k in by_model[MODELS[0]]}
-            history.append({
-                "type": "step", "epoch": epoch, "batch_idx": batch_idx, "step": step,
-                "batch_size": 16, "metrics": {"score": score},
-                "usage": {"total": total, "by_model": by_model}, "params": entries,
-                "error": None,
-            })
-        row = {"stage": "fit", "epoch": epoch, "step": step,
-               "train_score": sum(scores) / len(scores),
-               "val_score": min(1.0, 0.45 + epoch / (2 * epochs))}
-        history.append({"type": "epoch", "epoch": epoch, "step": step, "row": row,
-                        "val_usage_by_model": {MODELS[0]: usage(rng, 8.0)}})
-    history.append({"type": "fit_end", "status": "success", "stop_reason": "max_epochs",
-                    "epoch": epochs, "step": step})
+            history.append(
+                {
+                    "type": "step",
+                    "epoch": epoch,
+                    "batch_idx": batch_idx,
+                    "step": step,
+                    "batch_size": 16,
+                    "metrics": {"score": score},
+                    "usage": {"total": total, "by_model": by_model},
+                    "params": entries,
+                    "error": None,
+                }
+            )
+        row = {
+            "stage": "fit",
+            "epoch": epoch,
+            "step": step,
+            "train_score": sum(scores) / len(scores),
+            "val_score": min(1.0, 0.45 + epoch / (2 * epochs)),
+        }
+        history.append(
+            {
+                "type": "epoch",
+                "epoch": epoch,
+                "step": step,
+                "row": row,
+                "val_usage_by_model": {MODELS[0]: usage(rng, 8.0)},
+            }
+        )
+    history.append(
+        {
+            "type": "fit_end",
+            "status": "success",
+            "stop_reason": "max_epochs",
+            "epoch": epochs,
+            "step": step,
+        }
+    )
     prompt = afnio.Variable(values["system_prompt"], role="system prompt", requires_grad=True)
     (run_dir / "graph.svg").write_text(to_svg(prompt + " question"), encoding="utf-8")
 
@@ -147,8 +185,10 @@ def main() -> None:
         start = time.perf_counter()
         synthesize(run_dir, args.epochs, args.steps)
         history_mb = (run_dir / "history.jsonl").stat().st_size / 1e6
-        print(f"history: {args.epochs} epochs x {args.steps} steps, 2 parameters, "
-              f"{history_mb:.1f} MB written in {time.perf_counter() - start:.2f} s")
+        print(
+            f"history: {args.epochs} epochs x {args.steps} steps, 2 parameters, "
+            f"{history_mb:.1f} MB written in {time.perf_counter() - start:.2f} s"
+        )
         start = time.perf_counter()
         report = write_report(run_dir)
         render = time.perf_counter() - start

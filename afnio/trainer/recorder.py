@@ -13,8 +13,9 @@ Around each training step the Trainer asks a :class:`StepRecorder` to
 **The verdict contract.** After each ``step()`` an optimizer may set ``last_step`` to a *new*
 list with one JSON-safe dict per parameter that had feedback: ``{"index": <position across
 param groups, as in state_dict>, "role", "before", "after", "feedback": [str], "verdict":
-"accepted" | "rejected" | "rolled_back", "reason": str | None}``. ``after`` of a rejected or
-rolled back entry is the proposal that was not kept; the history stores it as ``proposal``.
+"accepted" | "rejected" | "rolled_back", "reason": str | None}``. When a rejected or rolled
+back entry's ``after`` differs from the parameter's value after the step (the optimizer
+reported the proposal it did not keep), the history stores it as ``proposal``.
 
 Example:
     >>> import afnio
