@@ -34,6 +34,7 @@ a spent budget resumes with the client whose budget was raised.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -50,6 +51,8 @@ from afnio.models.model import ChatCompletionModel
 from afnio.models.usage import Usage, track_usage
 from afnio.trainer.callbacks import Callback
 from afnio.trainer.checkpoint import read_checkpoint, write_checkpoint
+from afnio.trainer.history import RunHistory, json_safe, public_config
+from afnio.trainer.loggers import STEP_STAGE, CSVLogger, JSONLLogger, Logger
 from afnio.trainer.metrics import (
     MetricAccumulator,
     MetricsLog,
@@ -59,6 +62,8 @@ from afnio.trainer.metrics import (
     score_per_sample,
 )
 from afnio.trainer.progress import ProgressReporter, format_metrics, format_usage
+from afnio.trainer.recorder import StepRecorder
+from afnio.trainer.report import write_report
 
 __all__ = ["Trainer"]
 
@@ -119,6 +124,26 @@ def _agent_clients(agent: Any) -> list[tuple[Any, str, ChatCompletionModel]]:
     return clients
 
 
+def _version_text(data: Any) -> str:
+    """A parameter value as the text of a prompt version."""
+    return data if isinstance(data, str) else json.dumps(json_safe(data), ensure_ascii=False)
+
+
+def _loggers(logger: Any) -> list[Logger]:
+    """The loggers ``Trainer(logger=...)`` asked for (``True``: the JSONL and CSV files)."""
+    if logger is True:
+        return [JSONLLogger(), CSVLogger()]
+    if logger is False or logger is None:
+        return []
+    loggers = [logger] if isinstance(logger, Logger) else logger
+    if not isinstance(loggers, (list, tuple)) or not all(isinstance(x, Logger) for x in loggers):
+        raise TypeError(
+            "Trainer: logger must be True, False, an afnio.trainer.Logger or a list of them, "
+            f"got {type(logger).__name__}"
+        )
+    return list(loggers)
+
+
 def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note"):  # Python >= 3.11
         error.add_note(note)
@@ -144,7 +169,18 @@ class Trainer:
         mode: ``"max"`` or ``"min"``: which direction of ``monitor`` is better.
         checkpoint_every_n_batches: Also update ``last.ckpt`` every this many training batches.
         callbacks: :class:`~afnio.trainer.callbacks.Callback` instances.
-        logger: Write ``metrics.jsonl`` and ``metrics.csv``.
+        logger: Where metrics, hyperparameters and prompt versions go: ``True`` (the default)
+            writes ``metrics.jsonl`` and ``metrics.csv`` in the run directory (a
+            :class:`~afnio.trainer.loggers.JSONLLogger` and a
+            :class:`~afnio.trainer.loggers.CSVLogger`); ``False`` none; or one
+            :class:`~afnio.trainer.loggers.Logger` or a list of them (e.g.
+            :class:`~afnio.trainer.mlflow_logger.MLflowLogger`).
+        enable_report: Record the run history (``history.jsonl``), the first training step's
+            graph (``graph.svg``, ``graph.dot``) and write ``report.html`` when a fit ends
+            (see :mod:`afnio.trainer.report`).
+        log_every_n_steps: Send a ``stage="train_step"`` metrics row to the loggers every this
+            many training steps (``None``: epoch rows only). The default file loggers skip
+            these rows unless built with ``include_steps=True``.
         console: The rich console to print to (stdout by default).
 
     Attributes:
@@ -203,8 +239,10 @@ class Trainer:
         mode: str = "max",
         checkpoint_every_n_batches: int | None = None,
         callbacks: Sequence[Callback] | None = None,
-        logger: bool = True,
+        logger: bool | Logger | Sequence[Logger] | None = True,
         console: Console | None = None,
+        enable_report: bool = True,
+        log_every_n_steps: int | None = 1,
     ) -> None:
         _check_count("max_epochs", max_epochs)
         for name, value, allowed in (
@@ -215,6 +253,8 @@ class Trainer:
             if value not in allowed:
                 raise ValueError(f"Trainer: {name} must be one of {allowed}, got {value!r}")
         _check_count("checkpoint_every_n_batches", checkpoint_every_n_batches, optional=True)
+        _check_count("log_every_n_steps", log_every_n_steps, optional=True)
+        loggers = _loggers(logger)
         callbacks = list(callbacks or [])
         for callback in callbacks:
             if not isinstance(callback, Callback):
@@ -232,7 +272,14 @@ class Trainer:
         self.checkpoint_every_n_batches = checkpoint_every_n_batches
         self.callbacks = callbacks
         self.progress = ProgressReporter(enable_progress_bar, console)
-        self.metrics_log = MetricsLog(self.default_root_dir if logger else None)
+        self.enable_report = bool(enable_report)
+        self.log_every_n_steps = log_every_n_steps
+        self.loggers = loggers
+        for each in self.loggers:
+            each.setup(self.default_root_dir)
+        self.metrics_log = MetricsLog(None, loggers=self.loggers)
+        self.history = RunHistory(self.default_root_dir if self.enable_report else None)
+        self.report_path: Path | None = None
 
         self.current_epoch = 0
         self.batches_done = 0
@@ -256,6 +303,8 @@ class Trainer:
         self._epoch_usage_before = Usage()  # spent in the current epoch in earlier sessions
         self._epoch_tracker_start = Usage()
         self._failed_at: str | None = None
+        self._recorder: StepRecorder | None = None
+        self._graph_pending = False
 
     # ------------------------------------------------------------------ paths
     @property
@@ -294,6 +343,7 @@ class Trainer:
         self._reset_progress()
         if ckpt_path is not None:
             self._restore(read_checkpoint(ckpt_path), Path(ckpt_path))
+        self._start_run(agent, resumed=ckpt_path is not None)
         for callback in self.callbacks:
             callback.on_fit_start(self, agent)
         agent.train()
@@ -336,6 +386,7 @@ class Trainer:
             self.progress.print(
                 f"Training stopped by {type(error).__name__} at {where}: {error}; {saved}."
             )
+            self._end_run("interrupted" if self.stop_reason == "interrupted" else "failed")
             raise
         finally:
             self._detach_tracker()
@@ -348,6 +399,7 @@ class Trainer:
                 self.stop_reason = "max_epochs"
         for callback in self.callbacks:
             callback.on_fit_end(self, agent)
+        self._end_run("interrupted" if self.stop_reason == "budget" else "success")
 
     def validate(self, agent: Any, dataloader: Iterable[Any]) -> dict[str, float]:
         """Run ``validation_step`` over ``dataloader`` under ``eval()`` and ``no_grad()``.
@@ -395,6 +447,149 @@ class Trainer:
         if self._agent is None:
             raise RuntimeError("Trainer.save_checkpoint: no agent yet; call fit() first")
         return self._save("manual", path)
+
+    # ------------------------------------------------------------------ run record
+    def config(self) -> dict[str, Any]:
+        """The run's configuration as the report and loggers show it (never an API key).
+
+        Returns:
+            ``{"trainer": {...}, "agent": class name, "optimizers": [{"class", "param_groups"}]}``
+            where each param group lists its options and its parameters by name.
+        """
+        trainer = {
+            "max_epochs": self.max_epochs,
+            "score_reduction": self.score_reduction,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "on_error": self.on_error,
+            "enable_checkpointing": self.enable_checkpointing,
+            "checkpoint_every_n_batches": self.checkpoint_every_n_batches,
+            "log_every_n_steps": self.log_every_n_steps,
+            "default_root_dir": str(self.default_root_dir),
+            "callbacks": [type(callback).__name__ for callback in self.callbacks],
+            "loggers": [type(logger).__name__ for logger in self.loggers],
+        }
+        names = {
+            (p.optimizer, p.index): p.name
+            for p in (self._recorder.parameters if self._recorder else [])
+        }
+        optimizers = []
+        for number, optimizer in enumerate(self._optimizers):
+            groups, index = [], 0
+            for group in optimizer.param_groups:
+                options = public_config({k: v for k, v in group.items() if k != "params"})
+                params = []
+                for _ in group["params"]:
+                    params.append(names.get((number, index), f"params[{index}]"))
+                    index += 1
+                groups.append({"params": params, **options})
+            optimizers.append({"class": type(optimizer).__name__, "param_groups": groups})
+        agent = None if self._agent is None else type(self._agent).__name__
+        return {"trainer": trainer, "agent": agent, "optimizers": optimizers}
+
+    def _start_run(self, agent: Any, resumed: bool) -> None:
+        """Write the ``fit_start`` record and tell the loggers (after any checkpoint restore)."""
+        self._recorder = StepRecorder(agent, self._optimizers)
+        self._graph_pending = self.enable_report and not (
+            resumed and (self.default_root_dir / "graph.svg").is_file()
+        )
+        config = self.config()
+        parameters = self._recorder.describe_parameters()
+        self.history.append(
+            {
+                "type": "fit_start",
+                "resumed": resumed,
+                "epoch": self.current_epoch,
+                "batches_done": self.batches_done,
+                "step": self.global_step,
+                "config": config,
+                "parameters": parameters,
+            }
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams(config)
+            if not resumed:
+                for parameter in self._recorder.parameters:
+                    text = _version_text(parameter.variable.data)
+                    logger.log_text(text, parameter.name, self.global_step)
+
+    def _end_run(self, status: str) -> None:
+        """Write the ``fit_end`` record and the report; hand the report to the loggers."""
+        self.history.append(
+            {
+                "type": "fit_end",
+                "status": status,
+                "stop_reason": self.stop_reason,
+                "epoch": self.current_epoch,
+                "step": self.global_step,
+                "usage": self.usage.as_dict(),
+            }
+        )
+        if self.enable_report and status != "failed":
+            self.report_path = write_report(self.default_root_dir)
+            for logger in self.loggers:
+                logger.log_artifact(self.report_path)
+        for logger in self.loggers:
+            logger.finalize(status)
+
+    def _capture_graph(self, explanation: Any) -> None:
+        """Draw the first training step's loss graph into ``graph.svg`` / ``graph.dot``."""
+        if not self._graph_pending or explanation is None:
+            return
+        self._graph_pending = False
+        from afnio.utils.viz import to_dot, to_svg
+
+        self.default_root_dir.mkdir(parents=True, exist_ok=True)
+        (self.default_root_dir / "graph.svg").write_text(to_svg(explanation), encoding="utf-8")
+        (self.default_root_dir / "graph.dot").write_text(to_dot(explanation), encoding="utf-8")
+
+    def _record_step(
+        self,
+        batch_idx: int,
+        metrics: dict[str, float],
+        batch_size: int | None,
+        params: list[dict[str, Any]],
+        usage: dict[str, Any],
+        error: BaseException | None,
+    ) -> None:
+        """Append the ``step`` record; send step metrics and new prompt versions to loggers."""
+        step = self.global_step + 1  # the global_step once this batch counts as done
+        self.history.append(
+            {
+                "type": "step",
+                "epoch": self.current_epoch,
+                "batch_idx": batch_idx,
+                "step": step,
+                "batch_size": batch_size,
+                "metrics": metrics,
+                "usage": usage,
+                "params": params,
+                "error": None if error is None else f"{type(error).__name__}: {error}",
+            }
+        )
+        for logger in self.loggers:
+            for entry in params:
+                if entry["before"] != entry["after"]:
+                    logger.log_text(_version_text(entry["after"]), entry["name"], step)
+        every = self.log_every_n_steps
+        if every and step % every == 0 and self.loggers:
+            row: dict[str, Any] = {
+                "stage": STEP_STAGE,
+                "epoch": self.current_epoch,
+                "batch_idx": batch_idx,
+                "step": step,
+            }
+            row.update({f"train_{name}_step": value for name, value in metrics.items()})
+            total = usage["total"]
+            row.update(
+                {
+                    "requests_step": total["requests"],
+                    "total_tokens_step": total["prompt_tokens"] + total["completion_tokens"],
+                    "cost_usd_step": total["cost_usd"],
+                }
+            )
+            for logger in self.loggers:
+                logger.log_metrics(row, step)
 
     # ------------------------------------------------------------------ fit internals
     def _attach_optimizers(self, agent: Any) -> list[Any]:
@@ -554,34 +749,52 @@ class Trainer:
         return True
 
     def _training_batch(self, agent: Any, batch: Any, batch_idx: int) -> Any:
+        recorder = self._recorder or StepRecorder(agent, self._optimizers)
+        recorder.begin_step(self._current_usage())
+        manual = not agent.automatic_optimization
         try:
             if agent.automatic_optimization:
                 for optimizer in self._optimizers:
                     optimizer.zero_grad()
                 outputs = agent.training_step(batch, batch_idx)
                 parsed = parse_step_output(outputs, "training_step")
+                self._capture_graph(parsed.explanation)
                 parsed.explanation.backward()
+                recorder.before_update()
                 for optimizer in self._optimizers:
                     optimizer.step()
             else:
+                recorder.before_update()
                 outputs = agent.training_step(batch, batch_idx)
                 parsed = parse_step_output(outputs, "training_step", allow_none=True)
+                self._capture_graph(parsed.explanation)
         except Exception as error:
+            usage = recorder.stop_usage(self._current_usage())
+            params = recorder.after_update(feedback_now=manual)
+            self._record_step(batch_idx, {}, None, params, usage, error)
             self._step_failed(error, "train", self.current_epoch, batch_idx)
             self._skipped_in_epoch += 1
             return None
-        self._accumulate(self._train_metrics, parsed, batch, "training_step")
+        params = recorder.after_update(feedback_now=manual)
+        values, size = self._accumulate(self._train_metrics, parsed, batch, "training_step")
+        usage = recorder.stop_usage(self._current_usage())
+        self._record_step(batch_idx, values, size, params, usage, None)
         return outputs
 
     def _accumulate(
         self, accumulator: MetricAccumulator, parsed: StepOutput, batch: Any, hook: str
-    ) -> None:
-        """Add a step's score (per sample) and extra metrics, weighted by the batch size."""
+    ) -> tuple[dict[str, float], int]:
+        """Add a step's score (per sample) and extra metrics, weighted by the batch size.
+
+        Returns:
+            The step's values and its batch size.
+        """
         values = dict(parsed.extras)
         size = batch_size_of(batch, parsed.explanation)
         if parsed.score is not None:
             values["score"] = score_per_sample(parsed.score, size, self.score_reduction, hook)
         accumulator.add(values, size)
+        return values, size
 
     def _step_failed(self, error: Exception, stage: str, epoch: int | None, batch_idx: int) -> None:
         """Record a failed step; re-raise it unless ``on_error="skip"`` (budget: always)."""
@@ -600,6 +813,8 @@ class Trainer:
         epoch = self.current_epoch
         row: dict[str, Any] = {"stage": "fit", "epoch": epoch, "step": self.global_step}
         row.update(self._train_metrics.means("train_"))
+        recorder = self._recorder or StepRecorder(agent, self._optimizers)
+        recorder.start_usage(self._current_usage())
         if val_dataloader is not None:
             metrics = self._evaluate(
                 agent, val_dataloader, "validation_step", "val", epoch, self._current_usage
@@ -614,7 +829,17 @@ class Trainer:
         row["total_cost_usd"] = round(self.usage.cost_usd, 10)
         row["skipped_batches"] = self._skipped_in_epoch
         self.callback_metrics = row
-        self.metrics_log.append(row)
+        val_usage = recorder.stop_usage(self._current_usage())
+        self.history.append(
+            {
+                "type": "epoch",
+                "epoch": epoch,
+                "step": self.global_step,
+                "row": row,
+                "val_usage_by_model": val_usage["by_model"],
+            }
+        )
+        self.metrics_log.append(row, self.global_step)
         self.progress.print(
             f"Epoch {epoch}/{self.max_epochs - 1}: "
             f"{format_metrics({k: v for k, v in row.items() if _is_metric(k, v)})} · "
@@ -731,11 +956,23 @@ class Trainer:
     def _evaluate_standalone(
         self, agent: Any, loader: Any, hook: str, prefix: str, stage: str
     ) -> dict[str, float]:
+        recorder = StepRecorder(agent, [])
         with track_usage() as used:
+            recorder.start_usage(_snapshot(used))
             metrics = self._evaluate(agent, loader, hook, prefix, None, lambda: _snapshot(used))
+            usage = recorder.stop_usage(_snapshot(used))
         row: dict[str, Any] = {"stage": stage, **metrics, **used.as_dict()}
         row["cost_usd"] = round(row["cost_usd"], 10)
-        self.metrics_log.append(row)
+        self.history.append(
+            {
+                "type": "eval",
+                "stage": stage,
+                "step": self.global_step,
+                "metrics": metrics,
+                "usage": usage,
+            }
+        )
+        self.metrics_log.append(row, self.global_step)
         self.progress.print(
             f"{stage.capitalize()}: {format_metrics(metrics)} · {format_usage(used)}"
         )
