@@ -7,6 +7,7 @@ import pytest
 import afnio
 from afnio import Variable
 from afnio.autodiff import Function, backward
+from afnio.testing import Turnstile
 
 
 class Tag(Function):
@@ -27,23 +28,25 @@ class Tag(Function):
         return (None, *grads)
 
 
-class SlowTag(Function):
+class GatedTag(Function):
+    """An async backward that passes a turnstile: it can only finish once all are waiting."""
+
     active = 0
     peak = 0
 
     @staticmethod
-    def forward(ctx, x, delay):
-        ctx.delay = delay
-        return Variable(x.data, role="slow")
+    def forward(ctx, x, gate):
+        ctx.gate = gate
+        return Variable(x.data, role="gated")
 
     @staticmethod
     async def backward(ctx, grad_output):
-        SlowTag.active += 1
-        SlowTag.peak = max(SlowTag.peak, SlowTag.active)
+        GatedTag.active += 1
+        GatedTag.peak = max(GatedTag.peak, GatedTag.active)
         try:
-            await asyncio.sleep(ctx.delay)
+            await ctx.gate.wait()
         finally:
-            SlowTag.active -= 1
+            GatedTag.active -= 1
         return Variable("slow:" + grad_output.data), None
 
 
@@ -88,12 +91,13 @@ def test_empty_pieces_are_dropped_when_combining_batches():
 
 
 def test_independent_async_branches_overlap():
-    SlowTag.active = SlowTag.peak = 0
+    GatedTag.active = GatedTag.peak = 0
+    gate = Turnstile("reverse", expected=6, timeout=30)  # fails unless all 6 wait at once
     leaves = [Variable(f"x{i}", requires_grad=True) for i in range(6)]
-    outputs = [SlowTag.apply(leaf, 0.2) for leaf in leaves]
+    outputs = [GatedTag.apply(leaf, gate) for leaf in leaves]
     total = afnio.autodiff.Sum.apply(outputs)
     total.backward(Variable("fb"))
-    assert SlowTag.peak == 6
+    assert GatedTag.peak == 6 and gate.releases == [5, 4, 3, 2, 1, 0]
     assert all(leaf.grad[0].data == "slow:fb" for leaf in leaves)
 
 
@@ -160,7 +164,7 @@ def test_failure_in_a_node_leaves_no_gradient_anywhere():
 
         @staticmethod
         async def backward(ctx, grad_output):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
             raise ValueError("backward model unavailable")
 
     x = Variable("x", requires_grad=True)

@@ -14,7 +14,7 @@ from afnio.autodiff._feedback import fill_template
 from afnio.autodiff.evaluator import DeterministicEvaluator, ExactMatchEvaluator, LMJudgeEvaluator
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
-from afnio.testing import ScriptedModel
+from afnio.testing import ScriptedModel, Turnstile
 
 GRADIENT_SYSTEM = fill_template(
     prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(prompts.MAX_FEEDBACK_SENTENCES)}
@@ -162,7 +162,7 @@ def rubric_message(requires_grad=False):
 
 
 def test_judge_scores_explanations_and_format_instruction():
-    judge = ScriptedModel(judge_replies, latency=0.01)
+    judge = ScriptedModel(Turnstile("reverse", expected=3, timeout=30).wrap(judge_replies))
     prediction = afnio.Variable(["a", "b", "c"], role="answers", requires_grad=True)
     _, messages = rubric_message()
     score, explanation = LMJudgeEvaluator.apply(

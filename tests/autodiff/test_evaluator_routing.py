@@ -37,14 +37,16 @@ def judge_reply(messages, **kwargs):
     """Score 1 when the request shows the GOOD word; the explanation lists the tokens seen."""
     text = "\n".join(m["content"] for m in messages)
     score = int(GOOD in text)
-    return json.dumps({"score": score, "explanation": "saw " + " ".join(_unique(TOKEN.findall(text)))})
+    seen = " ".join(_unique(TOKEN.findall(text)))
+    return json.dumps({"score": score, "explanation": f"saw {seen}"})
 
 
 def backward_reply(messages, **kwargs):
     prompt = "\n".join(m["content"] for m in messages)
     targets = [TOKEN.search(text) for text in MARKED.findall(prompt)]
     target = next((match.group(0) for match in targets if match), "?")
-    return f"<FEEDBACK>grad[var={target};fb={','.join(_unique(FB_TOKEN.findall(prompt)))}]</FEEDBACK>"
+    tokens = ",".join(_unique(FB_TOKEN.findall(prompt)))
+    return f"<FEEDBACK>grad[var={target};fb={tokens}]</FEEDBACK>"
 
 
 samples = st.lists(st.booleans(), min_size=1, max_size=16)  # per sample: does it match/pass?
