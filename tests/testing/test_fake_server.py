@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from afnio.testing import FakeProviderServer
+from afnio.testing import FakeProviderServer, Turnstile
 from afnio.testing.fake_server import FakeReply, Fault
 
 USER = [{"role": "user", "content": "hello there world"}]
@@ -258,7 +258,10 @@ def test_many_requests_are_in_flight_at_once():
                 ]
             )
 
-    with FakeProviderServer(latency=1.0) as server:
+    # The server holds every request until all 64 wait at once: certain, whatever the load.
+    gate = Turnstile("reverse", expected=64, timeout=30)
+    reply = gate.wrap(lambda body: body["messages"][-1]["content"])
+    with FakeProviderServer(reply=reply) as server:
         results = asyncio.run(burst(server))
         assert server.in_flight == 0
     assert sorted(r.choices[0].message.content for r in results) == sorted(
