@@ -265,11 +265,11 @@ class Turnstile:
             self._waiting.clear()
             try:
                 permutation = self._permutation([ticket.key for ticket in batch])
-            except Exception as exc:
+            except ValueError as exc:  # a bad order function: every waiting call fails with it
                 for ticket in batch:
                     if not ticket.go.done():
                         ticket.go.set_exception(exc)
-                raise
+                continue
             for index in permutation:
                 ticket = batch[index]
                 if ticket.gone or ticket.go.done():
