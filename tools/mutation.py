@@ -53,6 +53,7 @@ DEFAULT_TESTS: dict[str, list[str]] = {
         "tests/autodiff/test_basic_ops.py",
     ],
     "afnio/autodiff/graph.py": [
+        "tests/autodiff/test_graph.py",
         "tests/autodiff/test_engine.py",
         "tests/autodiff/test_engine_properties.py",
         "tests/autodiff/test_function.py",
