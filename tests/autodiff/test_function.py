@@ -279,7 +279,7 @@ def test_backward_without_retain_graph_frees_what_forward_saved():
     gc.collect()
     assert alive() is None  # the ctx no longer holds it
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        ctx.saved_variables
+        _ = ctx.saved_variables
 
 
 @pytest.mark.parametrize(
