@@ -19,7 +19,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -50,27 +51,46 @@ NO_KEY_NEEDED = "no-key-needed"
 
 
 class PerLoop(Generic[T]):
-    """One lazily built object per running event loop.
+    """One lazily built object per running event loop, closed on its own loop when no longer
+    needed.
 
     ``achat`` may be awaited on afnio's runtime loop, on a private nested loop, or on a user's
-    loop; an SDK async client must never be shared between them. Entries of loops that have
-    been closed are dropped.
+    loop; an SDK async client must never be shared between them. With ``close``, each object is
+    closed *on its own loop*: when that loop shuts down its async generators (``asyncio.run``
+    and afnio's nested loops do), or soon after this ``PerLoop`` is garbage-collected while the
+    loop still runs (afnio's runtime loop). Objects of loops closed some other way are dropped.
 
     Args:
         factory: Builds the object for the current loop; called at most once per loop.
+        close: ``async close(item)``, called once per object.
 
     Example:
-        >>> pool = PerLoop(object)
+        >>> closed = []
+        >>> async def close(item):
+        ...     closed.append(item)
+        >>> pool = PerLoop(object, close=close)
         >>> async def same():
         ...     return pool.get() is pool.get()
-        >>> asyncio.run(same())
-        True
+        >>> asyncio.run(same()), len(closed)
+        (True, 1)
     """
 
-    def __init__(self, factory: Callable[[], T]) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], T],
+        close: Callable[[T], Awaitable[Any]] | None = None,
+    ) -> None:
         self._factory = factory
+        self._close = close
         self._items: dict[asyncio.AbstractEventLoop, T] = {}
-        self._lock = threading.Lock()
+        # Per loop, a suspended async generator that the loop closes when it shuts down, which
+        # closes the loop's object there (see _closer).
+        self._closers: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._lock = threading.RLock()  # re-entrant: the finalizer may run during get()
+        if close is not None:
+            # Holds the objects, not this PerLoop, so they outlive it until they are closed.
+            finalizer = weakref.finalize(self, _close_all, self._items, self._lock, close)
+            finalizer.atexit = False
 
     def get(self) -> T:
         """The object for the running loop (must be called from a coroutine)."""
@@ -80,18 +100,82 @@ class PerLoop(Generic[T]):
             if item is None:
                 for stale in [lp for lp in self._items if lp.is_closed()]:
                     del self._items[stale]
+                    self._closers.pop(stale, None)
                 item = self._items[loop] = self._factory()
+                if self._close is not None:
+                    closer = _closer(loop, self._items, self._lock, self._close)
+                    self._closers[loop] = _start(closer)
             return item
 
     def pop(self) -> T | None:
-        """Remove and return the running loop's object (``None`` if it has none)."""
+        """Remove and return the running loop's object (``None`` if it has none); closing it is
+        then the caller's job."""
         loop = asyncio.get_running_loop()
         with self._lock:
+            self._closers.pop(loop, None)
             return self._items.pop(loop, None)
 
     def __len__(self) -> int:
         with self._lock:
             return sum(not loop.is_closed() for loop in self._items)
+
+
+_closing: set[asyncio.Task] = set()
+"""Close tasks in flight (the loop keeps only weak references to tasks)."""
+
+
+def _start(generator: Any) -> Any:
+    """Advance a new async generator to its first ``yield`` from synchronous code on the running
+    loop, so that the loop tracks it (and closes it when it shuts down)."""
+    step = generator.__anext__()
+    try:
+        step.send(None)
+    except StopIteration:
+        return generator
+    raise RuntimeError("PerLoop: a closer must yield before it awaits anything")
+
+
+async def _closer(
+    loop: asyncio.AbstractEventLoop,
+    items: dict[asyncio.AbstractEventLoop, Any],
+    lock: threading.RLock,
+    close: Callable[[Any], Awaitable[Any]],
+) -> AsyncIterator[None]:
+    """Waits at its ``yield`` until ``loop`` shuts its async generators down, then closes the
+    loop's object (unless :meth:`PerLoop.pop` or the finalizer took it first)."""
+    try:
+        yield
+    finally:
+        with lock:
+            item = items.pop(loop, None)
+        if item is not None:
+            await close(item)
+
+
+def _close_all(
+    items: dict[asyncio.AbstractEventLoop, Any],
+    lock: threading.RLock,
+    close: Callable[[Any], Awaitable[Any]],
+) -> None:
+    """A collected PerLoop's objects: each closed by a task on its own loop, if still running."""
+    with lock:
+        pairs = list(items.items())
+        items.clear()
+    for loop, item in pairs:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_close_task, loop, item, close)
+
+
+def _close_task(
+    loop: asyncio.AbstractEventLoop, item: Any, close: Callable[[Any], Awaitable[Any]]
+) -> None:
+    task = loop.create_task(close(item))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _close_sdk_client(client: Any) -> None:
+    await client.close()
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -351,7 +435,7 @@ class SdkChatModel(ChatCompletionModel):
         self.timeout = float(timeout)
         # The key lives only in this SDK object; per-loop clients are copies of it.
         self._template = self._new_sdk_template(key)
-        self._clients: PerLoop[Any] = PerLoop(self._new_sdk_client)
+        self._clients: PerLoop[Any] = PerLoop(self._new_sdk_client, close=_close_sdk_client)
 
     @abc.abstractmethod
     def _new_sdk_template(self, api_key: str) -> Any:

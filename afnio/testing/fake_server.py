@@ -161,9 +161,9 @@ class FakeProviderServer:
     Example:
         >>> import openai
         >>> with FakeProviderServer(reply=lambda body: "pong") as server:
-        ...     client = openai.OpenAI(base_url=server.openai_base_url, api_key="test")
-        ...     completion = client.chat.completions.create(
-        ...         model="gpt-4.1-nano", messages=[{"role": "user", "content": "ping"}])
+        ...     with openai.OpenAI(base_url=server.openai_base_url, api_key="test") as client:
+        ...         completion = client.chat.completions.create(
+        ...             model="gpt-4.1-nano", messages=[{"role": "user", "content": "ping"}])
         >>> completion.choices[0].message.content
         'pong'
         >>> len(server.requests)

@@ -298,3 +298,167 @@ def test_container_gradients_map_to_their_variables():
 def test_bad_apply_arguments_name_the_function():
     with pytest.raises(TypeError, match="Upper.apply"):
         Upper.apply()
+
+
+# ---------------------------------------------------------------------- edges found by mutation
+def test_save_for_backward_accepts_variables_and_none_only():
+    class Saves(Function):
+        @staticmethod
+        def forward(ctx, x, extra):
+            ctx.save_for_backward(x, None)
+            ctx.save_for_backward(x, extra)
+            return Variable(x.data)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output, None
+
+    x = Variable("x", requires_grad=True)
+    Saves.apply(x, Variable("e"))
+    with pytest.raises(TypeError, match="Saves: save_for_backward .* argument 1 is str"):
+        Saves.apply(x, "not a variable")
+
+
+def test_backward_without_retain_graph_frees_what_forward_saved():
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    class Keeps(Function):
+        @staticmethod
+        def forward(ctx, x, payload):
+            ctx.payload = payload
+            ctx.save_for_backward(x)
+            return Variable(x.data)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output, None
+
+    payload = Payload()
+    alive = weakref.ref(payload)
+    x = Variable("x", requires_grad=True)
+    y = Keeps.apply(x, payload)
+    ctx = y.grad_fn.ctx
+    del payload
+    y.backward(Variable("fb"))
+    gc.collect()
+    assert alive() is None  # the ctx no longer holds it
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        _ = ctx.saved_variables
+
+
+@pytest.mark.parametrize(
+    "argument, gradient, message",
+    [
+        (Variable("s", requires_grad=True), Variable(["a", "b"]),
+         "the input with role 'v' is a scalar but its gradient is a batch of 2"),
+        (Variable(["s", "t"], requires_grad=True), Variable("a"),
+         "the input with role 'v' is a batch of 2 but its gradient is a scalar"),
+        ([Variable("s", requires_grad=True)], [Variable("a"), Variable("b")],
+         "sequence of length 1"),
+        ({"k": Variable("s", requires_grad=True)}, {"k": None, "other": Variable("b")},
+         "must be None or a dict with its keys"),
+    ],
+)
+def test_gradient_shape_errors_say_what_was_expected(argument, gradient, message):
+    for variable in afnio.autodiff.function.flatten_variables(argument):
+        variable.role = "v"
+
+    class Returns(Function):
+        @staticmethod
+        def forward(ctx, value):
+            return Variable("out")
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return gradient
+
+    with pytest.raises(RuntimeError, match=message):
+        Returns.apply(argument).backward(Variable("fb"))
+
+
+def test_an_argument_without_variables_must_get_no_gradient():
+    class Labelled(Function):
+        @staticmethod
+        def forward(ctx, x, label):
+            return Variable(x.data + label)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output, Variable("a gradient for a str")
+
+    x = Variable("x", requires_grad=True)
+    with pytest.raises(RuntimeError, match="index 1: the input holds no Variable"):
+        Labelled.apply(x, "!").backward(Variable("fb"))
+
+
+def test_a_dict_argument_may_get_no_gradient_at_all():
+    class Mapping(Function):
+        @staticmethod
+        def forward(ctx, first, named):
+            return Variable("out")
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output, None
+
+    first = Variable("f", requires_grad=True)
+    named = {"a": Variable("a", requires_grad=True), "b": [Variable("b", requires_grad=True)]}
+    Mapping.apply(first, named).backward(Variable("fb"))
+    assert [g.data for g in first.grad] == ["fb"]
+    assert named["a"].grad == [] and named["b"][0].grad == []
+
+
+def test_forward_and_setup_context_run_without_recording():
+    seen = {}
+
+    class WithSetup(Function):
+        @staticmethod
+        def forward(x):
+            return Variable(x.data)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            seen["setup"] = afnio.is_grad_enabled()
+            ctx.extra = inputs[0] + "!"
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output
+
+    class AsyncForward(Function):
+        @staticmethod
+        async def forward(ctx, x):
+            await asyncio.sleep(0)
+            seen["async forward"] = afnio.is_grad_enabled()
+            return Variable(x.data)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output
+
+    x = Variable("x", requires_grad=True)
+    out = WithSetup.apply(x)
+    assert out.grad_fn.ctx.extra.grad_fn is None and not out.grad_fn.ctx.extra.requires_grad
+    AsyncForward.apply(x)
+
+    async def from_a_loop():
+        return await AsyncForward.aapply(x)
+
+    asyncio.run(from_a_loop())
+    assert seen == {"setup": False, "async forward": False}
+
+
+def test_aapply_records_only_under_grad_mode_with_an_input_needing_grad():
+    async def run_both():
+        plain = await AsyncEcho.aapply(Variable("no grad needed"))
+        with afnio.no_grad():
+            quiet = await AsyncEcho.aapply(Variable("x", requires_grad=True))
+        return plain, quiet
+
+    plain, quiet = asyncio.run(run_both())
+    for out in (plain, quiet):
+        assert out.grad_fn is None and not out.requires_grad

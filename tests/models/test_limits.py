@@ -4,6 +4,7 @@ import asyncio
 import inspect
 import logging
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -14,7 +15,7 @@ from afnio.models import BudgetExceededError, TransientError
 from afnio.models.limits import Limits, RateLimit, backoff_delay
 from afnio.models.model import ChatCompletionModel
 from afnio.models.usage import Usage
-from afnio.testing import ScriptedModel
+from afnio.testing import ScriptedModel, Turnstile
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -85,9 +86,23 @@ def test_clear_usage_restarts_the_budget():
 # Concurrency ------------------------------------------------------------------------------------
 
 
+def gated(*sizes: int) -> Any:
+    """A reply that holds the first waves of requests until ``sizes`` of them wait at once (so
+    the cap is certainly reached), one turnstile per event loop."""
+    gates: dict[asyncio.AbstractEventLoop, Turnstile] = {}
+
+    async def reply(messages, **kwargs):
+        loop = asyncio.get_running_loop()
+        gate = gates.setdefault(loop, Turnstile("reverse", expected=list(sizes), timeout=30))
+        await gate.wait()
+        return "hi"
+
+    return reply
+
+
 @pytest.mark.parametrize("cap", [1, 3, 8])
 def test_concurrency_cap_is_never_exceeded(cap):
-    model = ScriptedModel(latency=0.005, max_concurrency=cap)
+    model = ScriptedModel(gated(cap), max_concurrency=cap)
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(24)))
@@ -98,7 +113,7 @@ def test_concurrency_cap_is_never_exceeded(cap):
 
 
 def test_concurrency_cap_works_on_any_event_loop():
-    model = ScriptedModel(latency=0.005, max_concurrency=2)
+    model = ScriptedModel(gated(2), max_concurrency=2)
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(6)))
@@ -112,7 +127,7 @@ def test_concurrency_cap_works_on_any_event_loop():
 
 @given(cap=st.integers(1, 6), requests=st.integers(1, 16))
 def test_concurrency_cap_property(cap, requests):
-    model = ScriptedModel(latency=0.001, max_concurrency=cap)
+    model = ScriptedModel(gated(min(cap, requests)), max_concurrency=cap)
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(requests)))
@@ -123,7 +138,7 @@ def test_concurrency_cap_property(cap, requests):
 
 
 def test_no_cap_lets_everything_overlap():
-    model = ScriptedModel(latency=0.01)
+    model = ScriptedModel(gated(10))
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(10)))

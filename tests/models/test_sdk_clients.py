@@ -17,7 +17,7 @@ from afnio.models.anthropic import Anthropic, AsyncAnthropic
 from afnio.models.errors import BudgetExceededError, ModelError, TransientError
 from afnio.models.model import client_to_config
 from afnio.models.openai import AsyncOpenAI, OpenAI
-from afnio.testing import FakeProviderServer
+from afnio.testing import FakeProviderServer, Turnstile
 from afnio.testing.fake_server import FakeReply
 
 ASK = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "two words"}]
@@ -63,16 +63,33 @@ def test_transient_faults_are_retried_until_success(server, kit):
         500,
         503,
         529,
-        {"kind": "timeout", "hang": 30},
         "invalid_json",
         "truncated_json",
         "disconnect",
     )
-    client = kit.client_for(server, timeout=0.5, max_retries=8, **FAST_RETRY)
+    # A generous timeout: no answered request may time out, however loaded the machine.
+    client = kit.client_for(server, timeout=30, max_retries=7, **FAST_RETRY)
     assert client.chat(ASK) == "two words"
-    assert len(server.requests) == 9
+    assert len(server.requests) == 8
     assert server.pending_faults == 0
     assert client.get_usage()["requests"] == 1
+
+
+@each_kit
+def test_a_timed_out_attempt_is_retried(server, kit):
+    # The hanging request can only end by the client's timeout (2 s); the retry is answered at
+    # once, far within its own 2 s.
+    server.inject({"kind": "timeout", "hang": 60})
+    client = kit.client_for(server, timeout=2.0, max_retries=1, **FAST_RETRY)
+
+    async def once():
+        try:
+            return await client.achat(ASK)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(once()) == "two words"
+    assert len(server.requests) == 2 and server.pending_faults == 0
 
 
 @each_kit
@@ -88,17 +105,25 @@ def test_retries_are_exhausted_with_the_last_error(server, kit):
 
 @each_kit
 def test_one_attempt_maps_faults_to_transient_errors(server, kit):
-    client = kit.client_for(server, timeout=0.3)
+    # Only the hanging request meets the short timeout; every answered one has 30 s.
+    client = kit.client_for(server, timeout=30)
+    hasty = kit.client_for(server, timeout=0.3)
 
-    async def attempt():
-        return await client._send(ASK)
+    async def attempt(on=client):
+        try:
+            return await on._send(ASK)
+        finally:
+            await on.aclose()
 
     server.inject({"status": 429, "retry_after": 2})
     with pytest.raises(TransientError) as limited:
         asyncio.run(attempt())
     assert (limited.value.status, limited.value.retry_after) == (429, 2.0)
+    server.inject({"kind": "timeout", "hang": 30})
+    with pytest.raises(TransientError, match="timed out") as info:
+        asyncio.run(attempt(hasty))
+    assert info.value.status is None
     for fault, words, status in [
-        ({"kind": "timeout", "hang": 30}, "timed out", None),
         ("invalid_json", "not valid JSON", None),
         ("truncated_json", "not valid JSON", None),
         ("disconnect", "connection failed", None),
@@ -170,9 +195,16 @@ def test_budget_refuses_before_sending(server, kit):
     assert len(server.requests) == 1
 
 
+def echo(body: dict) -> str:
+    content = body["messages"][-1]["content"]
+    return content if isinstance(content, str) else "".join(b["text"] for b in content)
+
+
 @each_kit
 def test_concurrency_cap_is_never_exceeded(kit):
-    with FakeProviderServer(latency=0.1) as slow:
+    # The first 3 requests are held until all 3 wait on the server: the cap is certainly reached.
+    gate = Turnstile("reverse", expected=[3], timeout=30)
+    with FakeProviderServer(reply=gate.wrap(echo)) as slow:
         client = kit.client_for(slow, max_concurrency=3)
 
         async def burst():
@@ -190,11 +222,14 @@ def test_concurrency_cap_is_never_exceeded(kit):
 
 @each_kit
 def test_uncapped_requests_overlap(kit):
-    with FakeProviderServer(latency=0.5) as slow:
+    gate = Turnstile("reverse", expected=20, timeout=30)  # all 20 must wait at once
+    with FakeProviderServer(reply=gate.wrap(echo)) as slow:
         client = kit.client_for(slow)
 
         async def burst():
-            return await asyncio.gather(*[client.achat(ASK) for _ in range(20)])
+            replies = await asyncio.gather(*[client.achat(ASK) for _ in range(20)])
+            await client.aclose()
+            return replies
 
         asyncio.run(burst())
     assert slow.max_in_flight == 20

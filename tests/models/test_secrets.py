@@ -62,11 +62,11 @@ def captured_logs():
 def cache_contents(path):
     with sqlite3.connect(path) as connection:
         rows = connection.execute("SELECT * FROM responses").fetchall()
-    raw = b"".join(
-        open(os.path.join(os.path.dirname(path), name), "rb").read()
-        for name in os.listdir(os.path.dirname(path))
-    )
-    return repr(rows), raw
+    pieces = []
+    for name in os.listdir(os.path.dirname(path)):
+        with open(os.path.join(os.path.dirname(path), name), "rb") as file:
+            pieces.append(file.read())
+    return repr(rows), b"".join(pieces)
 
 
 def assert_secret_free(key, client, *texts):

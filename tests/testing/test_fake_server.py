@@ -14,20 +14,32 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from afnio.testing import FakeProviderServer
+from afnio.testing import FakeProviderServer, Turnstile
 from afnio.testing.fake_server import FakeReply, Fault
 
 USER = [{"role": "user", "content": "hello there world"}]
+_opened: list = []  # SDK clients made by a test, closed after it (their sockets with them)
+
+
+@pytest.fixture(autouse=True)
+def close_sdk_clients():
+    yield
+    while _opened:
+        _opened.pop().close()
 
 
 def openai_client(server: FakeProviderServer, **kwargs) -> openai.OpenAI:
     kwargs.setdefault("api_key", "test-key")
-    return openai.OpenAI(base_url=server.openai_base_url, max_retries=0, **kwargs)
+    client = openai.OpenAI(base_url=server.openai_base_url, max_retries=0, **kwargs)
+    _opened.append(client)
+    return client
 
 
 def anthropic_client(server: FakeProviderServer, **kwargs) -> anthropic.Anthropic:
     kwargs.setdefault("api_key", "test-key")
-    return anthropic.Anthropic(base_url=server.anthropic_base_url, max_retries=0, **kwargs)
+    client = anthropic.Anthropic(base_url=server.anthropic_base_url, max_retries=0, **kwargs)
+    _opened.append(client)
+    return client
 
 
 def wait_until(condition, timeout: float = 5.0) -> bool:
@@ -185,7 +197,9 @@ def test_timeout_fault_holds_until_the_client_gives_up(fake_server):
         client.chat.completions.create(model="m", messages=USER)
     assert time.monotonic() - started < 10
     assert wait_until(lambda: fake_server.in_flight == 0)
-    assert client.chat.completions.create(model="m", messages=USER).choices[0].message.content
+    # The next request is answered at once; a default timeout keeps a loaded machine out of it.
+    patient = openai_client(fake_server)
+    assert patient.chat.completions.create(model="m", messages=USER).choices[0].message.content
 
 
 def test_api_key_is_checked_when_configured():
@@ -258,7 +272,10 @@ def test_many_requests_are_in_flight_at_once():
                 ]
             )
 
-    with FakeProviderServer(latency=1.0) as server:
+    # The server holds every request until all 64 wait at once: certain, whatever the load.
+    gate = Turnstile("reverse", expected=64, timeout=30)
+    reply = gate.wrap(lambda body: body["messages"][-1]["content"])
+    with FakeProviderServer(reply=reply) as server:
         results = asyncio.run(burst(server))
         assert server.in_flight == 0
     assert sorted(r.choices[0].message.content for r in results) == sorted(
