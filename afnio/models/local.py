@@ -13,6 +13,7 @@ weights), so the pipeline's context-window check sees exactly what llama.cpp wil
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import importlib.util
 import inspect
@@ -239,7 +240,10 @@ class LocalModel(ChatCompletionModel):
                                              verbose=False)
         return self._llama
 
-    def _llama_args(self, completion_args: dict[str, Any]) -> dict[str, Any]:
+    def _check_completion_args(self, completion_args: dict[str, Any]) -> None:
+        self._llama_args(completion_args, grammar=False)
+
+    def _llama_args(self, completion_args: dict[str, Any], grammar: bool = True) -> dict[str, Any]:
         who = "LocalModel.achat"
         args = dict(completion_args)
         check_one_whole_reply(args, who, "send several requests instead")
@@ -250,13 +254,16 @@ class LocalModel(ChatCompletionModel):
             if name not in _HANDLED and (name in _NOT_FOR_LLAMA or name not in accepted)
         )
         if unknown:
+            known = sorted((accepted | _HANDLED) - _NOT_FOR_LLAMA)
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{who}: completion argument(s) {', '.join(map(repr, unknown))} "
-                             "are not supported by the local llama.cpp model")
+                             f"are not supported by the local llama.cpp model{hint}")
         args.setdefault("max_tokens", self.max_tokens)
         args.setdefault("seed", self.seed)
         if "response_format" in args:
             schema, _name = json_schema_of(args.pop("response_format"), who)
-            if schema is not None:
+            if schema is not None and grammar:
                 args["grammar"] = _grammar(schema, who)
         return args
 

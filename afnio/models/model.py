@@ -19,6 +19,7 @@ pipeline refuses a request that doesn't fit with
 from __future__ import annotations
 
 import abc
+import asyncio
 import importlib
 import logging
 import threading
@@ -31,8 +32,9 @@ from afnio.models import tokens
 from afnio.models.cache import CachedResponse, ResponseCache
 from afnio.models.context_windows import context_window_for, unknown_context_window
 from afnio.models.errors import ContextWindowError, TransientError
-from afnio.models.limits import Limits
-from afnio.models.pricing import cost_usd
+from afnio.models.limits import Estimate, Limits
+from afnio.models.options import PipelineOptions
+from afnio.models.pricing import FREE_PROVIDERS, cost_usd, price_for
 from afnio.models.usage import Usage, record_usage
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "Completion",
     "client_from_config",
     "client_to_config",
+    "register_client_class",
 ]
 
 DEFAULT_OUTPUT_RESERVE = 1024
@@ -112,24 +115,26 @@ class ChatCompletionModel(abc.ABC):
 
     Args:
         model: The model name sent to the provider.
-        max_concurrency: Requests in flight at once (per event loop); ``None`` = no cap.
-        requests_per_minute: Pace requests to this rate; ``None`` = no pacing.
-        tokens_per_minute: Pace tokens (prompt estimate, then actual) to this rate.
-        max_retries: Retries of a request failing with a transient error (429, 5xx, timeout).
-        retry_base_delay: Backoff before the first retry, in seconds (doubles, jittered).
-        retry_max_delay: Longest backoff between retries (a ``Retry-After`` may ask longer).
-        budget_usd: Refuse requests (before sending) once this client spent this many dollars.
-        budget_tokens: Refuse requests once this client used this many tokens.
-        cache: A :class:`~afnio.models.cache.ResponseCache`, or ``None`` for no cache.
-        context_window: The model's context window in tokens (prompt plus reply); ``None``
-            takes it from the client (a local model's ``n_ctx``), else from the table of known
-            provider models, else assumes 8192 with a one-time warning.
+        **options: The pipeline options, declared once in
+            :class:`~afnio.models.options.PipelineOptions` with their defaults:
+            ``max_concurrency`` (requests in flight at once, process-wide), ``requests_per_minute``
+            and ``tokens_per_minute`` (pacing), ``max_retries`` (8), ``retry_base_delay``
+            (0.5 s) and ``retry_max_delay`` (30 s), ``budget_usd`` and ``budget_tokens``
+            (refuse a request before sending when its estimate would pass them),
+            ``context_window`` (see :attr:`context_window`) and ``cache`` (a
+            :class:`~afnio.models.cache.ResponseCache`).
 
     Attributes:
         provider: The provider name, e.g. ``"openai"``, ``"anthropic"``, ``"local"``.
         model: The model name sent to the provider.
+        options: The :class:`~afnio.models.options.PipelineOptions`.
         limits: The :class:`~afnio.models.limits.Limits` gating this client's requests.
         cache: The response cache or ``None``.
+
+    Raises:
+        TypeError: If an option is unknown (the closest name is suggested) or mistyped.
+        ValueError: If an option is out of range, or ``budget_usd`` is set for a model with no
+            known price (its spending could not be estimated).
 
     Example:
         >>> from afnio.testing import ScriptedModel
@@ -143,51 +148,26 @@ class ChatCompletionModel(abc.ABC):
     provider: str = ""
     model: str = ""
 
-    def __init__(
-        self,
-        model: str = "",
-        *,
-        max_concurrency: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        max_retries: int = 3,
-        retry_base_delay: float = 0.5,
-        retry_max_delay: float = 30.0,
-        budget_usd: float | None = None,
-        budget_tokens: int | None = None,
-        cache: ResponseCache | None = None,
-        context_window: int | None = None,
-    ) -> None:
+    def __init__(self, model: str = "", **options: Any) -> None:
+        name = type(self).__name__
         if not isinstance(model, str):
-            raise TypeError(
-                f"{type(self).__name__}: model must be a str, got {type(model).__name__}"
-            )
-        if cache is not None and not isinstance(cache, ResponseCache):
-            raise TypeError(
-                f"{type(self).__name__}: cache must be a ResponseCache or None, "
-                f"got {type(cache).__name__}"
-            )
+            raise TypeError(f"{name}: model must be a str, got {type(model).__name__}")
         self.model = model or type(self).model
-        self.limits = Limits(
-            max_concurrency=max_concurrency,
-            requests_per_minute=requests_per_minute,
-            tokens_per_minute=tokens_per_minute,
-            max_retries=max_retries,
-            retry_base_delay=retry_base_delay,
-            retry_max_delay=retry_max_delay,
-            budget_usd=budget_usd,
-            budget_tokens=budget_tokens,
-        )
-        if context_window is not None and (
-            not isinstance(context_window, int) or isinstance(context_window, bool)
-            or context_window < 1
+        self.options = PipelineOptions.from_kwargs(name, options)
+        if (
+            self.options.budget_usd is not None
+            and self.provider not in FREE_PROVIDERS
+            and price_for(self.model) is None
         ):
             raise ValueError(
-                f"{type(self).__name__}: context_window must be a positive int (tokens) or None, "
-                f"got {context_window!r}"
+                f"{name}({self.model!r}): budget_usd needs the model's price to estimate each "
+                f"request before sending, but afnio knows no price for {self.provider} model "
+                f"{self.model!r}; add one with afnio.models.set_price({self.model!r}, input=..., "
+                f"output=...) or cap tokens with budget_tokens="
             )
-        self.cache = cache
-        self._context_window = context_window
+        self.limits = Limits(self.options)
+        self.cache = self.options.cache
+        self._context_window = self.options.context_window
         self._usage = Usage()
         self._usage_lock = threading.Lock()
 
@@ -346,11 +326,14 @@ class ChatCompletionModel(abc.ABC):
         """
         name = type(self).__name__
         messages = _checked_messages(messages, name)
-        prompt_tokens = self._check_fits(messages, self.output_reserve(completion_args))
+        self._check_completion_args(completion_args)
+        reserve = self.output_reserve(completion_args)
+        prompt_tokens = self._check_fits(messages, reserve)
         cache = self.cache if self.cache is not None and self.cache.reads else None
         key = ""
         if cache is not None:
-            key = cache.key(self.provider, self.model, messages, completion_args)
+            key = cache.key(self.provider, self.model, messages, completion_args,
+                            endpoint=self.endpoint)
             hit = await cache.aget(key)
             if hit is not None:
                 self._record(Usage(cached_tokens=hit.prompt_tokens + hit.completion_tokens))
@@ -358,45 +341,75 @@ class ChatCompletionModel(abc.ABC):
 
         token_rate = self.limits.token_rate
         estimated = prompt_tokens if token_rate is not None else 0
+        estimate = Estimate(prompt_tokens, reserve, self._estimated_cost(prompt_tokens, reserve))
 
         async def send() -> Completion:
-            return await self._send(messages, **completion_args)
+            try:
+                return await self._send(messages, **completion_args)
+            except asyncio.CancelledError:
+                # Cancelled in flight: the provider may have received (and billed) the prompt.
+                self._record(Usage(requests=1, prompt_tokens=prompt_tokens,
+                                   cost_usd=self._estimated_cost(prompt_tokens, 0)))
+                raise
 
-        completion = await self.limits.call(
-            send,
-            estimated_tokens=estimated,
-            spent=self._spent,
-            client=self,
-            on_retry=self._log_retry,
-        )
-        if not isinstance(completion, Completion) or not isinstance(completion.text, str):
-            raise TypeError(
-                f"{name}._send must return a Completion with str text, got {completion!r:.80}"
+        with self.limits.reserved(estimate, spent=self._spent, client=self):
+            completion = await self.limits.call(
+                send,
+                estimated_tokens=estimated,
+                spent=self._spent,
+                client=self,
+                on_retry=self._log_retry,
             )
-        if token_rate is not None:
-            token_rate.adjust(completion.prompt_tokens + completion.completion_tokens - estimated)
-        self._record(
-            Usage(
-                requests=1,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                cached_tokens=completion.cached_tokens,
-                cost_usd=cost_usd(
-                    self.provider,
-                    self.model,
+            if not isinstance(completion, Completion) or not isinstance(completion.text, str):
+                raise TypeError(
+                    f"{name}._send must return a Completion with str text, got {completion!r:.80}"
+                )
+            if token_rate is not None:
+                token_rate.adjust(
+                    completion.prompt_tokens + completion.completion_tokens - estimated
+                )
+            self._record(
+                Usage(
+                    requests=1,
                     prompt_tokens=completion.prompt_tokens,
                     completion_tokens=completion.completion_tokens,
                     cached_tokens=completion.cached_tokens,
-                    cache_write_tokens=completion.cache_write_tokens,
-                ),
+                    cost_usd=cost_usd(
+                        self.provider,
+                        self.model,
+                        prompt_tokens=completion.prompt_tokens,
+                        completion_tokens=completion.completion_tokens,
+                        cached_tokens=completion.cached_tokens,
+                        cache_write_tokens=completion.cache_write_tokens,
+                    ),
+                )
             )
-        )
         if cache is not None:
             stored = CachedResponse(
                 completion.text, completion.prompt_tokens, completion.completion_tokens
             )
             await cache.aput(key, stored, provider=self.provider, model=self.model)
         return completion.text
+
+    def _estimated_cost(self, prompt_tokens: int, reply_tokens: int) -> float:
+        """USD of a request before it is sent (0 without a USD budget or for a free model)."""
+        if self.limits.budget.usd is None or self.provider in FREE_PROVIDERS:
+            return 0.0
+        return cost_usd(self.provider, self.model, prompt_tokens=prompt_tokens,
+                        completion_tokens=reply_tokens)
+
+    def _check_completion_args(self, completion_args: dict[str, Any]) -> None:
+        """Refuse completion arguments this client can't send (before anything else happens).
+
+        Raises:
+            TypeError, ValueError: If an argument is unknown, misspelled or malformed.
+        """
+        return None  # the base class sends whatever _send accepts
+
+    @property
+    def endpoint(self) -> str | None:
+        """Where requests go (a base URL), part of the response-cache key; ``None`` in process."""
+        return None
 
     def chat(self, messages: list[dict[str, Any]], **completion_args: Any) -> str:
         """Synchronous twin of :meth:`achat` (safe from Jupyter and from threads)."""
@@ -405,8 +418,9 @@ class ChatCompletionModel(abc.ABC):
     def _log_retry(self, attempt: int, error: TransientError, delay: float) -> None:
         status = f"status {error.status}, " if error.status is not None else ""
         logger.warning(
-            "%r: request failed (%s%s); retry %d of %d in %.2fs",
-            self, status, type(error).__name__, attempt, self.limits.max_retries, delay,
+            "%r: request failed (%s%s: %s); retry %d of %d in %.2fs",
+            self, status, type(error).__name__, str(error) or repr(error), attempt,
+            self.limits.max_retries, delay,
         )
 
     def _spent(self) -> Usage:
@@ -435,19 +449,19 @@ class ChatCompletionModel(abc.ABC):
     def get_config(self) -> dict[str, Any]:
         """The JSON-safe constructor arguments of this client — never an API key.
 
-        Includes the limit options that differ from their defaults and the cache (as its path
-        and mode), so :meth:`from_config` rebuilds a client that behaves the same.
+        Includes the pipeline options that differ from their defaults and the cache (as its
+        path and mode), so :meth:`from_config` rebuilds a client that behaves the same.
         """
-        config: dict[str, Any] = {"model": self.model, **self.limits.get_config()}
-        if self._context_window is not None:
-            config["context_window"] = self._context_window
-        if self.cache is not None:
-            config["cache"] = self.cache.get_config()
-        return config
+        return {"model": self.model, **self.options.non_defaults()}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ChatCompletionModel:
-        """Rebuild a client from :meth:`get_config` output (keys come from the environment)."""
+        """Rebuild a client from :meth:`get_config` output (keys come from the environment).
+
+        Everything in ``config`` is used, endpoints and cache paths included: give it only
+        configs you trust (loading from files does so only when asked, see
+        :func:`client_from_config`).
+        """
         config = dict(config)
         if isinstance(config.get("cache"), dict):
             config["cache"] = ResponseCache(**config["cache"])
@@ -463,31 +477,113 @@ class ChatCompletionModel(abc.ABC):
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickle through the secret-free config: keys come back from the environment.
-        return client_from_config, (client_to_config(self),)
+        # Pickle through the secret-free config: keys come back from the environment. (Pickle
+        # names the class itself; a pickle runs code anyway, so no registry check applies.)
+        return _rebuild, (type(self), self.get_config())
+
+
+def _rebuild(cls: type[ChatCompletionModel], config: dict[str, Any]) -> ChatCompletionModel:
+    """Unpickle a client (see ``ChatCompletionModel.__reduce__``)."""
+    return cls.from_config(config)
+
+
+_KNOWN_CLIENTS = {
+    "afnio.models.openai.AsyncOpenAI": "afnio.models.openai",
+    "afnio.models.openai.OpenAI": "afnio.models.openai",
+    "afnio.models.anthropic.AsyncAnthropic": "afnio.models.anthropic",
+    "afnio.models.anthropic.Anthropic": "afnio.models.anthropic",
+    "afnio.models.local.LocalModel": "afnio.models.local",
+    "afnio.testing.scripted.ScriptedModel": "afnio.testing.scripted",
+}
+_registered_clients: dict[str, type[ChatCompletionModel]] = {}
+_registry_lock = threading.Lock()
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_client_class(cls: type[ChatCompletionModel]) -> type[ChatCompletionModel]:
+    """Let :func:`client_from_config` rebuild clients of ``cls``, your own client class.
+
+    afnio's own clients are always known; any other class must be registered by your code
+    before a description naming it can be rebuilt (a file can never make afnio import a module).
+    Usable as a class decorator.
+
+    Args:
+        cls: A :class:`ChatCompletionModel` subclass.
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        TypeError: If ``cls`` is not a ChatCompletionModel subclass.
+
+    Example:
+        >>> from afnio.testing import ScriptedModel
+        >>> @register_client_class
+        ... class Shouting(ScriptedModel):
+        ...     pass
+        >>> type(client_from_config(client_to_config(Shouting()))).__name__
+        'Shouting'
+    """
+    if not (isinstance(cls, type) and issubclass(cls, ChatCompletionModel)):
+        raise TypeError(f"register_client_class: {cls!r} is not a ChatCompletionModel subclass")
+    with _registry_lock:
+        _registered_clients[_class_path(cls)] = cls
+    return cls
 
 
 def client_to_config(client: ChatCompletionModel) -> dict[str, Any]:
-    """Describe ``client`` as ``{"class": "module.Class", "config": {...}}``, without secrets."""
-    cls = type(client)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "config": client.get_config()}
+    """Describe ``client`` as ``{"class": "module.Class", "config": {...}}``, without secrets.
+
+    Example:
+        >>> from afnio.testing import ScriptedModel
+        >>> client_to_config(ScriptedModel(model="m"))
+        {'class': 'afnio.testing.scripted.ScriptedModel', 'config': {'model': 'm', 'latency': 0.0}}
+    """
+    return {"class": _class_path(type(client)), "config": client.get_config()}
 
 
-def client_from_config(description: dict[str, Any]) -> ChatCompletionModel:
+def client_from_config(description: Mapping[str, Any]) -> ChatCompletionModel:
     """Rebuild a client from :func:`client_to_config` output.
 
-    Only subclasses of :class:`ChatCompletionModel` are accepted, so a crafted file can't make
-    afnio instantiate an arbitrary class.
+    The class must be one of afnio's own clients (``AsyncOpenAI``, ``OpenAI``,
+    ``AsyncAnthropic``, ``Anthropic``, ``LocalModel``, ``ScriptedModel``) or registered with
+    :func:`register_client_class`: nothing else is imported or constructed, whatever the
+    description names. The config is used whole — endpoint (``base_url``), cache path, model
+    file — so rebuild only descriptions you trust; ``afnio.load``, ``load_state_dict`` and the
+    Trainer's resume call this only when asked to (``load_clients=True``).
 
     Raises:
-        ValueError: If the class can't be found or is not a ChatCompletionModel.
+        ValueError: If the description is malformed or names a class afnio doesn't know.
+
+    Example:
+        >>> from afnio.testing import ScriptedModel
+        >>> client_from_config(client_to_config(ScriptedModel(model="m"))).model
+        'm'
     """
-    path = description.get("class", "")
-    module_name, _, class_name = path.rpartition(".")
+    if not isinstance(description, Mapping):
+        raise ValueError(f"a model client description must be a dict, got "
+                         f"{type(description).__name__}")
+    path, config = description.get("class"), description.get("config", {})
+    if not isinstance(path, str) or not isinstance(config, Mapping):
+        raise ValueError(
+            "a model client description needs {'class': str, 'config': dict}, got "
+            f"{dict(description)!r:.120}"
+        )
+    with _registry_lock:
+        cls = _registered_clients.get(path)
+    if cls is None and path in _KNOWN_CLIENTS:
+        cls = getattr(importlib.import_module(_KNOWN_CLIENTS[path]), path.rpartition(".")[2])
+    if cls is None:
+        raise ValueError(
+            f"model client class {path!r} is not one afnio knows; a description may name only "
+            f"afnio's clients ({', '.join(name.rpartition('.')[2] for name in _KNOWN_CLIENTS)}) "
+            "or a class your code registered with afnio.models.register_client_class (afnio "
+            "never imports a module a file names)"
+        )
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"cannot find model client class {path!r}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, ChatCompletionModel)):
-        raise ValueError(f"{path!r} is not a ChatCompletionModel subclass")
-    return cls.from_config(dict(description.get("config", {})))
+        return cls.from_config(dict(config))
+    except TypeError as error:
+        raise ValueError(f"cannot rebuild a {path} from its config: {error}") from None
