@@ -29,6 +29,7 @@ from afnio.models.errors import (
     InvalidRequestError,
     MalformedReplyError,
     ModelError,
+    StructuredOutputUnsupportedError,
     TransientError,
 )
 from afnio.models.model import ChatCompletionModel
@@ -499,15 +500,20 @@ class SdkChatModel(ChatCompletionModel):
     def _where(self) -> str:
         return f"{self.provider} {self.model} at {self.endpoint}"
 
-    async def _call_sdk(self, request: Callable[[Any], Awaitable[Any]]) -> dict[str, Any]:
+    async def _call_sdk(
+        self, request: Callable[[Any], Awaitable[Any]], *, structured: str | None = None
+    ) -> dict[str, Any]:
         """The JSON body of ``request(sdk_client)`` (a ``with_raw_response`` call), with the
-        running loop's SDK client; SDK errors and unreadable replies become afnio's errors."""
+        running loop's SDK client; SDK errors and unreadable replies become afnio's errors.
+
+        ``structured`` names the structured-output form the request carries (if any), so that
+        a server rejecting it raises StructuredOutputUnsupportedError."""
         sdk = self._sdk
         client = self._clients.get()
         try:
             raw = await request(client)
         except sdk.APIStatusError as exc:
-            raise self._status_error(exc) from None
+            raise self._status_error(exc, structured) from None
         except sdk.APITimeoutError:
             raise TransientError(
                 f"{self._where()}: request timed out after {self.timeout}s"
@@ -561,7 +567,7 @@ class SdkChatModel(ChatCompletionModel):
             endpoint=self.endpoint,
         )
 
-    def _status_error(self, exc: Any) -> ModelError:
+    def _status_error(self, exc: Any, structured: str | None = None) -> ModelError:
         status = exc.status_code
         response = getattr(exc, "response", None)
         url = str(response.url) if response is not None else self.endpoint
@@ -572,6 +578,13 @@ class SdkChatModel(ChatCompletionModel):
                 f"{self._api_key_env}){self._auth_hint()}"
             )
         message = self._safe(self._api_message(exc))
+        if structured and status not in RETRYABLE_STATUS and _STRUCTURED_TEXT.search(message):
+            return StructuredOutputUnsupportedError(
+                f"{name}: the server rejected the structured-output format ({structured}): "
+                f"{message}. Structured outputs are now off for this client "
+                f"(structured_output_args returns None): ask again without them",
+                status=status, field=_rejected_field(exc.body, message), endpoint=url,
+            )
         if status in (400, 422) or (status >= 500 and _is_validation_error(exc.body, message)):
             field = _rejected_field(exc.body, message)
             rejected = f" (rejected field: {field})" if field else ""
@@ -595,6 +608,11 @@ _VALIDATION_TEXT = re.compile(
     r"validation error|invalid (?:request|value|type|argument|parameter)|unrecognized "
     r"(?:request )?argument|extra (?:inputs|fields) (?:are )?not permitted|field required|"
     r"not supported|unsupported",
+    re.IGNORECASE,
+)
+_STRUCTURED_TEXT = re.compile(
+    r"response_format|json_schema|guided_json|guided_decoding|structured.outputs?|output_config|"
+    r"output_format|grammar",
     re.IGNORECASE,
 )
 _FIELD_NAMES = re.compile(

@@ -115,10 +115,18 @@ class AsyncAnthropic(SdkChatModel):
     def _default_output_cap(self) -> int:
         return self.max_tokens
 
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        # Sent as the Messages API's structured output, output_config.format (see _request_args).
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": name, "schema": schema}}}
+
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         request = self._request(messages, completion_args)
+        structured = "output_config.format" if "format" in request.get("output_config", {}) else (
+            None)
         data = await self._call_sdk(
-            lambda client: client.messages.with_raw_response.create(model=self.model, **request)
+            lambda client: client.messages.with_raw_response.create(model=self.model, **request),
+            structured=structured,
         )
         return self._completion(data, messages)
 

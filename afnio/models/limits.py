@@ -226,10 +226,10 @@ class Estimate:
 class Budget:
     """A spending cap in US dollars and/or tokens that refuses requests before they are sent.
 
-    Each request :meth:`reserve` s its :class:`Estimate` first: it is refused when what was
-    spent, plus what requests in flight reserved, plus its own estimate would pass the cap. So a
-    batch of concurrent requests can't overshoot together. The reservation is held until the
-    request's real usage is recorded, then :meth:`release` d.
+    Each request first reserves its :class:`Estimate` (:meth:`reserve`): it is refused when what
+    was spent, plus what requests in flight reserved, plus its own estimate would pass the cap.
+    So a batch of concurrent requests can't overshoot together. The reservation is held until
+    the request's real usage is recorded, then given back (:meth:`release`).
 
     Args:
         usd: Dollars that may be spent; ``None`` for no dollar cap.
@@ -241,7 +241,7 @@ class Budget:
         >>> budget.reserve(Usage(), Estimate(14, 64), client="m")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        afnio.models.errors.BudgetExceededError: m: the token budget of 100 would be passed ...
+        afnio.models.errors.BudgetExceededError: m: the token budget of 100 would be passed...
     """
 
     def __init__(self, usd: float | None = None, tokens: int | None = None) -> None:

@@ -150,6 +150,14 @@ class LocalModel(ChatCompletionModel):
     def _own_context_window(self) -> int:
         return self.n_ctx
 
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        try:
+            _grammar(schema, "LocalModel.structured_output_args")
+        except ValueError:
+            return None  # llama.cpp can't turn this schema into a grammar: use tags
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": name, "schema": schema}}}
+
     def _default_output_cap(self) -> int:
         return self.max_tokens
 
@@ -345,10 +353,16 @@ def _chat_arguments() -> frozenset[str]:
 
 
 def _grammar(schema: dict[str, Any], who: str) -> Any:
+    return _grammar_of(json.dumps(schema, sort_keys=True), who)
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_of(schema_json: str, who: str) -> Any:
+    # Building a grammar takes milliseconds; a run asks for the same few schemas again and again.
     try:
-        return _llama_cpp().LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        return _llama_cpp().LlamaGrammar.from_json_schema(schema_json, verbose=False)
     except (AssertionError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise ValueError(
             f"{who}: llama.cpp cannot turn the response_format JSON schema into a grammar "
-            f"({type(exc).__name__}: {exc}); schema: {json.dumps(schema)[:200]}"
+            f"({type(exc).__name__}: {exc}); schema: {schema_json[:200]}"
         ) from exc

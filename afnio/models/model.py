@@ -4,10 +4,11 @@ Ops never talk to an SDK directly; they call ``await client.achat(messages, **co
 and get text back. ``messages`` is a list of ``{"role": "system" | "user" | "assistant",
 "content": str}`` dicts.
 
-:meth:`ChatCompletionModel.achat` is the request pipeline shared by every client: response
-cache lookup → budget check → concurrency and rate limits → ``_send`` with retries → usage
-recording (per client and run-wide) → cache store. A client only implements ``_send``, which
-makes one attempt and returns a :class:`Completion`.
+:meth:`ChatCompletionModel.achat` is the request pipeline shared by every client: argument
+and context-window checks → response cache lookup → budget reservation of the request's
+estimate → concurrency and rate limits → ``_send`` with retries → usage recording (per client
+and run-wide) → cache store. A client only implements ``_send``, which makes one attempt and
+returns a :class:`Completion`.
 
 Every client knows its context window (:attr:`ChatCompletionModel.context_window`), counts tokens
 the way its model does (:meth:`ChatCompletionModel.count_message_tokens`) and knows how much of
@@ -31,7 +32,11 @@ from afnio._runtime import run
 from afnio.models import tokens
 from afnio.models.cache import CachedResponse, ResponseCache
 from afnio.models.context_windows import context_window_for, unknown_context_window
-from afnio.models.errors import ContextWindowError, TransientError
+from afnio.models.errors import (
+    ContextWindowError,
+    StructuredOutputUnsupportedError,
+    TransientError,
+)
 from afnio.models.limits import Estimate, Limits
 from afnio.models.options import PipelineOptions
 from afnio.models.pricing import FREE_PROVIDERS, cost_usd, price_for
@@ -43,6 +48,7 @@ __all__ = [
     "Completion",
     "client_from_config",
     "client_to_config",
+    "openai_json_schema",
     "register_client_class",
 ]
 
@@ -168,6 +174,7 @@ class ChatCompletionModel(abc.ABC):
         self.limits = Limits(self.options)
         self.cache = self.options.cache
         self._context_window = self.options.context_window
+        self._structured_output_on = True
         self._usage = Usage()
         self._usage_lock = threading.Lock()
 
@@ -240,6 +247,69 @@ class ChatCompletionModel(abc.ABC):
         """
         count = tokens.count_message_tokens(messages, self.model)
         return count if self._counts_exactly() else tokens.with_margin(count)
+
+    def structured_output_args(self, schema: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+        """Completion arguments that constrain a reply to ``schema`` on this backend, or ``None``.
+
+        ``None`` means this client can't constrain replies (or can't for this schema, or its
+        server rejected the format once, see below): the caller then asks for tagged text.
+        Which arguments, per backend:
+
+        ======================================  =============================================
+        Client                                  Arguments
+        ======================================  =============================================
+        ``AsyncOpenAI`` (OpenAI)                ``response_format`` ``json_schema`` (strict
+                                                when the schema allows it)
+        ``AsyncOpenAI`` with ``base_url``       by its ``structured_output=`` option:
+                                                ``"json_schema"`` (default, as OpenAI),
+                                                ``"llama.cpp"`` (``{"type": "json_object",
+                                                "schema": ...}``), ``"vllm"``
+                                                (``guided_json``), ``None`` (no arguments)
+        ``AsyncAnthropic``                      ``response_format``, sent as the Messages
+                                                API's structured output
+                                                (``output_config.format``)
+        ``LocalModel``                          ``response_format``, applied as a llama.cpp
+                                                grammar (``None`` if llama.cpp can't turn the
+                                                schema into one)
+        ``ScriptedModel``                       OpenAI's form if built with
+                                                ``structured_output=True``, else ``None``
+        ======================================  =============================================
+
+        When a server answers a request carrying these arguments with an error saying the
+        format is unsupported (e.g. llama.cpp's server answering 500 to OpenAI's
+        ``json_schema``), the request raises
+        :class:`~afnio.models.errors.StructuredOutputUnsupportedError` at once (no retries) and
+        this client stops offering structured outputs: later calls return ``None``.
+
+        Args:
+            schema: A JSON schema (a dict).
+            name: A name for it (OpenAI's ``json_schema.name``: letters, digits, ``_``, ``-``).
+
+        Raises:
+            TypeError: If ``schema`` is not a dict or ``name`` not a non-empty str.
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}}
+            >>> ScriptedModel().structured_output_args(schema, "label") is None
+            True
+            >>> structured = ScriptedModel(structured_output=True)
+            >>> sorted(structured.structured_output_args(schema, "label"))
+            ['response_format']
+        """
+        if not isinstance(schema, Mapping):
+            raise TypeError(f"{type(self).__name__}.structured_output_args: schema must be a "
+                            f"dict, got {type(schema).__name__}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{type(self).__name__}.structured_output_args: name must be a "
+                            f"non-empty str, got {name!r}")
+        if not self._structured_output_on:
+            return None
+        return self._structured_output_args(dict(schema), name)
+
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        """The backend's arguments for :meth:`structured_output_args` (``None``: it has none)."""
+        return None
 
     def _default_output_cap(self) -> int:
         """Tokens reserved for a reply when the request gives no ``max_tokens``."""
@@ -316,13 +386,24 @@ class ChatCompletionModel(abc.ABC):
             The reply text.
 
         Raises:
-            TypeError, ValueError: If ``messages`` or ``max_tokens`` is malformed (nothing is
-                sent).
+            TypeError, ValueError: If ``messages``, ``max_tokens`` or another completion
+                argument is malformed or unknown (nothing is sent).
             ContextWindowError: If the prompt's tokens plus the output reserve
                 (:meth:`output_reserve`) exceed :attr:`context_window` (nothing is sent).
-            BudgetExceededError: If this client's budget is spent (nothing is sent).
+            BudgetExceededError: If the request's estimate would pass this client's budget
+                (nothing is sent).
             CacheMissError: If the cache is in ``replay`` mode and has no reply.
-            TransientError: If the request still failed after ``max_retries`` retries.
+            InvalidRequestError: If the server says the request is invalid (not retried).
+            StructuredOutputUnsupportedError: If the server rejected the structured-output
+                arguments (not retried; :meth:`structured_output_args` returns ``None`` after).
+            TransientError: If the request still failed after ``max_retries`` retries
+                (including :class:`~afnio.models.errors.MalformedReplyError`).
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> from afnio._runtime import run
+            >>> run(ScriptedModel(["hi"]).achat([{"role": "user", "content": "hello"}]))
+            'hi'
         """
         name = type(self).__name__
         messages = _checked_messages(messages, name)
@@ -353,13 +434,17 @@ class ChatCompletionModel(abc.ABC):
                 raise
 
         with self.limits.reserved(estimate, spent=self._spent, client=self):
-            completion = await self.limits.call(
-                send,
-                estimated_tokens=estimated,
-                spent=self._spent,
-                client=self,
-                on_retry=self._log_retry,
-            )
+            try:
+                completion = await self.limits.call(
+                    send,
+                    estimated_tokens=estimated,
+                    spent=self._spent,
+                    client=self,
+                    on_retry=self._log_retry,
+                )
+            except StructuredOutputUnsupportedError:
+                self._structured_output_on = False  # the caller asks again with tags
+                raise
             if not isinstance(completion, Completion) or not isinstance(completion.text, str):
                 raise TypeError(
                     f"{name}._send must return a Completion with str text, got {completion!r:.80}"
@@ -480,6 +565,36 @@ class ChatCompletionModel(abc.ABC):
         # Pickle through the secret-free config: keys come back from the environment. (Pickle
         # names the class itself; a pickle runs code anyway, so no registry check applies.)
         return _rebuild, (type(self), self.get_config())
+
+
+def openai_json_schema(schema: dict[str, Any], name: str) -> dict[str, Any]:
+    """OpenAI's ``response_format`` for ``schema``: strict when the schema allows strict mode.
+
+    Strict mode needs every object to list all its properties as required and to forbid others
+    (``"additionalProperties": false``); a schema that doesn't is sent non-strict.
+
+    Example:
+        >>> openai_json_schema({"type": "string"}, "answer")["json_schema"]["strict"]
+        True
+    """
+    spec: dict[str, Any] = {"name": name, "schema": schema}
+    spec["strict"] = _strict_compatible(schema)
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _strict_compatible(schema: Any) -> bool:
+    if isinstance(schema, list):
+        return all(_strict_compatible(item) for item in schema)
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("type") == "object" or "properties" in schema:
+        properties = schema.get("properties", {})
+        if schema.get("additionalProperties") is not False:
+            return False
+        if sorted(schema.get("required", [])) != sorted(properties):
+            return False
+    return all(_strict_compatible(value) for key, value in schema.items()
+               if key not in ("enum", "const", "default", "examples", "required"))
 
 
 def _rebuild(cls: type[ChatCompletionModel], config: dict[str, Any]) -> ChatCompletionModel:

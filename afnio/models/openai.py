@@ -22,7 +22,10 @@ from afnio.models._sdk import (
     sort_arguments,
 )
 from afnio.models.errors import ModelError
-from afnio.models.model import Completion
+from afnio.models.model import Completion, openai_json_schema
+
+STRUCTURED_OUTPUT_FLAVOURS = ("json_schema", "llama.cpp", "vllm")
+"""What ``structured_output=`` may name (or ``None``): how a server takes a JSON schema."""
 
 __all__ = ["AsyncOpenAI", "OpenAI"]
 
@@ -39,6 +42,12 @@ class AsyncOpenAI(SdkChatModel):
             provider is then ``"openai-compatible"``.
         timeout: Seconds before one HTTP request is abandoned (and retried by afnio).
         organization: Optional OpenAI organization id.
+        structured_output: How :meth:`structured_output_args` asks this server for JSON that
+            follows a schema: ``"json_schema"`` (OpenAI's ``response_format``, the default:
+            OpenAI, vLLM and recent llama.cpp servers take it), ``"llama.cpp"``
+            (``{"type": "json_object", "schema": ...}``, what ``llama_cpp.server`` takes),
+            ``"vllm"`` (``guided_json``) or ``None`` (no structured outputs: callers use tags).
+            Not probed: a server that rejects the format once turns it off for the client.
         **options: Pipeline options of :class:`~afnio.models.model.ChatCompletionModel`
             (``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``,
             ``max_retries``, ``budget_usd``, ``budget_tokens``, ``cache``).
@@ -77,8 +86,21 @@ class AsyncOpenAI(SdkChatModel):
         base_url: str | None = None,
         timeout: float = 60.0,
         organization: str | None = None,
+        structured_output: str | None = "json_schema",
         **options: Any,
     ) -> None:
+        if structured_output is not None and structured_output not in STRUCTURED_OUTPUT_FLAVOURS:
+            raise ValueError(
+                f"{type(self).__name__}: structured_output must be one of "
+                f"{', '.join(map(repr, STRUCTURED_OUTPUT_FLAVOURS))} or None, got "
+                f"{structured_output!r}"
+            )
+        if base_url is None and structured_output not in ("json_schema", None):
+            raise ValueError(
+                f"{type(self).__name__}: structured_output={structured_output!r} is for an "
+                "OpenAI-compatible server (give its base_url); OpenAI takes 'json_schema'"
+            )
+        self.structured_output = structured_output
         self.organization = organization
         if base_url is not None:
             self.provider = "openai-compatible"
@@ -95,14 +117,30 @@ class AsyncOpenAI(SdkChatModel):
         config = super().get_config()
         if self.organization is not None:
             config["organization"] = self.organization
+        if self.structured_output != "json_schema":
+            config["structured_output"] = self.structured_output
         return config
+
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        if self.structured_output == "json_schema":
+            return {"response_format": openai_json_schema(schema, name)}
+        if self.structured_output == "llama.cpp":
+            return {"response_format": {"type": "json_object", "schema": schema}}
+        if self.structured_output == "vllm":
+            return {"guided_json": schema}
+        return None
 
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         args = self._request_args(completion_args)
+        structured = None
+        if "response_format" in completion_args or "guided_json" in completion_args:
+            structured = "guided_json" if "guided_json" in completion_args else (
+                f"response_format {args['response_format'].get('type')!r}")
         data = await self._call_sdk(
             lambda client: client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, **args
-            )
+            ),
+            structured=structured,
         )
         return self._completion(data, messages)
 

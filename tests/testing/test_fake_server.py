@@ -379,8 +379,9 @@ def test_random_faults_follow_the_rate_and_the_seed():
     def kinds(seed, rate):
         with FakeProviderServer(fault_rate=rate, seed=seed,
                                 fault_mix=[500, 503, "html", "non_utf8"]) as server:
-            for _ in range(60):
-                _raw_post(server, "/v1/chat/completions", {"model": "m", "messages": USER})
+            with httpx2.Client(base_url=server.url) as http:
+                for _ in range(60):
+                    http.post("/v1/chat/completions", json={"model": "m", "messages": USER})
             return [(f.kind, f.status) for f in server.faults_applied]
 
     first = kinds(seed=3, rate=0.3)
