@@ -284,7 +284,8 @@ class Module:
         """Add a model client. Assigning a ChatCompletionModel attribute does the same.
 
         The client is saved in ``state_dict()`` under ``name`` as its class and configuration
-        (never its API key) and rebuilt by ``load_state_dict()`` when the configuration differs.
+        (never its API key). ``load_state_dict()`` keeps the live client, or rebuilds it from a
+        differing saved configuration when called with ``load_clients=True``.
 
         Raises:
             TypeError: If ``model`` is not a ChatCompletionModel or None.
