@@ -129,7 +129,7 @@ class Variable:
             raise TypeError(f"Variable role must be a str, got {type(role).__name__}")
         self._data = validate_data(data, role)
         self.role = role
-        self._requires_grad = bool(requires_grad)
+        self._requires_grad = _flag(requires_grad, role)
         self._grad: list[Variable] = []
         self.grad_fn: Node | None = None
         self.output_nr = 0
@@ -316,14 +316,16 @@ class Variable:
         """Set ``requires_grad`` in place and return ``self``.
 
         Raises:
+            TypeError: If ``requires_grad`` is not a bool.
             RuntimeError: When turning off gradients of a non-leaf, as in PyTorch.
         """
+        requires_grad = _flag(requires_grad, self.role)
         if not self.is_leaf and not requires_grad:
             raise RuntimeError(
                 f"you can only change requires_grad flags of leaf variables; Variable with role "
                 f"{self.role!r} is the output of {self.grad_fn.name()}. Use detach() instead."
             )
-        self._requires_grad = bool(requires_grad)
+        self._requires_grad = requires_grad
         return self
 
     def retain_grad(self) -> None:
@@ -575,3 +577,13 @@ def check_gradient_shape(variable: Variable, gradient: Any, where: str) -> None:
             f"{where}: gradient for Variable with role {variable.role!r} must be "
             f"{describe(expected)} like its Variable, got {describe(got)}"
         )
+
+
+def _flag(value: Any, role: str) -> bool:
+    """``value`` as a bool, refusing anything that isn't one (``"no"`` is truthy)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ too
+        return bool(value)
+    raise TypeError(
+        f"Variable with role {role!r}: requires_grad must be a bool, got "
+        f"{type(value).__name__} {value!r:.40}"
+    )

@@ -27,9 +27,17 @@ Files, under ``default_root_dir`` (the working directory by default):
 ``fit(..., ckpt_path=)`` resumes exactly: the agent and optimizer states, the epoch and the
 number of batches already done in it are restored; the loader is set to that epoch with
 ``set_epoch`` (so a seeded loader replays the same order) and the finished batches are skipped.
+The whole checkpoint is checked first (every field, the agent's and each optimizer's state); a
+bad one raises a ``ValueError`` naming the file and the field, with the agent untouched.
 Model clients are not taken from the checkpoint: the agent and optimizers keep the clients they
 were built with in this session (with their budget, cache, limits and keys), so a run stopped by
-a spent budget resumes with the client whose budget was raised.
+a spent budget resumes with the client whose budget was raised, and a tampered checkpoint can't
+redirect a key or create files.
+
+A batch's optimizer update and the batch counter are committed together: checkpoints written
+when a run stops (an error, Ctrl-C, a spent budget) hold the state at the last finished batch,
+so an interruption between an optimizer's write and the counter never makes a resume apply an
+update twice.
 """
 
 from __future__ import annotations
@@ -47,10 +55,14 @@ from rich.console import Console
 
 from afnio.autodiff.grad_mode import no_grad
 from afnio.models.errors import BudgetExceededError
-from afnio.models.model import ChatCompletionModel
 from afnio.models.usage import Usage, track_usage
 from afnio.trainer.callbacks import Callback
-from afnio.trainer.checkpoint import read_checkpoint, write_checkpoint
+from afnio.trainer.checkpoint import (
+    ResumePoint,
+    check_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from afnio.trainer.history import RunHistory, json_safe, public_config
 from afnio.trainer.loggers import STEP_STAGE, CSVLogger, JSONLLogger, Logger
 from afnio.trainer.metrics import (
@@ -109,19 +121,6 @@ def _loader_info(loader: Any, epoch: int) -> dict[str, Any]:
         "initial_seed": getattr(sampler, "initial_seed", None),
         "num_batches": _length(loader),
     }
-
-
-def _agent_clients(agent: Any) -> list[tuple[Any, str, ChatCompletionModel]]:
-    """``(owning module, attribute, client)`` for every model client the agent holds."""
-    named_models = getattr(agent, "named_models", None)
-    if not callable(named_models):
-        return []
-    modules = dict(agent.named_modules(remove_duplicate=False))
-    clients = []
-    for name, client in named_models(remove_duplicate=False):
-        owner, _, attribute = name.rpartition(".")
-        clients.append((modules[owner], attribute, client))
-    return clients
 
 
 def _version_text(data: Any) -> str:
@@ -305,6 +304,7 @@ class Trainer:
         self._failed_at: str | None = None
         self._recorder: StepRecorder | None = None
         self._graph_pending = False
+        self._committed: dict[str, Any] = {}  # the state at the last finished batch
 
     # ------------------------------------------------------------------ paths
     @property
@@ -343,6 +343,7 @@ class Trainer:
         self._reset_progress()
         if ckpt_path is not None:
             self._restore(read_checkpoint(ckpt_path), Path(ckpt_path))
+        self._commit()
         self._start_run(agent, resumed=ckpt_path is not None)
         for callback in self.callbacks:
             callback.on_fit_start(self, agent)
@@ -632,45 +633,80 @@ class Trainer:
         self.metrics_log.replace([])
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
-        saved_optimizers = state["optimizers"]
-        if len(saved_optimizers) != len(self._optimizers):
+        """Check the whole checkpoint, then load it; a bad one leaves everything untouched."""
+        point = check_checkpoint(
+            state, path, max_epochs=self.max_epochs, optimizers=len(self._optimizers),
+            num_batches=_length(self._train_loader),
+        )
+        metrics = MetricAccumulator()
+        metrics.load_state_dict(point.train_metrics)
+        usage_total, usage_epoch = Usage(**point.usage_total), Usage(**point.usage_epoch)
+        updates = [self._prepared_load(self._agent, point.agent, "the agent", path)]
+        updates += [
+            self._prepared_load(optimizer, saved, f"optimizer {index}", path)
+            for index, (optimizer, saved) in enumerate(zip(self._optimizers, point.optimizers))
+        ]
+        # Everything is checked: from here on nothing can fail half-way (afnio modules and
+        # optimizers; another agent or optimizer class loads with its own load_state_dict).
+        for update in updates:
+            update()
+        self._apply_resume_point(point, metrics, usage_total, usage_epoch)
+        self._check_loader(point.loader, path)
+
+    @staticmethod
+    def _prepared_load(
+        target: Any, saved: Any, what: str, path: Path
+    ) -> Callable[[], Any]:
+        """``target``'s checked load of ``saved`` (keeping its live clients), not yet applied."""
+        prepare = getattr(target, "_prepare_load_state_dict", None)
+        if not callable(prepare):
+            return lambda: target.load_state_dict(saved)
+        try:
+            prepared = prepare(saved)
+        except (RuntimeError, TypeError, ValueError, KeyError) as error:
             raise ValueError(
-                f"Trainer: checkpoint {str(path)!r} holds {len(saved_optimizers)} optimizer "
-                f"states but configure_optimizers() returned {len(self._optimizers)}"
-            )
-        live_clients = _agent_clients(self._agent)
-        self._agent.load_state_dict(state["agent"])
-        for owner, attribute, client in live_clients:
-            if getattr(owner, attribute) is not client:
-                setattr(owner, attribute, client)
-        for optimizer, saved in zip(self._optimizers, saved_optimizers):
-            live_options = [
-                (index, key, value)
-                for index, group in enumerate(optimizer.param_groups)
-                for key, value in group.items()
-                if isinstance(value, ChatCompletionModel)
-            ]
-            optimizer.load_state_dict(saved)
-            for index, key, value in live_options:
-                optimizer.param_groups[index][key] = value
-        self.current_epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
-        self.global_step = int(state["global_step"])
-        self._train_metrics.load_state_dict(state["train_metrics"])
-        self._skipped_in_epoch = int(state.get("skipped_in_epoch", 0))
-        self.errors = [dict(error) for error in state.get("errors", [])]
-        self.callback_metrics = dict(state.get("metrics", {}))
-        usage = state.get("usage", {})
-        self._usage_before = Usage(**usage.get("total", {}))
-        self._epoch_usage_before = Usage(**usage.get("epoch", {}))
+                f"Trainer: checkpoint {str(path)!r} can't be resumed: its state of {what} doesn't "
+                f"load ({type(error).__name__}: {error}); nothing was changed"
+            ) from None
+        if isinstance(prepared, tuple):  # Module: (IncompatibleKeys, updates)
+            _keys, actions = prepared
+            return lambda: [action() for action in actions]
+        return prepared
+
+    def _apply_resume_point(
+        self, point: ResumePoint, metrics: MetricAccumulator, usage_total: Usage,
+        usage_epoch: Usage,
+    ) -> None:
+        self.current_epoch = point.epoch
+        self.batches_done = point.batches_done
+        self.global_step = point.global_step
+        self._train_metrics = metrics
+        self._skipped_in_epoch = point.skipped_in_epoch
+        self.errors = point.errors
+        self.callback_metrics = point.metrics
+        self._usage_before = usage_total
+        self._epoch_usage_before = usage_epoch
         self.usage = _snapshot(self._usage_before)
-        best = state.get("best") or {}
+        best = point.best
         if best.get("monitor") == self.monitor and best.get("mode") == self.mode:
             self.best_score = best.get("score")
             best_path = best.get("path")
             self.best_model_path = Path(best_path) if best_path else None
-        self.metrics_log.replace(state.get("history", []))
-        self._check_loader(state.get("loader") or {}, path)
+        self.metrics_log.replace(point.history)
+
+    def _commit(self) -> None:
+        """Record the state at a batch boundary: what a checkpoint written on a stop holds."""
+        if self._agent is None:
+            return
+        self._committed = {
+            "epoch": self.current_epoch,
+            "batches_done": self.batches_done,
+            "global_step": self.global_step,
+            "agent": self._agent.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in self._optimizers],
+            "train_metrics": self._train_metrics.state_dict(),
+            "skipped_in_epoch": self._skipped_in_epoch,
+        }
 
     def _check_loader(self, saved: dict[str, Any], path: Path) -> None:
         current = _loader_info(self._train_loader, self.current_epoch)
@@ -735,6 +771,7 @@ class Trainer:
             outputs = self._training_batch(agent, batch, batch_idx)
             self.batches_done = batch_idx + 1
             self.global_step += 1
+            self._commit()  # the batch's update and the counter, together
             self._sync_usage()
             self.progress.update(self.batches_done, self._train_metrics.means("train_"), self.usage)
             for callback in self.callbacks:
@@ -858,6 +895,7 @@ class Trainer:
         self._epoch_usage_before = Usage()
         if self._tracker is not None:
             self._epoch_tracker_start = _snapshot(self._tracker)
+        self._commit()
         if self.enable_checkpointing:
             copies = [self.checkpoint_dir / "last.ckpt"]
             if improved:
@@ -888,16 +926,17 @@ class Trainer:
         return self._save_last(reason)
 
     def _checkpoint_state(self, reason: str) -> dict[str, Any]:
+        # The loop position, agent, optimizers and running metrics as committed at the last
+        # finished batch: a stop mid-batch (even between an optimizer's write and the batch
+        # counter) resumes by redoing that batch from the state before it.
+        committed = self._committed or {}
+        if not committed:
+            self._commit()
+            committed = self._committed
         return {
             "reason": reason,
-            "epoch": self.current_epoch,
-            "batches_done": self.batches_done,
-            "global_step": self.global_step,
+            **committed,
             "max_epochs": self.max_epochs,
-            "agent": self._agent.state_dict(),
-            "optimizers": [optimizer.state_dict() for optimizer in self._optimizers],
-            "train_metrics": self._train_metrics.state_dict(),
-            "skipped_in_epoch": self._skipped_in_epoch,
             "metrics": dict(self.callback_metrics),
             "history": [dict(row) for row in self.metrics_log.rows],
             "errors": [dict(error) for error in self.errors],
@@ -908,7 +947,7 @@ class Trainer:
                 "score": self.best_score,
                 "path": None if self.best_model_path is None else str(self.best_model_path),
             },
-            "loader": _loader_info(self._train_loader, self.current_epoch),
+            "loader": _loader_info(self._train_loader, committed["epoch"]),
         }
 
     # ------------------------------------------------------------------ evaluation

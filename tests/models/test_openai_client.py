@@ -158,7 +158,7 @@ def test_sdk_helpers():
     assert retry_after_seconds({"retry-after": "-1"}) is None
     assert retry_after_seconds(None) is None
     assert redact("Incorrect API key provided: sk-proj-abcd****wxyz", "sk-proj-abcdefghwxyz") == (
-        "Incorrect API key provided: ***abcd****wxyz"
+        "Incorrect API key provided: *******wxyz"
     )
     assert json_schema_of({"type": "json_object"}, "t") == ({"type": "object"}, "response")
     assert json_schema_of({"type": "text"}, "t") == (None, "text")

@@ -222,8 +222,11 @@ def test_model_clients_are_saved_by_class_and_config():
     }
     json.dumps(saved)  # plain data only
 
-    other = Append([params(1, "q")[0]], client=ScriptedModel(model="something else"))
+    live = ScriptedModel(model="something else")
+    other = Append([params(1, "q")[0]], client=live)
     other.load_state_dict(saved)
+    assert other.param_groups[0]["client"] is live, "by default the live client stays"
+    other.load_state_dict(saved, load_clients=True)
     rebuilt = other.param_groups[0]["client"]
     assert isinstance(rebuilt, ScriptedModel)
     assert (rebuilt.model, rebuilt.latency) == ("optimizer-model", 0.5)
@@ -247,3 +250,44 @@ def test_repr_lists_each_group_options_sorted():
         "    suffix: #\n"
         ")"
     )
+
+
+def test_a_tampered_optimizer_state_names_no_client_and_changes_nothing(tmp_path, monkeypatch):
+    # Issue 14, defects 1 and 2, through Optimizer.load_state_dict.
+    import sys
+
+    (tmp_path / "planted_opt.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a = params(1)[0]
+    live = ScriptedModel(model="live")
+    opt = Append([a], client=live, momentum=1)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["momentum"] = 3
+    saved["param_groups"][0]["client"] = {"__model_client__": {
+        "class": "planted_opt.Client", "config": {"cache": {"path": str(tmp_path / "c" / "x")}}}}
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["client"] is live and opt.param_groups[0]["momentum"] == 3
+    with pytest.raises(ValueError, match="'planted_opt.Client' is not one afnio knows"):
+        opt.load_state_dict(saved, load_clients=True)
+    assert "planted_opt" not in sys.modules and not (tmp_path / "RAN").exists()
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"state": {}, "param_groups": "nope"},
+        {"state": {"0": "not a dict"}, "param_groups": None},
+        {"state": {"7": {}}, "param_groups": [{"params": [0], "momentum": 5}]},
+        {"state": {}, "param_groups": [{"params": ["zero"], "momentum": 5}]},
+        "not a dict at all",
+    ],
+)
+def test_a_malformed_state_is_refused_and_nothing_changes(broken):
+    a = params(1)[0]
+    opt = Append([a], momentum=1)
+    opt.state[a] = {"history": ["kept"]}
+    with pytest.raises(ValueError, match="load_state_dict|parameter groups"):
+        opt.load_state_dict(broken)
+    assert opt.param_groups[0]["momentum"] == 1 and opt.state[a] == {"history": ["kept"]}

@@ -355,3 +355,56 @@ def test_malformed_http_gets_a_400_and_the_server_keeps_serving(fake_server):
     assert fake_server.requests == [{"_raw": "not json"}]
     assert openai_client(fake_server).chat.completions.create(
         model="m", messages=USER).choices[0].message.content == "hello there world"
+
+
+def _raw_post(server, path, payload):
+    with httpx2.Client(base_url=server.url) as http:
+        return http.post(path, json=payload)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_reply_faults_a_proxy_or_a_broken_server_produces(fake_server, api):
+    path = "/v1/chat/completions" if api == "openai" else "/v1/messages"
+    payload = {"model": "m", "max_tokens": 5, "messages": USER}
+    fake_server.inject("non_utf8", "html", "missing_fields")
+    raw = _raw_post(fake_server, path, payload)
+    assert raw.status_code == 200
+    with pytest.raises(UnicodeDecodeError):
+        raw.content.decode("utf-8")
+    assert json.loads(raw.content.decode("latin-1"))["model"] == "m"  # JSON, just not UTF-8
+    page = _raw_post(fake_server, path, payload)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.startswith("<!DOCTYPE html>")
+    missing = _raw_post(fake_server, path, payload).json()
+    if api == "openai":
+        assert "content" not in missing["choices"][0]["message"]
+    else:
+        assert "content" not in missing and missing["usage"]["output_tokens"] == 3
+    assert _raw_post(fake_server, path, payload).status_code == 200  # faults apply once each
+
+
+def test_status_faults_carry_a_message_or_a_whole_body(fake_server):
+    fake_server.inject({"status": 400, "message": "bad temperature"},
+                       {"status": 422, "body": {"detail": [{"loc": ["body", "x"]}]}})
+    first = _raw_post(fake_server, "/v1/chat/completions", {"model": "m", "messages": USER})
+    assert first.status_code == 400 and first.json()["error"]["message"] == "bad temperature"
+    second = _raw_post(fake_server, "/v1/chat/completions", {"model": "m", "messages": USER})
+    assert second.status_code == 422 and second.json() == {"detail": [{"loc": ["body", "x"]}]}
+
+
+def test_random_faults_follow_the_rate_and_the_seed():
+    def kinds(seed, rate):
+        with FakeProviderServer(fault_rate=rate, seed=seed,
+                                fault_mix=[500, 503, "html", "non_utf8"]) as server:
+            with httpx2.Client(base_url=server.url) as http:
+                for _ in range(60):
+                    http.post("/v1/chat/completions", json={"model": "m", "messages": USER})
+            return [(f.kind, f.status) for f in server.faults_applied]
+
+    first = kinds(seed=3, rate=0.3)
+    assert first == kinds(seed=3, rate=0.3)  # reproducible
+    assert first != kinds(seed=4, rate=0.3)
+    assert 8 <= len(first) <= 30 and {kind for kind, _ in first} == {"status", "html", "non_utf8"}
+    assert kinds(seed=3, rate=0.0) == [] and len(kinds(seed=3, rate=1.0)) == 60
+    with pytest.raises(ValueError, match="fault_rate must be in \\[0, 1\\]"):
+        FakeProviderServer(fault_rate=1.5)

@@ -7,9 +7,10 @@ functions are registered explicitly. Registered state is what ``parameters()``,
 ``state_dict()`` and ``load_state_dict()`` see.
 
 State-dict keys follow torch: ``"<submodule path>.<attribute name>"``. Model clients are stored
-under their attribute name as ``{"class": ..., "config": ...}`` (never an API key) and re-bound on
-load; completion configs as a copy of their dict; chats as their messages with detached
-Variables. Functions are code, so they are not part of the state dict.
+under their attribute name as ``{"class": ..., "config": ...}`` (never an API key); loading keeps
+the module's live clients unless asked to rebuild them (``load_clients=True``); completion
+configs are stored as a copy of their dict; chats as their messages with detached Variables.
+Functions are code, so they are not part of the state dict.
 
 Example:
     >>> import afnio
@@ -532,7 +533,8 @@ class Module:
         """Add a model client. Assigning a ChatCompletionModel attribute does the same.
 
         The client is saved in ``state_dict()`` under ``name`` as its class and configuration
-        (never its API key) and rebuilt by ``load_state_dict()`` when the configuration differs.
+        (never its API key). ``load_state_dict()`` keeps the live client, or rebuilds it from a
+        differing saved configuration when called with ``load_clients=True``.
 
         Raises:
             TypeError: If ``model`` is not a ChatCompletionModel or None.
@@ -947,6 +949,7 @@ class Module:
         error_msgs: list[str],
         assign: bool,
         actions: list[Callable[[], None]],
+        load_clients: bool = False,
     ) -> None:
         """Check this module's entries of ``state_dict`` and queue the updates in ``actions``.
 
@@ -957,6 +960,12 @@ class Module:
         for name, (kind, current) in local.items():
             key = prefix + name
             if key in state_dict:
+                if kind == "model":
+                    action = self._load_model(name, key, current, state_dict[key], error_msgs,
+                                              load_clients)
+                    if action is not None:
+                        actions.append(action)
+                    continue
                 loader = getattr(self, f"_load_{kind.replace(' ', '_')}")
                 action = loader(name, key, current, state_dict[key], assign, error_msgs)
                 if action is not None:
@@ -1056,7 +1065,7 @@ class Module:
 
         return copy_chat
 
-    def _load_model(self, name, key, current, value, assign, error_msgs):
+    def _load_model(self, name, key, current, value, error_msgs, load_clients):
         if not isinstance(value, Mapping) or "class" not in value:
             error_msgs.append(
                 f'While loading the model client named "{key}", expected a '
@@ -1064,8 +1073,8 @@ class Module:
                 f"{type(value).__name__}"
             )
             return None
-        if not assign and client_to_config(current) == dict(value):
-            return None
+        if not load_clients or client_to_config(current) == dict(value):
+            return None  # the live client stays, with its endpoint, cache, limits and key
         try:
             client = client_from_config(dict(value))
         except (ValueError, TypeError) as exc:
@@ -1084,18 +1093,29 @@ class Module:
         return lambda: self._completion_configs.__setitem__(name, config)
 
     def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+        self,
+        state_dict: Mapping[str, Any],
+        strict: bool = True,
+        assign: bool = False,
+        *,
+        load_clients: bool = False,
     ) -> IncompatibleKeys:
         """Copy state from ``state_dict`` into this module and its descendants.
 
         All entries are checked before anything changes: if the load fails, the module is left
-        exactly as it was.
+        exactly as it was. Only data is taken: prompts, chats, buffers, completion configs. The
+        module's model clients stay as they are unless ``load_clients=True``.
 
         Args:
             state_dict: A mapping as returned by :meth:`state_dict`.
             strict: Require the keys to match this module's keys exactly.
             assign: Replace the module's Variables (and chats) with the loaded objects instead of
-                copying their data in; model clients are always rebuilt from their description.
+                copying their data in.
+            load_clients: Rebuild each model client whose saved description differs from the
+                live one, from that description: its class (afnio's own clients, or ones
+                registered with :func:`~afnio.models.register_client_class`) and its whole
+                config, endpoint (``base_url``), cache path and model file included. Only for
+                state dicts you trust: a file's endpoint receives your API key.
 
         Returns:
             ``IncompatibleKeys(missing_keys, unexpected_keys)``, also when ``strict=False``.
@@ -1104,6 +1124,40 @@ class Module:
             TypeError: If ``state_dict`` is not a mapping.
             RuntimeError: With torch's ``Error(s) in loading state_dict for <Class>:`` text when
                 keys don't match under ``strict`` or a value can't be loaded.
+
+        Example:
+            >>> from afnio.cognitive import Module, Parameter
+            >>> class Agent(Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.prompt = Parameter("Be brief.", role="system prompt")
+            >>> agent = Agent()
+            >>> _ = agent.load_state_dict({"prompt": Parameter("Be kind.", role="system prompt")})
+            >>> agent.prompt.data
+            'Be kind.'
+        """
+        keys, actions = self._prepare_load_state_dict(
+            state_dict, strict=strict, assign=assign, load_clients=load_clients
+        )
+        for action in actions:
+            action()
+        return keys
+
+    def _prepare_load_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        strict: bool = True,
+        assign: bool = False,
+        load_clients: bool = False,
+    ) -> tuple[IncompatibleKeys, list[Callable[[], None]]]:
+        """Check a whole state dict and return the updates that load it, changing nothing.
+
+        :meth:`load_state_dict` is this followed by running the updates; the Trainer calls it
+        to check a checkpoint's agent and optimizers before touching either.
+
+        Raises:
+            TypeError, RuntimeError: As :meth:`load_state_dict`.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(
@@ -1119,7 +1173,7 @@ class Module:
             # they are errors.
             module._load_from_state_dict(
                 state_dict, prefix, True, missing_keys, unexpected_keys, error_msgs, assign,
-                actions,
+                actions, load_clients,
             )
             for name, child in module._modules.items():
                 if child is not None:
@@ -1147,9 +1201,7 @@ class Module:
                     type(self).__name__, "\n\t".join(error_msgs)
                 )
             )
-        for action in actions:
-            action()
-        return IncompatibleKeys(missing_keys, unexpected_keys)
+        return IncompatibleKeys(missing_keys, unexpected_keys), actions
 
     # ------------------------------------------------------------------ printing
     def _get_name(self) -> str:
