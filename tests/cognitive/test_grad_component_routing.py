@@ -25,9 +25,8 @@ FB_TOKEN = re.compile(r"\bfb\d+\b")
 
 
 @pytest.fixture(autouse=True)
-def no_global_backward_client(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(registry, "_backward_client", None)
-    monkeypatch.setattr(registry, "_backward_completion_args", {})
+def no_global_backward_client() -> Iterator[None]:
+    registry.set_backward_model_client(None)
     yield
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from verdict_program import SECRET, loaders, make
@@ -81,14 +82,13 @@ def test_a_run_round_trips_through_a_local_mlflow_store(tmp_path, store):
     local = client.download_artifacts(
         logger.run_id, "prompts/prefix/step_000003.txt", str(tmp_path / "down")
     )
-    assert open(local).read() == "Answer <b>briefly</b>.|s1|s2|s3"
+    assert Path(local).read_text() == "Answer <b>briefly</b>.|s1|s2|s3"
     styles = [a.path for a in client.list_artifacts(logger.run_id, "prompts/style")]
     assert styles == ["prompts/style/step_000000.txt"]  # rejected proposals make no version
     report = client.download_artifacts(logger.run_id, "report/report.html", str(tmp_path / "d2"))
-    assert open(report, "rb").read() == (tmp_path / "report.html").read_bytes()
-    config = json.loads(
-        open(client.download_artifacts(logger.run_id, "config.json", str(tmp_path / "d3"))).read()
-    )
+    assert Path(report).read_bytes() == (tmp_path / "report.html").read_bytes()
+    config_path = client.download_artifacts(logger.run_id, "config.json", str(tmp_path / "d3"))
+    config = json.loads(Path(config_path).read_text())
     assert config["trainer"]["max_epochs"] == 2 and SECRET not in json.dumps(config)
     assert len(read_history(tmp_path).steps) == 8
 
