@@ -10,6 +10,16 @@ The agent is an :class:`afnio.cognitive.Module` (or anything with the same hooks
 - With ``agent.automatic_optimization`` True (the default) each training batch runs
   ``zero_grad()`` → ``training_step`` → ``explanation.backward()`` → ``step()`` on every
   optimizer; with False, ``training_step`` does all of that itself (and may return ``None``).
+  An optimizer that compares scores (``needs_closure``: a
+  :class:`~afnio.optim.GatedOptimizer`, candidate search, scored history) gets
+  ``step(closure)``, the closure being a :class:`~afnio.optim.ModuleScorer` that re-runs
+  ``training_step`` on the same batch under ``no_grad`` (it knows the training step's own score,
+  so the score before the step costs nothing). ``backward()`` is skipped when no optimizer uses
+  textual gradients (the demonstration optimizer). ``Trainer(gate_steps=True)`` wraps every
+  optimizer in a :class:`~afnio.optim.GatedOptimizer`.
+- Each fit row counts the epoch's proposals from the optimizers' ``last_step``:
+  ``accepted``, ``rejected`` (refused or rolled back) and ``rolled_back``; the progress bar
+  shows them too.
 
 How scores become metrics is described in :mod:`afnio.trainer.metrics`.
 
@@ -48,6 +58,8 @@ from afnio.autodiff.grad_mode import no_grad
 from afnio.models.errors import BudgetExceededError
 from afnio.models.model import ChatCompletionModel
 from afnio.models.usage import Usage, track_usage
+from afnio.optim.gated import GatedOptimizer
+from afnio.optim.scoring import ModuleScorer
 from afnio.trainer.callbacks import Callback
 from afnio.trainer.checkpoint import read_checkpoint, write_checkpoint
 from afnio.trainer.metrics import (
@@ -65,6 +77,7 @@ __all__ = ["Trainer"]
 logger = logging.getLogger(__name__)
 
 _ON_ERROR = ("raise", "skip")
+_VERDICTS = ("accepted", "rejected", "rolled_back")
 _REDUCTIONS = ("sum", "mean")
 _MODES = ("max", "min")
 
@@ -145,6 +158,8 @@ class Trainer:
         checkpoint_every_n_batches: Also update ``last.ckpt`` every this many training batches.
         callbacks: :class:`~afnio.trainer.callbacks.Callback` instances.
         logger: Write ``metrics.jsonl`` and ``metrics.csv``.
+        gate_steps: Wrap every optimizer in a :class:`~afnio.optim.GatedOptimizer`, so a step
+            that lowers the training batch's score is rolled back.
         console: The rich console to print to (stdout by default).
 
     Attributes:
@@ -204,6 +219,7 @@ class Trainer:
         checkpoint_every_n_batches: int | None = None,
         callbacks: Sequence[Callback] | None = None,
         logger: bool = True,
+        gate_steps: bool = False,
         console: Console | None = None,
     ) -> None:
         _check_count("max_epochs", max_epochs)
@@ -230,6 +246,7 @@ class Trainer:
         self.monitor = monitor
         self.mode = mode
         self.checkpoint_every_n_batches = checkpoint_every_n_batches
+        self.gate_steps = bool(gate_steps)
         self.callbacks = callbacks
         self.progress = ProgressReporter(enable_progress_bar, console)
         self.metrics_log = MetricsLog(self.default_root_dir if logger else None)
@@ -251,6 +268,7 @@ class Trainer:
         self._train_loader: Any = None
         self._train_metrics = MetricAccumulator()
         self._skipped_in_epoch = 0
+        self._proposals = dict.fromkeys(_VERDICTS, 0)  # this epoch's, from last_step
         self._tracker: Usage | None = None
         self._usage_before = Usage()  # spent in earlier sessions of this fit (resume)
         self._epoch_usage_before = Usage()  # spent in the current epoch in earlier sessions
@@ -405,6 +423,10 @@ class Trainer:
             optimizers = list(configured)
         else:
             optimizers = [configured]
+        if self.gate_steps:
+            optimizers = [
+                o if isinstance(o, GatedOptimizer) else GatedOptimizer(o) for o in optimizers
+            ]
         for index, optimizer in enumerate(optimizers):
             for method in ("zero_grad", "step", "state_dict", "load_state_dict"):
                 if not callable(getattr(optimizer, method, None)):
@@ -434,6 +456,7 @@ class Trainer:
         self._epoch_usage_before = Usage()
         self._train_metrics = MetricAccumulator()
         self._skipped_in_epoch = 0
+        self._proposals = dict.fromkeys(_VERDICTS, 0)
         self.metrics_log.replace([])
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
@@ -463,6 +486,8 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self._train_metrics.load_state_dict(state["train_metrics"])
         self._skipped_in_epoch = int(state.get("skipped_in_epoch", 0))
+        saved_counts = state.get("proposals", {})
+        self._proposals = {name: int(saved_counts.get(name, 0)) for name in _VERDICTS}
         self.errors = [dict(error) for error in state.get("errors", [])]
         self.callback_metrics = dict(state.get("metrics", {}))
         usage = state.get("usage", {})
@@ -541,7 +566,10 @@ class Trainer:
             self.batches_done = batch_idx + 1
             self.global_step += 1
             self._sync_usage()
-            self.progress.update(self.batches_done, self._train_metrics.means("train_"), self.usage)
+            self.progress.update(
+                self.batches_done, self._train_metrics.means("train_"), self.usage,
+                self._proposal_counts() if any(self._proposals.values()) else None,
+            )
             for callback in self.callbacks:
                 callback.on_train_batch_end(self, agent, outputs, batch, batch_idx)
             every = self.checkpoint_every_n_batches
@@ -560,9 +588,17 @@ class Trainer:
                     optimizer.zero_grad()
                 outputs = agent.training_step(batch, batch_idx)
                 parsed = parse_step_output(outputs, "training_step")
-                parsed.explanation.backward()
+                if any(getattr(o, "uses_gradients", True) for o in self._optimizers):
+                    parsed.explanation.backward()
+                closure = None
                 for optimizer in self._optimizers:
-                    optimizer.step()
+                    if getattr(optimizer, "needs_closure", False):
+                        if closure is None:
+                            closure = self._step_closure(agent, batch, batch_idx, parsed)
+                        optimizer.step(closure)
+                    else:
+                        optimizer.step()
+                    self._count_proposals(optimizer)
             else:
                 outputs = agent.training_step(batch, batch_idx)
                 parsed = parse_step_output(outputs, "training_step", allow_none=True)
@@ -572,6 +608,35 @@ class Trainer:
             return None
         self._accumulate(self._train_metrics, parsed, batch, "training_step")
         return outputs
+
+    def _step_closure(
+        self, agent: Any, batch: Any, batch_idx: int, parsed: StepOutput
+    ) -> ModuleScorer:
+        """The closure of a scoring optimizer: ``training_step`` again on this batch, starting
+        from the score the training step just gave (so the score before costs nothing)."""
+        size = batch_size_of(batch, parsed.explanation)
+        baseline = (
+            None if parsed.score is None
+            else score_per_sample(parsed.score, size, self.score_reduction, "training_step")
+        )
+        return ModuleScorer(
+            agent, batch, batch_idx=batch_idx, score_reduction=self.score_reduction,
+            baseline=baseline,
+        )
+
+    def _count_proposals(self, optimizer: Any) -> None:
+        for record in getattr(optimizer, "last_step", None) or []:
+            verdict = record.get("verdict") if isinstance(record, dict) else None
+            if verdict in self._proposals:
+                self._proposals[verdict] += 1
+
+    def _proposal_counts(self) -> dict[str, int]:
+        counts = self._proposals
+        return {
+            "accepted": counts["accepted"],
+            "rejected": counts["rejected"] + counts["rolled_back"],
+            "rolled_back": counts["rolled_back"],
+        }
 
     def _accumulate(
         self, accumulator: MetricAccumulator, parsed: StepOutput, batch: Any, hook: str
@@ -613,11 +678,13 @@ class Trainer:
         row["total_tokens"] = self.usage.total_tokens
         row["total_cost_usd"] = round(self.usage.cost_usd, 10)
         row["skipped_batches"] = self._skipped_in_epoch
+        row.update(self._proposal_counts())
         self.callback_metrics = row
         self.metrics_log.append(row)
         self.progress.print(
             f"Epoch {epoch}/{self.max_epochs - 1}: "
             f"{format_metrics({k: v for k, v in row.items() if _is_metric(k, v)})} · "
+            f"proposals accepted {row['accepted']}, rejected {row['rejected']} · "
             f"epoch {format_usage(self._epoch_usage())} · total {format_usage(self.usage)}"
         )
         for callback in self.callbacks:
@@ -629,6 +696,7 @@ class Trainer:
         self.current_epoch = epoch + 1
         self.batches_done = 0
         self._skipped_in_epoch = 0
+        self._proposals = dict.fromkeys(_VERDICTS, 0)
         self._train_metrics = MetricAccumulator()
         self._epoch_usage_before = Usage()
         if self._tracker is not None:
@@ -673,6 +741,7 @@ class Trainer:
             "optimizers": [optimizer.state_dict() for optimizer in self._optimizers],
             "train_metrics": self._train_metrics.state_dict(),
             "skipped_in_epoch": self._skipped_in_epoch,
+            "proposals": dict(self._proposals),
             "metrics": dict(self.callback_metrics),
             "history": [dict(row) for row in self.metrics_log.rows],
             "errors": [dict(error) for error in self.errors],
