@@ -403,12 +403,13 @@ class ModuleScorer(Scorer):
 
     def _trial(self, values: Mapping[Variable, Any]) -> Any:
         """A deep copy of the module whose copies of the given parameters hold the values."""
-        memo: dict[int, Any] = {}
-        optimizers = self.module.__dict__.get("_optimizers") if hasattr(
-            self.module, "__dict__"
-        ) else None
-        if optimizers is not None:
-            memo[id(optimizers)] = optimizers  # the copy reports to the same optimizers
+        # Shared, not copied: this scorer (a module may hold it) and the optimizers the Trainer
+        # attached (the copy reports to the same ones).
+        memo: dict[int, Any] = {id(self): self}
+        optimizers = getattr(self.module, "__dict__", {}).get("_optimizers")
+        if isinstance(optimizers, list):
+            memo[id(optimizers)] = optimizers
+            memo.update((id(optimizer), optimizer) for optimizer in optimizers)
         trial = copy.deepcopy(self.module, memo)
         with no_grad():
             for param, value in values.items():

@@ -152,3 +152,30 @@ def test_function_scorer_accepts_async_functions_and_passes_every_value():
     assert scorer() == 0.3
     assert run(scorer.ascore({b: "B"}, [1])) == 0.1
     assert received == [({"a": "a", "b": "b"}, [0, 1, 2]), ({"a": "a", "b": "B"}, [1])]
+
+
+SEEN_BY_COPIES = []
+
+
+class Holder(Echo):
+    """Keeps its optimizer and a scorer of itself, as an agent wiring demonstrations does."""
+
+    def training_step(self, batch, batch_idx):
+        SEEN_BY_COPIES.append((self.optimizer, self.scorer))
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_copies_share_the_agents_optimizers_and_scorer_instead_of_copying_them():
+    from afnio.optim import DemoOptimizer, demos_parameter
+
+    agent = Holder(ScriptedModel())
+    agent.demos = demos_parameter()
+    optimizer = DemoOptimizer([agent.demos], evaluate=lambda: 0.0)
+    object.__setattr__(agent, "_optimizers", [optimizer])
+    object.__setattr__(agent, "optimizer", optimizer)
+    scorer = ModuleScorer(agent, batch_of(2))
+    object.__setattr__(agent, "scorer", scorer)
+    SEEN_BY_COPIES.clear()
+    run(scorer.ascore({agent.prefix: "A:"}, [0]))
+    assert SEEN_BY_COPIES == [(optimizer, scorer)]
+    assert SEEN_BY_COPIES[0][0] is optimizer and SEEN_BY_COPIES[0][1] is scorer
