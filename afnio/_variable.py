@@ -19,8 +19,11 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+from afnio._hooks import RemovableHandle, add_hook, check_callable
 
 if TYPE_CHECKING:
     from afnio.autodiff.graph import Node
@@ -108,7 +111,8 @@ class Variable:
         role: The role description.
         requires_grad: Whether this Variable takes part in gradient computation.
         grad: Gradients received (a list of Variables shaped like this one). Non-leaves keep
-            gradients only after :meth:`retain_grad`.
+            gradients only after :meth:`retain_grad`. Never ``None``: assigning ``None`` (as
+            torch code does to drop gradients) stores a new empty list.
         grad_fn: The graph node that produced this Variable, or ``None`` for a leaf.
         output_nr: Which output of ``grad_fn`` this Variable is.
 
@@ -125,12 +129,13 @@ class Variable:
             raise TypeError(f"Variable role must be a str, got {type(role).__name__}")
         self._data = validate_data(data, role)
         self.role = role
-        self._requires_grad = bool(requires_grad)
-        self.grad: list[Variable] = []
+        self._requires_grad = _flag(requires_grad, role)
+        self._grad: list[Variable] = []
         self.grad_fn: Node | None = None
         self.output_nr = 0
         self._retains_grad = False
         self._grad_accumulator = None
+        self._hooks: OrderedDict[int, Callable] | None = None
 
     # ----------------------------------------------------------------- data and shape
     @property
@@ -195,7 +200,99 @@ class Variable:
         data = converted if self.is_batched else converted[0]
         return Variable(data, role=self.role, requires_grad=self.requires_grad)
 
+    def __getitem__(self, index: int | slice) -> Variable:
+        """``v[i]`` / ``v[a:b:c]`` on a batch, as a differentiable op (like torch's indexing).
+
+        An integer gives the scalar element (``SelectBackward``), a slice a batch
+        (``SliceBackward``); negative indices count from the end. The gradient flows back to
+        the selected positions only: the batch's gradient is ``""`` everywhere else.
+
+        Raises:
+            IndexError: For a scalar Variable, or an integer out of range.
+            TypeError: For an index that is neither an integer nor a slice.
+
+        Example:
+            >>> v = Variable(["a", "b", "c"], role="answers", requires_grad=True)
+            >>> v[-1].data, v[:2].data, v[1].grad_fn.name()
+            ('c', ['a', 'b'], 'SelectBackward')
+        """
+        from afnio.autodiff.basic_ops import Select, Slice
+
+        if isinstance(index, slice):
+            return Slice.apply(self, index)
+        return Select.apply(self, index)
+
+    def __iter__(self) -> Iterator[Variable]:
+        """Iterate over a batch's elements, each a differentiable scalar (like torch's
+        ``unbind``: one ``UnbindBackward`` node for all of them).
+
+        Raises:
+            TypeError: For a scalar Variable.
+
+        Example:
+            >>> first, second = Variable(["a", "b"], role="answers", requires_grad=True)
+            >>> first.data, first.grad_fn.name()
+            ('a', 'UnbindBackward')
+        """
+        from afnio.autodiff.basic_ops import Unbind
+
+        if not self.is_batched:
+            raise TypeError(
+                f"iteration over a scalar Variable (role {self.role!r}); only batches can be "
+                "iterated"
+            )
+        return iter(Unbind.apply(self))
+
+    def __contains__(self, item: Any) -> bool:
+        """``item in v``: whether a batch has an element equal to ``item`` (or its data).
+
+        Raises:
+            TypeError: For a scalar Variable (use ``item in v.data`` for a substring test).
+
+        Example:
+            >>> "cat" in Variable(["cat", "dog"], role="labels")
+            True
+        """
+        if not self.is_batched:
+            raise TypeError(
+                f"'in' on a scalar Variable (role {self.role!r}) is ambiguous; use "
+                "`item in variable.data` for a substring test"
+            )
+        value = item.data if isinstance(item, Variable) else item
+        return value in self._data
+
     # ----------------------------------------------------------------- autograd state
+    @property
+    def grad(self) -> list[Variable]:
+        """The gradients received, in the order the engine delivered them.
+
+        Assigning ``None`` stores a new empty list (torch code writes ``p.grad = None`` to drop
+        gradients); assigning a list keeps that list.
+
+        Raises:
+            TypeError: When assigning something other than ``None`` or a list of Variables.
+
+        Example:
+            >>> p = Variable("Be brief.", role="system prompt", requires_grad=True)
+            >>> p.append_grad(Variable("too curt"))
+            >>> p.grad = None
+            >>> p.grad
+            []
+        """
+        return self._grad
+
+    @grad.setter
+    def grad(self, value: list[Variable] | None) -> None:
+        if value is None:
+            self._grad = []
+            return
+        if not isinstance(value, list) or not all(isinstance(g, Variable) for g in value):
+            raise TypeError(
+                f"Variable.grad of Variable with role {self.role!r} must be None or a list of "
+                f"Variables, got {type(value).__name__}"
+            )
+        self._grad = value
+
     @property
     def requires_grad(self) -> bool:
         """Whether gradients are tracked for this Variable."""
@@ -219,14 +316,16 @@ class Variable:
         """Set ``requires_grad`` in place and return ``self``.
 
         Raises:
+            TypeError: If ``requires_grad`` is not a bool.
             RuntimeError: When turning off gradients of a non-leaf, as in PyTorch.
         """
+        requires_grad = _flag(requires_grad, self.role)
         if not self.is_leaf and not requires_grad:
             raise RuntimeError(
                 f"you can only change requires_grad flags of leaf variables; Variable with role "
                 f"{self.role!r} is the output of {self.grad_fn.name()}. Use detach() instead."
             )
-        self._requires_grad = bool(requires_grad)
+        self._requires_grad = requires_grad
         return self
 
     def retain_grad(self) -> None:
@@ -242,6 +341,50 @@ class Variable:
         if not self.is_leaf:
             self._retains_grad = True
             self.grad_fn.retain_output(self.output_nr, self)
+
+    def register_hook(self, hook: Callable[[Variable], Variable | None]) -> RemovableHandle:
+        """Register ``hook(gradient) -> Variable | None``, called on each gradient of this
+        Variable during backward and :func:`afnio.autodiff.grad`.
+
+        As in torch: on a leaf the hook sees each gradient before it is appended to ``grad``
+        (afnio appends each incoming gradient separately, so the hook runs once per gradient);
+        on a non-leaf it sees the combined gradient before it flows on into ``grad_fn`` (and
+        before :meth:`retain_grad` stores it). Returning a Variable replaces the gradient for
+        everything downstream; returning ``None`` keeps it. Several hooks run in registration
+        order, each seeing the previous one's result. Leaf hooks run after the whole graph has
+        run, in the deterministic order gradients are appended; a hook that raises aborts the
+        backward before any ``grad`` is touched.
+
+        Args:
+            hook: Called with the gradient Variable; returns a replacement shaped like this
+                Variable, or ``None``.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook (also a context manager).
+
+        Raises:
+            RuntimeError: If this Variable does not require grad.
+            TypeError: If ``hook`` is not callable.
+
+        Example:
+            >>> x = Variable("hi", role="greeting", requires_grad=True)
+            >>> handle = x.register_hook(lambda g: Variable(g.data.upper(), role=g.role))
+            >>> (x + "!").backward(Variable("warmer"))
+            >>> handle.remove()
+            >>> x.grad[0].data
+            'WARMER'
+        """
+        check_callable(hook, f"register_hook on Variable with role {self.role!r}")
+        if not self.requires_grad:
+            raise RuntimeError(
+                f"cannot register a hook on a Variable that doesn't require gradient (role "
+                f"{self.role!r})"
+            )
+        if self.grad_fn is not None:
+            return self.grad_fn.register_variable_hook(self.output_nr, hook)
+        if self._hooks is None:
+            self._hooks = OrderedDict()
+        return add_hook(self._hooks, hook)
 
     def append_grad(self, gradient: Variable) -> None:
         """Append one gradient to ``grad``, checking that its shape matches this Variable.
@@ -293,6 +436,22 @@ class Variable:
         """Return a new leaf with the same data and role that is cut off from the graph."""
         return Variable(self._data, role=self.role, requires_grad=False)  # a batch is copied
 
+    def clone(self) -> Variable:
+        """Return a copy that stays in the graph (``CloneBackward``), as ``torch.Tensor.clone``.
+
+        The copy has the same data and role; its gradient flows back to ``self`` unchanged.
+        Without grad mode, or when ``self`` needs no gradient, the copy is a plain leaf.
+
+        Example:
+            >>> x = Variable(["a", "b"], role="drafts", requires_grad=True)
+            >>> y = x.clone()
+            >>> y.data, y.grad_fn.name(), y.data is x.data
+            (['a', 'b'], 'CloneBackward', False)
+        """
+        from afnio.autodiff.basic_ops import Clone
+
+        return Clone.apply(self)
+
     def detach_(self) -> Variable:
         """Cut this Variable off from its graph in place and return it."""
         self.grad_fn = None
@@ -343,9 +502,10 @@ class Variable:
         result = type(self).__new__(type(self))
         memo[id(self)] = result
         for key, value in self.__dict__.items():
-            if key != "_grad_accumulator":
+            if key not in ("_grad_accumulator", "_hooks"):
                 setattr(result, key, copy.deepcopy(value, memo))
         result._grad_accumulator = None
+        result._hooks = None  # as in torch, a copy does not inherit gradient hooks
         return result
 
     # ----------------------------------------------------------------- operators
@@ -417,3 +577,13 @@ def check_gradient_shape(variable: Variable, gradient: Any, where: str) -> None:
             f"{where}: gradient for Variable with role {variable.role!r} must be "
             f"{describe(expected)} like its Variable, got {describe(got)}"
         )
+
+
+def _flag(value: Any, role: str) -> bool:
+    """``value`` as a bool, refusing anything that isn't one (``"no"`` is truthy)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ too
+        return bool(value)
+    raise TypeError(
+        f"Variable with role {role!r}: requires_grad must be a bool, got "
+        f"{type(value).__name__} {value!r:.40}"
+    )

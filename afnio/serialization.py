@@ -5,10 +5,16 @@ There is no pickle anywhere: loading a file only parses JSON and rebuilds a clos
 clients), so a hostile file can't run code. A file carrying a pickle — a raw pickle, or a zip
 with a ``.pkl`` member as ``torch.save`` writes — is refused before anything in it is read.
 
-Model clients are stored as class name + secret-free config (:func:`client_to_config`) and rebuilt
-with :func:`client_from_config`; API keys come back from the environment. The class must be an
-already-imported :class:`ChatCompletionModel` subclass (or live in afnio): a file never makes
-afnio import a module, since importing runs that module's code.
+Model clients are stored as class name + secret-free config (:func:`client_to_config`). Loading
+is data only: by default a stored client comes back as that description (a dict
+``{"class": ..., "config": ...}``), so a file can neither construct a client, nor send a key to
+an endpoint it names, nor create a cache file at a path it names. ``load(f, load_clients=True)``
+rebuilds them with :func:`client_from_config` (afnio's own client classes, or ones your code
+registered, only: a file never makes afnio import a module) — for files you trust.
+
+``load`` refuses, before decompressing them, files whose JSON would exceed ``max_size`` bytes
+(default :data:`MAX_SIZE`) or whose compression ratio exceeds ``max_ratio`` (default
+:data:`MAX_RATIO`); any damaged or foreign file is a ``ValueError`` naming it.
 
 Saved Variables keep ``data``, ``role`` and ``requires_grad`` (Parameters also ``param_type``)
 and come back as leaves without gradients, as ``torch.load`` returns tensors. A Variable or client
@@ -32,8 +38,8 @@ import json
 import os
 import re
 import secrets
-import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Any
@@ -42,11 +48,18 @@ from afnio._variable import Variable
 from afnio.cognitive.parameter import Parameter, ParameterType
 from afnio.models.model import ChatCompletionModel, client_from_config, client_to_config
 
-__all__ = ["load", "save", "write_atomically"]
+__all__ = ["MAX_RATIO", "MAX_SIZE", "load", "save", "write_atomically"]
 
 FORMAT = "afnio"
 VERSION = 1
 MEMBER = "afnio.json"
+
+MAX_SIZE = 256 * 2**20
+"""Largest checkpoint JSON (bytes, decompressed) :func:`load` reads unless told otherwise."""
+MAX_RATIO = 200.0
+"""Largest decompressed/compressed size ratio :func:`load` accepts unless told otherwise (a
+checkpoint's JSON compresses 3 to 30 times; a decompression bomb, thousands of times)."""
+_RATIO_FLOOR = 2**20  # ratios of members smaller than this don't matter
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _SECRET_KEY = re.compile(r"api_?key|secret|password|passwd|credential|auth", re.IGNORECASE)
@@ -209,8 +222,9 @@ def write_atomically(payload: bytes, path: str | os.PathLike[str]) -> None:
 
 # ---------------------------------------------------------------------------------- decoding
 class _Decoder:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, load_clients: bool) -> None:
         self._source = source
+        self._load_clients = load_clients
         self._objects: dict[int, Any] = {}
 
     def fail(self, path: str, problem: str) -> ValueError:
@@ -297,22 +311,18 @@ class _Decoder:
         except ValueError as error:
             raise self.fail(path, str(error)) from None
 
-    def _client(self, value: dict, path: str) -> ChatCompletionModel:
+    def _client(self, value: dict, path: str) -> ChatCompletionModel | dict[str, Any]:
         self._fields(value, path, id=int, config=dict, **{"class": str})
-        class_path = value["class"]
-        module_name = class_path.rpartition(".")[0]
-        if not module_name:
-            raise self.fail(path, f"bad model client class {class_path!r}")
-        if module_name not in sys.modules and not module_name.startswith("afnio."):
-            raise ValueError(
-                f"afnio.load: {self._source} holds a model client of class {class_path!r}, but "
-                f"module {module_name!r} is not imported. afnio.load never imports a module a "
-                f"file names (importing runs code): import {module_name} yourself first"
-            )
         config = self.decode(value["config"], f"{path}.config")
         if not isinstance(config, dict):
             raise self.fail(f"{path}.config", f"expected a dict, got {type(config).__name__}")
-        client = client_from_config({"class": class_path, "config": config})
+        description = {"class": value["class"], "config": config}
+        if not self._load_clients:
+            return self._register(value, path, description)
+        try:
+            client = client_from_config(description)
+        except ValueError as error:
+            raise self.fail(path, str(error)) from None
         return self._register(value, path, client)
 
     def _reference(self, value: dict, path: str) -> Any:
@@ -322,16 +332,66 @@ class _Decoder:
         return self._objects[value["id"]]
 
 
-def _read(f: FileLike) -> tuple[bytes, str]:
+def _read(f: FileLike, max_size: int) -> tuple[bytes, str]:
     if isinstance(f, (str, os.PathLike)):
-        return Path(f).read_bytes(), repr(os.fspath(f))
-    payload = f.read()
+        source = repr(os.fspath(f))
+        size = os.path.getsize(f)
+        if size > max_size:
+            raise ValueError(f"afnio.load: {source} is {size} bytes, more than max_size="
+                             f"{max_size}; pass a larger max_size= if you trust it")
+        return Path(f).read_bytes(), source
+    payload = f.read(max_size + 1)
     if not isinstance(payload, bytes):
         raise TypeError(
             f"afnio.load: the file object must be opened in binary mode, it returned "
             f"{type(payload).__name__}"
         )
+    if len(payload) > max_size:
+        raise ValueError(f"afnio.load: the file object holds more than max_size={max_size} "
+                         "bytes; pass a larger max_size= if you trust it")
     return payload, "the file object"
+
+
+# What zipfile raises on damaged bytes: its own error, zlib's, a short read, an unknown
+# compression method or an "encrypted" flag bit, a bad offset (ValueError: negative seek).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+               ValueError, OSError, KeyError, OverflowError)
+
+
+def _damaged(source: str, error: BaseException) -> ValueError:
+    return ValueError(
+        f"afnio.load: {source} is a damaged zip archive ({type(error).__name__}: {error}); it "
+        "can't be loaded (a copy such as epoch=E.ckpt beside last.ckpt may be intact)"
+    )
+
+
+def _read_member(
+    archive: zipfile.ZipFile, source: str, max_size: int, max_ratio: float
+) -> bytes:
+    """The JSON member's bytes, refusing sizes and ratios past the limits before inflating."""
+    try:
+        info = archive.getinfo(MEMBER)
+    except _ZIP_ERRORS as error:
+        raise _damaged(source, error) from None
+    advice = "pass larger limits (max_size=, max_ratio=) if you trust the file"
+    if info.file_size > max_size:
+        raise ValueError(f"afnio.load: {source} would decompress to {info.file_size} bytes, "
+                         f"more than max_size={max_size}; {advice}")
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > _RATIO_FLOOR and ratio > max_ratio:
+        raise ValueError(f"afnio.load: {source} has a compression ratio of {ratio:.0f} "
+                         f"(more than max_ratio={max_ratio:g}), as a decompression bomb has; "
+                         f"{advice}")
+    try:
+        with archive.open(info) as member:
+            # The sizes in a zip header can lie: never inflate more than the limit.
+            raw = member.read(max_size + 1)
+    except _ZIP_ERRORS as error:
+        raise _damaged(source, error) from None
+    if len(raw) > max_size:
+        raise ValueError(f"afnio.load: {source} decompresses to more than max_size="
+                         f"{max_size} bytes; {advice}")
+    return raw
 
 
 def _looks_like_pickle(payload: bytes) -> bool:
@@ -339,11 +399,24 @@ def _looks_like_pickle(payload: bytes) -> bool:
     return len(payload) >= 2 and payload[0] == 0x80 and 2 <= payload[1] <= 5
 
 
-def load(f: FileLike) -> Any:
+def load(
+    f: FileLike,
+    *,
+    max_size: int = MAX_SIZE,
+    max_ratio: float = MAX_RATIO,
+    load_clients: bool = False,
+) -> Any:
     """Load an object written by :func:`save`.
 
     Args:
         f: A path or a binary file object open for reading.
+        max_size: Refuse a file (or its JSON, decompressed) larger than this many bytes.
+        max_ratio: Refuse a file whose JSON (if over 1 MiB) is more than this many times its
+            compressed size.
+        load_clients: Rebuild saved model clients (afnio's own classes, or ones registered
+            with :func:`~afnio.models.register_client_class`), with the endpoints, cache paths
+            and model files the file names. Only for files you trust; by default a saved client
+            comes back as its ``{"class": ..., "config": ...}`` description and nothing is built.
 
     Returns:
         The saved object, rebuilt.
@@ -351,8 +424,9 @@ def load(f: FileLike) -> Any:
     Raises:
         ValueError: If ``f`` is not an afnio checkpoint — in particular if it is, or contains, a
             pickle, which is refused before any of it is read (unpickling can run arbitrary
-            code) — or if the document is malformed, or names a model client class from a module
-            that is not imported.
+            code) — if it is damaged, passes a size limit, or is malformed, or (with
+            ``load_clients``) names a client class afnio doesn't know. The message names the
+            file.
         TypeError: If a file object is not binary.
 
     Example:
@@ -362,7 +436,10 @@ def load(f: FileLike) -> Any:
         >>> load(io.BytesIO(buffer.getvalue()))
         [1, ('a', None)]
     """
-    payload, source = _read(f)
+    for name, limit in (("max_size", max_size), ("max_ratio", max_ratio)):
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            raise ValueError(f"afnio.load: {name} must be a positive number, got {limit!r}")
+    payload, source = _read(f, max_size)
     refusal = (
         "afnio never unpickles, because loading a pickle can run arbitrary code. Load it with "
         "the tool that wrote it and re-save what you need with afnio.save"
@@ -376,10 +453,10 @@ def load(f: FileLike) -> Any:
         )
     try:
         archive = zipfile.ZipFile(io.BytesIO(payload))
-    except zipfile.BadZipFile as error:
-        raise ValueError(f"afnio.load: {source} is a damaged zip archive: {error}") from None
-    with archive:
         names = archive.namelist()
+    except _ZIP_ERRORS as error:
+        raise _damaged(source, error) from None
+    with archive:
         pickles = [name for name in names if name.endswith((".pkl", ".pickle"))]
         if pickles:
             raise ValueError(
@@ -391,11 +468,20 @@ def load(f: FileLike) -> Any:
                 f"afnio.load: {source} is not an afnio checkpoint: expected one member "
                 f"{MEMBER!r}, found {names}"
             )
-        raw = archive.read(MEMBER)
+        raw = _read_member(archive, source, max_size, max_ratio)
     if _looks_like_pickle(raw):
         raise ValueError(f"afnio.load: {source} holds a pickle in {MEMBER}; {refusal}")
     try:
-        document = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"afnio.load: {source} is not UTF-8 JSON: {error}") from None
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"afnio.load: {source} is nested too deeply to load") from None
+    except ValueError as error:  # JSONDecodeError, or an integer too long to convert
+        raise ValueError(f"afnio.load: {source} holds invalid JSON: {error}") from None
+    try:
         if not (
             isinstance(document, dict)
             and document.get("format") == FORMAT
@@ -407,10 +493,6 @@ def load(f: FileLike) -> Any:
                 f"afnio.load: {source} has format version {document['version']!r}; this afnio "
                 f"reads version {VERSION}"
             )
-        return _Decoder(source).decode(document["object"], "object")
+        return _Decoder(source, load_clients).decode(document["object"], "object")
     except RecursionError:
         raise ValueError(f"afnio.load: {source} is nested too deeply to load") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"afnio.load: {source} is not UTF-8 JSON: {error}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"afnio.load: {source} holds invalid JSON: {error}") from None

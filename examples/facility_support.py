@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{usage.completion_tokens}, cost ${usage.cost_usd:.4f}"
     )
     print(f"checkpoints and metrics in {Path(args.run_dir).resolve()}")
+    print(f"run report: {trainer.report_path.resolve()}")
     return 0
 
 

@@ -35,7 +35,7 @@ from afnio import cognitive
 from afnio.cognitive import Parameter, ParameterType
 from afnio.models import AsyncOpenAI, ChatCompletionModel
 from afnio.optim import TGD
-from afnio.testing import FakeProviderServer, ScriptedModel
+from afnio.testing import FakeProviderServer, ScriptedModel, Turnstile
 
 INITIAL_PROMPT = "Draft a short, polite reply to the customer."
 IMPROVED_PROMPT = "Draft a short, polite reply to the customer and quote their ticket number."
@@ -112,7 +112,9 @@ def batch() -> tuple[afnio.Variable, afnio.Variable]:
 # --------------------------------------------------------------------------- scripted tests
 def test_forward_sends_one_request_per_ticket() -> None:
     """Forward: one request per ticket, all in flight together, with the expected prompts."""
-    model = ScriptedModel(lambda messages, **_: answer(messages), latency=0.01)
+    # The turnstile holds the requests until all 3 are waiting: the overlap is certain.
+    gate = Turnstile(expected=3)
+    model = ScriptedModel(gate.wrap(lambda messages, **_: answer(messages)))
     drafter = ReplyDrafter(model, backward_model=scripted())
     replies = drafter(*batch())
 

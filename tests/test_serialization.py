@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from afnio import Variable
 from afnio.cognitive.parameter import Parameter, ParameterType
+from afnio.models.model import client_to_config, register_client_class
 from afnio.serialization import load, save
 from afnio.testing import ScriptedModel
 
@@ -118,6 +119,10 @@ def test_shared_variables_and_clients_stay_shared():
     restored = round_trip({"a": prompt, "b": [prompt], "c": client, "d": (client,)})
     assert restored["a"] is restored["b"][0]
     assert restored["c"] is restored["d"][0]
+    buffer = io.BytesIO()
+    save({"c": client, "d": (client,)}, buffer)
+    rebuilt = load(io.BytesIO(buffer.getvalue()), load_clients=True)
+    assert isinstance(rebuilt["c"], ScriptedModel) and rebuilt["c"] is rebuilt["d"][0]
     other = round_trip([Variable("same", role="r"), Variable("same", role="r")])
     assert other[0] is not other[1]
 
@@ -130,7 +135,9 @@ def test_model_clients_are_saved_as_class_and_config():
     entry = document["object"]["items"][0][1]
     assert entry["$type"] == "ChatCompletionModel"
     assert entry["class"] == "afnio.testing.scripted.ScriptedModel"
-    restored = load(io.BytesIO(buffer.getvalue()))["optimizer_client"]
+    described = load(io.BytesIO(buffer.getvalue()))["optimizer_client"]
+    assert described == client_to_config(client)  # data only, unless asked
+    restored = load(io.BytesIO(buffer.getvalue()), load_clients=True)["optimizer_client"]
     assert type(restored) is ScriptedModel
     assert restored.get_config() == client.get_config()
     assert restored.model == "scripted-mini" and restored.latency == 0.5
@@ -155,7 +162,10 @@ def test_api_keys_never_reach_the_file(tmp_path):
     buffer = io.BytesIO()
     save({"client": KeyedModel(api_key="sk-very-secret")}, buffer)
     assert b"sk-very-secret" not in zipfile.ZipFile(buffer).read("afnio.json")
-    restored = load(io.BytesIO(buffer.getvalue()))["client"]
+    with pytest.raises(ValueError, match="KeyedModel' is not one afnio knows"):
+        load(io.BytesIO(buffer.getvalue()), load_clients=True)
+    register_client_class(KeyedModel)
+    restored = load(io.BytesIO(buffer.getvalue()), load_clients=True)["client"]
     assert isinstance(restored, KeyedModel) and restored.api_key is None
 
     target = tmp_path / "leaky.afnio"
@@ -329,12 +339,9 @@ def test_a_file_cannot_make_afnio_import_a_module():
         "class": "antigravity.Client",
         "config": {"$type": "dict", "items": []},
     }
-    with pytest.raises(
-        ValueError,
-        match="module 'antigravity' is not imported. afnio.load never "
-        "imports a module a file names",
-    ):
-        load(_document(client))
+    assert load(_document(client)) == {"class": "antigravity.Client", "config": {}}
+    with pytest.raises(ValueError, match="'antigravity.Client' is not one afnio knows"):
+        load(_document(client), load_clients=True)
     assert "antigravity" not in sys.modules
 
 
@@ -346,9 +353,104 @@ def test_a_file_cannot_name_an_arbitrary_callable(target):
         "class": target,
         "config": {"$type": "dict", "items": [["args", "touch /tmp/afnio-pwned"]]},
     }
-    importlib.import_module(target.rpartition(".")[0])  # only imported modules get this far
-    with pytest.raises(ValueError, match="is not a ChatCompletionModel subclass"):
-        load(_document(client))
+    importlib.import_module(target.rpartition(".")[0])  # even an imported module's names
+    with pytest.raises(ValueError, match="is not one afnio knows"):
+        load(_document(client), load_clients=True)
+
+
+def test_a_tampered_client_neither_redirects_the_key_nor_creates_files(tmp_path):
+    # Issue 14, defect 2: another base_url received OPENAI_API_KEY; a cache path in a config
+    # created directories and an SQLite file during afnio.load.
+    cache_path = tmp_path / "planted" / "dir" / "cache.sqlite"
+    client = {
+        "$type": "ChatCompletionModel",
+        "id": 0,
+        "class": "afnio.models.openai.AsyncOpenAI",
+        "config": {"$type": "dict", "items": [
+            ["model", "gpt-4.1-nano"],
+            ["base_url", "http://attacker.invalid/v1"],
+            ["cache", {"$type": "dict", "items": [["path", str(cache_path)],
+                                                  ["mode", "read_write"]]}],
+        ]},
+    }
+    loaded = load(_document(client))
+    assert loaded["config"]["base_url"] == "http://attacker.invalid/v1"  # data, nothing built
+    assert not (tmp_path / "planted").exists()
+
+
+def _bomb(json_bytes: int) -> bytes:
+    filler = b" " * json_bytes
+    document = b'{"format":"afnio","version":1,"object":"x"' + filler + b"}"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("afnio.json", document)
+    return buffer.getvalue()
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_inflated():
+    # Issue 14, defect 7: a 306 KB file holding 300 MB of JSON loaded (+600 MB of memory).
+    payload = _bomb(50 * 2**20)
+    assert len(payload) < 100_000
+    with pytest.raises(ValueError, match=r"compression ratio of \d+ \(more than max_ratio=200\)"):
+        load(io.BytesIO(payload))
+    with pytest.raises(ValueError, match="would decompress to .* more than max_size=1048576"):
+        load(io.BytesIO(payload), max_size=2**20, max_ratio=10**6)
+    assert load(io.BytesIO(payload), max_ratio=10**6) == "x"  # overridable for trusted files
+    with pytest.raises(ValueError, match="max_size must be a positive number"):
+        load(io.BytesIO(payload), max_size=0)
+
+
+def test_a_zip_header_that_lies_about_the_size_is_still_capped():
+    payload = bytearray(_bomb(3 * 2**20))
+    # Patch the declared uncompressed size (local header and central directory) to 100 bytes.
+    true_size = (3 * 2**20 + 43).to_bytes(4, "little")
+    assert payload.count(true_size) == 2
+    payload = bytes(payload).replace(true_size, (100).to_bytes(4, "little"))
+    with pytest.raises(ValueError, match="decompresses to more than max_size=2097152|damaged"):
+        load(io.BytesIO(payload), max_size=2 * 2**20)
+
+
+def test_a_file_larger_than_max_size_is_not_read(tmp_path):
+    path = tmp_path / "big.afnio"
+    save({"text": "x" * 5000}, path)
+    with pytest.raises(ValueError, match=f"{str(path)!r} is .* bytes, more than max_size=100"):
+        load(path, max_size=100)
+    with pytest.raises(ValueError, match="file object holds more than max_size=100"):
+        load(io.BytesIO(path.read_bytes()), max_size=100)
+
+
+@given(position=st.integers(min_value=0, max_value=10_000), value=st.integers(0, 255))
+def test_every_damaged_byte_gives_a_value_error_naming_the_file(position, value):
+    # Issue 14, defect 7: a corrupted byte inside the compressed member raised zlib.error /
+    # BadZipFile instead of the documented ValueError naming the file.
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "state.afnio"
+        save({"prompt": Parameter("Be brief. " * 50, role="prompt"), "step": 3}, path)
+        payload = bytearray(path.read_bytes())
+        index = position % len(payload)
+        if payload[index] == value:
+            value = (value + 1) % 256
+        payload[index] = value
+        path.write_bytes(bytes(payload))
+        try:
+            load(path)
+        except ValueError as error:
+            assert repr(str(path)) in str(error)
+
+
+def test_a_corrupted_compressed_byte_is_a_value_error():
+    buffer = io.BytesIO()
+    save({"prompt": "Be brief. " * 200}, buffer)
+    payload = bytearray(buffer.getvalue())
+    start = payload.index(b"afnio.json") + len(b"afnio.json")
+    for offset in (5, 40, 80):
+        damaged = bytearray(payload)
+        damaged[start + offset] ^= 0xFF
+        with pytest.raises(ValueError, match="the file object"):
+            load(io.BytesIO(bytes(damaged)))
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Automatic differentiation for text: Functions, the graph, the engine and grad modes."""
 
-from afnio.autodiff.basic_ops import Add, Split, Sum
-from afnio.autodiff.engine import abackward, backward
+from afnio.autodiff.basic_ops import Add, Clone, Select, Slice, Split, Sum, Unbind
+from afnio.autodiff.engine import abackward, agrad, backward, grad
 from afnio.autodiff.evaluator import (
     DeterministicEvaluator,
     ExactMatchEvaluator,
@@ -31,6 +31,7 @@ __all__ = [
     "AccumulateGrad",
     "Add",
     "ChatCompletion",
+    "Clone",
     "ContextWindowError",
     "DeterministicEvaluator",
     "ExactMatchEvaluator",
@@ -45,11 +46,16 @@ __all__ = [
     "FunctionCtx",
     "GradientEdge",
     "Node",
+    "Select",
+    "Slice",
     "Split",
     "Sum",
+    "Unbind",
     "abackward",
+    "agrad",
     "backward",
     "enable_grad",
+    "grad",
     "inference_mode",
     "is_grad_enabled",
     "no_grad",

@@ -1,8 +1,11 @@
-"""Basic differentiable operations: :class:`Add`, :class:`Sum` and :class:`Split`.
+"""Basic differentiable operations: :class:`Add`, :class:`Sum` and :class:`Split`, plus the
+batch plumbing behind indexing (:class:`Select`, :class:`Slice`, :class:`Unbind`) and
+:class:`Clone`.
 
-All three are element-wise over batches, and a scalar broadcasts against a batch. Their textual
-backward passes feedback through: a part of a concatenation gets the feedback on the whole, a
-string that was split gets the feedback on each of its parts, labelled by part.
+Add, Sum and Split are element-wise over batches, and a scalar broadcasts against a batch. Their
+textual backward passes feedback through: a part of a concatenation gets the feedback on the
+whole, a string that was split gets the feedback on each of its parts, labelled by part. The
+indexing ops put each element's feedback back at its position in the batch (``""`` elsewhere).
 
 Example:
     >>> import afnio
@@ -15,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +26,18 @@ from afnio._variable import Variable
 from afnio.autodiff.function import Function, FunctionCtx
 from afnio.autodiff.graph import gradient_role, reduce_to_scalar
 
-__all__ = ["Add", "Split", "Sum", "add_data", "broadcast_elements", "broadcast_size"]
+__all__ = [
+    "Add",
+    "Clone",
+    "Select",
+    "Slice",
+    "Split",
+    "Sum",
+    "Unbind",
+    "add_data",
+    "broadcast_elements",
+    "broadcast_size",
+]
 
 
 def _as_variable(value: Any, op: str, argument: str) -> Variable:
@@ -245,3 +260,198 @@ class Split(Function):
             for column in (zip(*rows) if rows else [()] * (size or 1))
         ]
         return Variable(_pack(merged, size), role=gradient_role(x.role))
+
+
+# --------------------------------------------------------------------------- indexing and copies
+def _batch_input(op: str, x: Any) -> Variable:
+    """``x`` checked to be a batched Variable (what indexing ops work on)."""
+    if not isinstance(x, Variable):
+        raise TypeError(f"{op}: argument 'x' must be a Variable, got {type(x).__name__}")
+    if not x.is_batched:
+        raise IndexError(
+            f"{op}: the Variable with role {x.role!r} is a scalar; only a batch can be indexed"
+        )
+    return x
+
+
+def _scatter(ctx: FunctionCtx, grad_pieces: Sequence[tuple[int, Any]]) -> Variable:
+    """The batch gradient of the indexed input (``ctx.role``, ``ctx.size``): each
+    ``(position, feedback)`` placed at its position, ``""`` elsewhere."""
+    texts = [""] * ctx.size
+    for position, feedback in grad_pieces:
+        if isinstance(feedback, Variable):
+            feedback = feedback.data
+        if feedback is not None:
+            texts[position] = feedback if isinstance(feedback, str) else str(feedback)
+    return Variable(texts, role=gradient_role(ctx.role))
+
+
+def _remember_input(ctx: FunctionCtx, x: Variable) -> None:
+    ctx.role, ctx.size = x.role, x.batch_size
+
+
+class Select(Function):
+    """``x[index]``: element ``index`` of a batch, as a scalar (like torch's ``select``).
+
+    Negative indices count from the end. The batch's gradient holds the element's feedback at
+    ``index`` and ``""`` elsewhere.
+
+    Args:
+        x: A batched Variable.
+        index: An integer (anything ``operator.index`` accepts, not a bool).
+
+    Raises:
+        IndexError: For a scalar ``x`` or an index out of range.
+        TypeError: For an index that is not an integer.
+
+    Example:
+        >>> import afnio
+        >>> x = afnio.Variable(["cat", "dog"], role="labels", requires_grad=True)
+        >>> y = Select.apply(x, -1)
+        >>> y.backward("should be cow")
+        >>> y.data, x.grad[0].data
+        ('dog', ['', 'should be cow'])
+    """
+
+    inline_backward = True
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Variable, index: int) -> Variable:
+        x = _batch_input("Select", x)
+        if isinstance(index, bool):
+            raise TypeError(
+                f"Select: index for Variable with role {x.role!r} must be an int, got bool"
+            )
+        try:
+            position = operator.index(index)
+        except TypeError:
+            raise TypeError(
+                f"Select: Variable indices must be integers or slices, got "
+                f"{type(index).__name__} (Variable with role {x.role!r})"
+            ) from None
+        size = x.batch_size
+        if not -size <= position < size:
+            raise IndexError(
+                f"Select: index {position} is out of range for the Variable with role "
+                f"{x.role!r} of batch size {size}"
+            )
+        position %= size
+        ctx.position = position
+        _remember_input(ctx, x)
+        return Variable(x.data[position], role=f"element {position} of {_name(x, 'batch')}")
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Variable | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return _scatter(ctx, [(ctx.position, grad_output)]), None
+
+
+def _slice_text(index: slice) -> str:
+    parts = ["" if part is None else str(part) for part in (index.start, index.stop, index.step)]
+    return ":".join(parts if index.step is not None else parts[:2])
+
+
+class Slice(Function):
+    """``x[start:stop:step]``: a sub-batch (like torch's ``slice``), in slice order.
+
+    The batch's gradient holds each selected element's feedback at its original position and
+    ``""`` elsewhere.
+
+    Args:
+        x: A batched Variable.
+        index: A ``slice`` (negative bounds and steps as in Python).
+
+    Raises:
+        IndexError: For a scalar ``x``.
+        TypeError: If ``index`` is not a slice.
+
+    Example:
+        >>> import afnio
+        >>> x = afnio.Variable(["a", "b", "c"], role="drafts", requires_grad=True)
+        >>> y = Slice.apply(x, slice(None, None, -2))
+        >>> y.backward(afnio.Variable(["about c", "about a"]))
+        >>> y.data, x.grad[0].data
+        (['c', 'a'], ['about a', '', 'about c'])
+    """
+
+    inline_backward = True
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Variable, index: slice) -> Variable:
+        x = _batch_input("Slice", x)
+        if not isinstance(index, slice):
+            raise TypeError(f"Slice: argument 'index' must be a slice, got {type(index).__name__}")
+        positions = range(x.batch_size)[index]
+        ctx.positions = positions
+        _remember_input(ctx, x)
+        role = f"elements [{_slice_text(index)}] of {_name(x, 'batch')}"
+        return Variable([x.data[p] for p in positions], role=role)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Variable | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return _scatter(ctx, list(zip(ctx.positions, grad_output.data))), None
+
+
+class Unbind(Function):
+    """Split a batch into a tuple of its elements (like ``torch.unbind``); iterating a batched
+    Variable uses it, so ``a, b = batch`` records one node.
+
+    The batch's gradient gathers each element's feedback at its position.
+
+    Raises:
+        IndexError: For a scalar ``x``.
+
+    Example:
+        >>> import afnio
+        >>> x = afnio.Variable(["a", "b"], role="drafts", requires_grad=True)
+        >>> first, second = x
+        >>> afnio.autodiff.backward([first, second], ["too short", ""])
+        >>> first.grad_fn.name(), x.grad[0].data
+        ('UnbindBackward', ['too short', ''])
+    """
+
+    inline_backward = True
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Variable) -> tuple[Variable, ...]:
+        x = _batch_input("Unbind", x)
+        _remember_input(ctx, x)
+        name = _name(x, "batch")
+        return tuple(
+            Variable(item, role=f"element {i} of {name}") for i, item in enumerate(x.data)
+        )
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grad_outputs: Variable | None) -> Variable | None:
+        if not ctx.needs_input_grad[0]:
+            return None
+        return _scatter(ctx, list(enumerate(grad_outputs)))
+
+
+class Clone(Function):
+    """A copy of ``x`` that stays in the graph (``torch.clone``): same data and role, and the
+    gradient flows back unchanged.
+
+    Example:
+        >>> import afnio
+        >>> x = afnio.Variable("hi", role="greeting", requires_grad=True)
+        >>> y = Clone.apply(x)
+        >>> y.backward("warmer")
+        >>> y.grad_fn.name(), x.grad[0].data
+        ('CloneBackward', 'warmer')
+    """
+
+    inline_backward = True
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Variable) -> Variable:
+        if not isinstance(x, Variable):
+            raise TypeError(f"Clone: argument 'x' must be a Variable, got {type(x).__name__}")
+        return Variable(x.data, role=x.role)  # a batch is copied
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: Variable) -> Variable | None:
+        return grad_output if ctx.needs_input_grad[0] else None

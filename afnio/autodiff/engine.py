@@ -8,6 +8,10 @@
    nodes (``inline``) run directly.
 4. Gradients for leaves are collected and appended at the end in the order a sequential engine
    (highest sequence number first) would produce them. If any node fails, no leaf is touched.
+
+Variable hooks (``Variable.register_hook``) run on a non-leaf's combined gradient just before its
+node runs, and on each leaf gradient, in that final order, just before it is appended.
+:func:`grad` runs the same walk but returns the inputs' gradients instead of appending them.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from afnio.autodiff.graph import (
     GradientEdge,
     Node,
     combine_gradients,
+    empty_gradient,
     gradient_edge,
     gradient_role,
 )
 
-__all__ = ["abackward", "backward"]
+__all__ = ["abackward", "agrad", "backward", "grad"]
 
 # (producer sequence number, position among the producer's edges, gradient)
 Delivery = tuple[float, int, Variable]
@@ -93,6 +98,8 @@ class _GraphTask:
         self, roots: list[tuple[GradientEdge, Variable]], retain_graph: bool, inputs: list
     ) -> None:
         self.retain_graph = retain_graph
+        # Combined gradients of non-leaf inputs= targets (what grad() returns for them).
+        self.captured: dict[tuple[Node, int], Variable] = {}
         self.dependencies: dict[Node, int] = {}
         self.buffers: dict[Node, dict[int, list[Delivery]]] = {}
         self.leaf_deliveries: dict[AccumulateGrad, list[Delivery]] = {}
@@ -170,8 +177,14 @@ class _GraphTask:
             deliveries.sort(key=_delivery_order)
             role, batch_size = node.output_info(output_nr)
             combined = combine_gradients([d[2] for d in deliveries], role, batch_size)
+            if node.variable_hooks:
+                combined = node.hooked_gradient(output_nr, combined)
             grads.append(combined)
-            retained = node.retained.get(output_nr, self.captures.get((node, output_nr)))
+            key = (node, output_nr)
+            captured = self.captures.get(key)
+            if captured is not None:
+                self.captured[key] = combined
+            retained = node.retained.get(output_nr, captured)
             if retained is not None:
                 self.retained_updates.append((retained, combined))
         return grads
@@ -199,10 +212,28 @@ class _GraphTask:
         if ran and not self.retain_graph:
             node.release()
 
+    def leaf_gradients(self) -> list[tuple[AccumulateGrad, Variable]]:
+        """Every leaf gradient after its leaf's hooks, in the order a sequential engine appends
+        them: latest producer first, then the producer's edge order (a unique key)."""
+        ordered = sorted(
+            (-seq, position, id(sink), sink, gradient)
+            for sink, deliveries in self.leaf_deliveries.items()
+            for seq, position, gradient in deliveries
+        )
+        return [(sink, sink.hooked_gradient(0, gradient)) for *_, sink, gradient in ordered]
+
     def accumulate(self) -> None:
+        """Write the results into ``grad`` lists (only once every hook has succeeded)."""
+        sinks = self.leaf_deliveries
+        hooked = self.leaf_gradients() if any(s.variable._hooks for s in sinks) else None
         for variable, gradient in self.retained_updates:
             variable.grad.append(gradient)
-        for sink, deliveries in self.leaf_deliveries.items():
+        if hooked is not None:
+            for sink, gradient in hooked:
+                sink.variable.grad.append(gradient)
+            return
+        # Without hooks only each leaf's own order is observable: sort leaf by leaf (cheap).
+        for sink, deliveries in sinks.items():
             deliveries.sort(key=_delivery_order)
             sink.variable.grad.extend(d[2] for d in deliveries)
 
@@ -234,7 +265,6 @@ async def _execute(task: _GraphTask) -> None:
             pending.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
-    task.accumulate()
 
 
 def pair_roots_with_gradients(
@@ -272,6 +302,12 @@ def _prepare(
     return _GraphTask(edges, bool(retain_graph), _as_list(inputs))
 
 
+async def _backward(*args: Any) -> None:
+    task = _prepare(*args)
+    await _execute(task)
+    task.accumulate()
+
+
 async def abackward(
     variables: Variable | Sequence[Variable],
     grad_variables: Any = None,
@@ -279,7 +315,7 @@ async def abackward(
     inputs: Variable | Sequence[Variable] | None = None,
 ) -> None:
     """Awaitable twin of :func:`backward`."""
-    await _execute(_prepare(variables, grad_variables, retain_graph, inputs))
+    await _backward(variables, grad_variables, retain_graph, inputs)
 
 
 def backward(
@@ -305,4 +341,124 @@ def backward(
         >>> [g.data for g in x.grad]
         ['be warmer']
     """
-    run(_execute(_prepare(variables, grad_variables, retain_graph, inputs)))
+    run(_backward(variables, grad_variables, retain_graph, inputs))
+
+
+def _grad_inputs(inputs: Variable | Sequence[Variable]) -> list[Variable]:
+    variables = _as_list(inputs)
+    if not variables:
+        raise RuntimeError("grad: inputs must hold at least one Variable")
+    for index, variable in enumerate(variables):
+        if not isinstance(variable, Variable):
+            raise TypeError(
+                f"grad: element {index} of inputs must be a Variable, got {type(variable).__name__}"
+            )
+        if not variable.requires_grad:
+            raise RuntimeError(
+                f"grad: element {index} of inputs (role {variable.role!r}) does not require grad; "
+                "one of the differentiated Variables must be part of the graph"
+            )
+    return variables
+
+
+async def agrad(
+    outputs: Variable | Sequence[Variable],
+    inputs: Variable | Sequence[Variable],
+    grad_outputs: Any = None,
+    retain_graph: bool | None = None,
+    allow_unused: bool | None = None,
+    materialize_grads: bool = False,
+) -> tuple[Variable | None, ...]:
+    """Awaitable twin of :func:`grad`, for code already running on an event loop.
+
+    Example:
+        >>> import asyncio
+        >>> x = Variable(["a", "b"], role="drafts", requires_grad=True)
+        >>> async def main():
+        ...     return await agrad(x + "!", x, Variable(["shorter", ""]))
+        >>> [g.data for g in asyncio.run(main())]
+        [['shorter', '']]
+    """
+    if allow_unused is None:
+        allow_unused = materialize_grads
+    elif materialize_grads and not allow_unused:
+        raise ValueError(
+            "grad: expected allow_unused to be True or not passed when materialize_grads=True, "
+            "but got allow_unused=False"
+        )
+    variables = _grad_inputs(inputs)
+    task = _prepare(outputs, grad_outputs, retain_graph, variables)
+    await _execute(task)  # no task.accumulate(): nothing is written to any grad
+    pieces: dict[AccumulateGrad, list[Variable]] = {}
+    for sink, gradient in task.leaf_gradients():
+        pieces.setdefault(sink, []).append(gradient)
+    results: list[Variable | None] = []
+    for index, variable in enumerate(variables):
+        edge = gradient_edge(variable)
+        if isinstance(edge.node, AccumulateGrad):
+            found = pieces.get(edge.node)
+            gradient = (
+                combine_gradients(found, variable.role, variable.batch_size) if found else None
+            )
+        else:
+            gradient = task.captured.get((edge.node, edge.output_nr))
+        if gradient is None:
+            if not allow_unused:
+                raise RuntimeError(
+                    f"grad: element {index} of inputs (role {variable.role!r}) appears to not have "
+                    "been used in the graph (no gradient reached it); pass allow_unused=True if "
+                    "this is the desired behavior"
+                )
+            if materialize_grads:
+                gradient = empty_gradient(variable.role, variable.batch_size)
+        results.append(gradient)
+    return tuple(results)
+
+
+def grad(
+    outputs: Variable | Sequence[Variable],
+    inputs: Variable | Sequence[Variable],
+    grad_outputs: Any = None,
+    retain_graph: bool | None = None,
+    allow_unused: bool | None = None,
+    materialize_grads: bool = False,
+) -> tuple[Variable | None, ...]:
+    """Compute and return the gradients of ``inputs``, like ``torch.autograd.grad``.
+
+    The graph is walked exactly as :func:`backward` walks it with ``inputs=`` (same nodes run,
+    same hooks, same combination order), but no ``grad`` list is written — neither the inputs'
+    nor any retained non-leaf's. Each input gets **one** gradient Variable: for a leaf, the
+    pieces :func:`backward` would append to its ``grad``, combined in that order (a single
+    piece is returned as is); for a non-leaf, the combined gradient :meth:`Variable.retain_grad`
+    would store.
+
+    Args:
+        outputs: The root(s) to differentiate.
+        inputs: The Variable(s) whose gradients are returned (leaves or non-leaves).
+        grad_outputs: Feedback on each root, as ``grad_variables`` of :func:`backward`
+            (``None``: each root's own data).
+        retain_graph: Keep saved state so the graph can be walked again.
+        allow_unused: Return ``None`` for an input no gradient reached instead of raising.
+            Defaults to ``materialize_grads``.
+        materialize_grads: Return empty feedback (``""``, or a batch of ``""``) instead of
+            ``None`` for unused inputs.
+
+    Returns:
+        A tuple with one gradient (or ``None``) per input, in the order of ``inputs``.
+
+    Raises:
+        RuntimeError: If an input does not require grad, or no gradient reached an input and
+            ``allow_unused`` is false.
+        ValueError: If ``materialize_grads=True`` with ``allow_unused=False``.
+
+    Example:
+        >>> import afnio
+        >>> x = afnio.Variable("hi", role="greeting", requires_grad=True)
+        >>> y = x + " there"
+        >>> (g,) = afnio.autodiff.grad(y, x, afnio.Variable("be warmer"))
+        >>> g.data, x.grad
+        ('be warmer', [])
+    """
+    return run(
+        agrad(outputs, inputs, grad_outputs, retain_graph, allow_unused, materialize_grads)
+    )

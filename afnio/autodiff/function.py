@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,7 +101,11 @@ class FunctionCtx:
     saved_tensors = saved_variables
 
     def mark_non_differentiable(self, *outputs: Variable) -> None:
-        """Mark outputs that should not require grad (e.g. a numeric score)."""
+        """Mark outputs that should not require grad (e.g. a numeric score).
+
+        They come out of ``apply`` as plain leaves, and ``backward`` still has a slot for each
+        of them, which always receives ``None``.
+        """
         self._non_differentiable.update(id(output) for output in outputs)
 
     def set_materialize_grads(self, value: bool) -> None:
@@ -129,11 +134,17 @@ class BackwardFunction(Node):
         arguments: list[Any],
         next_functions: list[GradientEdge],
         outputs: list[Variable],
+        slots: list[int | None] | None = None,
     ) -> None:
         super().__init__(next_functions, outputs)
         self.ctx = ctx
         # Keep only the structure of the arguments plus the shape of each Variable in them.
         self._argument_shapes = [_shape_of(argument) for argument in arguments]
+        # For each output of forward: its index among this node's outputs, or None when it is
+        # not a Variable or was marked non-differentiable (backward then receives None for it).
+        # None when the two coincide (every output is a differentiable Variable).
+        identity = slots is None or slots == list(range(len(outputs)))
+        self._slots = None if identity else slots
 
     def name(self) -> str:
         return f"{self._forward_cls.__name__}Backward"
@@ -147,22 +158,30 @@ class BackwardFunction(Node):
         super().release()
         self.ctx._free()
 
-    def _grad_outputs(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
-        if not self.ctx.materialize_grads:
-            return grad_outputs
-        return [
-            grad if grad is not None else empty_gradient(*self.output_meta[index])
-            for index, grad in enumerate(grad_outputs)
-        ]
+    def _call_backward(self, grad_outputs: list[Variable | None]) -> Any:
+        """Call the Function's backward with one gradient per forward output."""
+        if self._forward_cls.backward is Function.backward:
+            raise RuntimeError(
+                f"{self.name()}: {self._forward_cls.__name__} does not define backward; a "
+                "Function subclass must define a static backward(ctx, *grad_outputs)"
+            )
+        if self.ctx.materialize_grads:
+            grad_outputs = [
+                grad if grad is not None else empty_gradient(*self.output_meta[index])
+                for index, grad in enumerate(grad_outputs)
+            ]
+        if self._slots is not None:
+            grad_outputs = [None if slot is None else grad_outputs[slot] for slot in self._slots]
+        return self._forward_cls.backward(self.ctx, *grad_outputs)
 
     def apply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
-        result = self._forward_cls.backward(self.ctx, *self._grad_outputs(grad_outputs))
+        result = self._call_backward(grad_outputs)
         if inspect.isawaitable(result):
             result = run(result)
         return self._flatten_result(result)
 
     async def aapply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
-        result = self._forward_cls.backward(self.ctx, *self._grad_outputs(grad_outputs))
+        result = self._call_backward(grad_outputs)
         if inspect.isawaitable(result):
             result = await result
         return self._flatten_result(result)
@@ -280,9 +299,11 @@ class Function(metaclass=_FunctionMeta):
 
     * ``forward(ctx, *args, **kwargs)`` — or ``forward(*args, **kwargs)`` together with
       ``setup_context(ctx, inputs, output)``;
-    * ``backward(ctx, *grad_outputs)`` — one gradient per forward output in, one value per input
-      argument out: ``None``, a gradient Variable shaped like that input, or for a container
-      argument the same container with gradients (or ``None``) where its Variables were.
+    * ``backward(ctx, *grad_outputs)`` — one gradient per forward output in (``None`` for an
+      output that is not a Variable or was marked non-differentiable, as in torch), one value
+      per input argument out: ``None``, a gradient Variable shaped like that input, or for a
+      container argument the same container with gradients (or ``None``) where its Variables
+      were.
 
     Either may be ``async def``; :meth:`apply` is synchronous regardless (use :meth:`aapply` from
     async code). A synchronous ``backward`` may block (call a model, read a file): the engine runs
@@ -294,8 +315,8 @@ class Function(metaclass=_FunctionMeta):
     ``*args``, followed by the values of any ``**kwargs`` in call order. Trailing inputs that hold
     no Variable may be left out of backward's return value.
 
-    Raises:
-        RuntimeError: On instantiation — call :meth:`apply` on the class instead.
+    Instantiating a Function works but warns (``DeprecationWarning``, as torch does): its
+    methods are static, so call :meth:`apply` on the class.
     """
 
     _backward_cls: type[BackwardFunction]
@@ -303,9 +324,19 @@ class Function(metaclass=_FunctionMeta):
     inline_backward: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        name = type(self).__name__
+        warnings.warn(
+            f"{name} is a Function: its methods are static, so call {name}.apply(...) on the "
+            "class. Creating an instance is deprecated, as in torch, and may become an error.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        name = type(self).__name__
         raise RuntimeError(
-            f"{type(self).__name__} is a Function and should not be instantiated; call "
-            f"{type(self).__name__}.apply(...) instead"
+            f"{name} instances are not callable (that is the legacy, non-static Function "
+            f"style); call {name}.apply(...) instead"
         )
 
     @staticmethod
@@ -329,6 +360,12 @@ class Function(metaclass=_FunctionMeta):
 
     @classmethod
     def _bind(cls, args: tuple, kwargs: dict) -> tuple[inspect.BoundArguments, list[Any]]:
+        if cls.forward is Function.forward:
+            raise RuntimeError(
+                f"{cls.__name__}.apply: {cls.__name__} does not define forward; a Function "
+                "subclass must define a static forward(ctx, *args, **kwargs), or forward(*args, "
+                "**kwargs) together with setup_context(ctx, inputs, output)"
+            )
         if cls._signature_cache is None:
             signature = inspect.signature(cls.forward)
             parameters = list(signature.parameters.values())
@@ -395,13 +432,16 @@ class Function(metaclass=_FunctionMeta):
             if isinstance(output, Variable) and id(output) in input_ids:
                 outputs[index] = Variable(output.data, role=output.role)  # copies a batch
         if record:
-            differentiable = [
-                output
-                for output in outputs
-                if isinstance(output, Variable) and id(output) not in ctx._non_differentiable
-            ]
+            differentiable: list[Variable] = []
+            slots: list[int | None] = []
+            for output in outputs:
+                if isinstance(output, Variable) and id(output) not in ctx._non_differentiable:
+                    slots.append(len(differentiable))
+                    differentiable.append(output)
+                else:
+                    slots.append(None)
             node = cls._backward_cls(
-                ctx, arguments, [gradient_edge(v) for v in variables], differentiable
+                ctx, arguments, [gradient_edge(v) for v in variables], differentiable, slots
             )
             for output_nr, output in enumerate(differentiable):
                 output.grad_fn = node

@@ -2,7 +2,8 @@
 
 The mode lives in a :class:`contextvars.ContextVar`, so it is isolated per thread *and* per
 asyncio task, and it follows a call into the runtime loop. Each switch works as a context
-manager and as a decorator (of plain or ``async`` functions).
+manager and as a decorator (of plain or ``async`` functions); as in torch 2.x, ``no_grad``,
+``enable_grad`` and ``inference_mode`` also decorate bare, without parentheses.
 
 Example:
     >>> import afnio
@@ -72,24 +73,49 @@ class _GradMode:
         return wrapper  # type: ignore[return-value]
 
 
+def _decorate_bare(cls: type[_GradMode], func: Any, expected: str = "no argument") -> Any:
+    """``@cls`` without parentheses: decorate ``func`` with a fresh ``cls()``."""
+    if not callable(func):
+        raise TypeError(
+            f"{cls.__name__}: expected {expected} or a function to decorate, "
+            f"got {type(func).__name__}"
+        )
+    return cls()(func)
+
+
 class no_grad(_GradMode):  # noqa: N801 - torch's spelling
     """Disable graph recording inside a block or a decorated function.
 
+    Usable as ``with no_grad():``, ``@no_grad()`` or bare ``@no_grad``.
+
+    Args:
+        orig_func: Set only by the bare decorator form: the function being decorated.
+
     Example:
         >>> import afnio
-        >>> @afnio.no_grad()
+        >>> @afnio.no_grad
         ... def evaluate():
         ...     return afnio.is_grad_enabled()
         >>> evaluate()
         False
     """
 
-    def __init__(self) -> None:
+    def __new__(cls, orig_func: Callable[..., Any] | None = None) -> Any:
+        if orig_func is None:
+            return super().__new__(cls)
+        return _decorate_bare(cls, orig_func)
+
+    def __init__(self, orig_func: Callable[..., Any] | None = None) -> None:
         super().__init__(False)
 
 
 class enable_grad(_GradMode):  # noqa: N801
     """Enable graph recording inside a block, even within ``no_grad``.
+
+    Usable as ``with enable_grad():``, ``@enable_grad()`` or bare ``@enable_grad``.
+
+    Args:
+        orig_func: Set only by the bare decorator form: the function being decorated.
 
     Example:
         >>> import afnio
@@ -99,7 +125,12 @@ class enable_grad(_GradMode):  # noqa: N801
         True
     """
 
-    def __init__(self) -> None:
+    def __new__(cls, orig_func: Callable[..., Any] | None = None) -> Any:
+        if orig_func is None:
+            return super().__new__(cls)
+        return _decorate_bare(cls, orig_func)
+
+    def __init__(self, orig_func: Callable[..., Any] | None = None) -> None:
         super().__init__(True)
 
 
@@ -145,9 +176,30 @@ class set_grad_enabled(_GradMode):  # noqa: N801
 class inference_mode(_GradMode):  # noqa: N801
     """Like :class:`no_grad`: nothing run inside records a graph.
 
+    Usable as ``with inference_mode():``, ``@inference_mode()``, ``@inference_mode(False)`` or
+    bare ``@inference_mode``.
+
     Args:
-        mode: ``True`` (default) disables recording; ``False`` leaves the mode unchanged.
+        mode: ``True`` (default) disables recording; ``False`` leaves the mode unchanged. The
+            bare decorator form passes the decorated function here instead.
+
+    Raises:
+        TypeError: If ``mode`` is neither a bool nor a function.
+
+    Example:
+        >>> import afnio
+        >>> @afnio.inference_mode
+        ... async def predict():
+        ...     return afnio.is_grad_enabled()
+        >>> import asyncio
+        >>> asyncio.run(predict())
+        False
     """
 
-    def __init__(self, mode: bool = True) -> None:
+    def __new__(cls, mode: bool | Callable[..., Any] = True) -> Any:
+        if isinstance(mode, bool):
+            return super().__new__(cls)
+        return _decorate_bare(cls, mode, "a bool mode")
+
+    def __init__(self, mode: bool | Callable[..., Any] = True) -> None:
         super().__init__(False if mode else None)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from afnio._hooks import RemovableHandle, add_hook, check_callable
 from afnio._variable import Variable, batch_size_of
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "gradient_edge",
     "gradient_role",
     "reduce_to_scalar",
+    "run_variable_hooks",
 ]
 
 _sequence = itertools.count()
@@ -69,6 +72,8 @@ class Node:
 
     is_async = False
     inline = False
+    # Hooks of non-leaf outputs (``Variable.register_hook``): {output_nr: {handle id: hook}}.
+    variable_hooks: dict[int, OrderedDict[int, Callable]] | None = None
 
     def __init__(
         self, next_functions: Sequence[GradientEdge] = (), outputs: Sequence[Variable] = ()
@@ -101,6 +106,45 @@ class Node:
     def release(self) -> None:
         """Free saved state after backward (``retain_graph=False``)."""
         self.freed = True
+
+    def register_variable_hook(
+        self, output_nr: int, hook: Callable[[Variable], Variable | None]
+    ) -> RemovableHandle:
+        """Register a gradient hook of the Variable that is output ``output_nr`` of this node
+        (what ``Variable.register_hook`` does for a non-leaf).
+
+        The engine calls it on that output's combined gradient before this node runs.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+
+        Example:
+            >>> x = Variable("hi", requires_grad=True)
+            >>> y = x + "!"
+            >>> handle = y.grad_fn.register_variable_hook(0, lambda g: Variable(g.data + "?"))
+            >>> y.backward(Variable("why"))
+            >>> x.grad[0].data
+            'why?'
+        """
+        check_callable(hook, f"{self.name()}.register_variable_hook")
+        if self.variable_hooks is None:
+            self.variable_hooks = {}
+        return add_hook(self.variable_hooks.setdefault(output_nr, OrderedDict()), hook)
+
+    def hooked_gradient(self, output_nr: int, gradient: Variable) -> Variable:
+        """``gradient`` for output ``output_nr`` after that output's Variable hooks.
+
+        Example:
+            >>> y = Variable("hi", requires_grad=True) + "!"
+            >>> _ = y.register_hook(lambda g: Variable(g.data.upper()))
+            >>> y.grad_fn.hooked_gradient(0, Variable("louder")).data
+            'LOUDER'
+        """
+        hooks = self.variable_hooks and self.variable_hooks.get(output_nr)
+        if not hooks:
+            return gradient
+        role, batch_size = self.output_info(output_nr)
+        return run_variable_hooks(hooks, gradient, role, batch_size)
 
     def apply(self, grad_outputs: list[Variable | None]) -> Sequence[Variable | None]:
         """Compute the input gradients synchronously.
@@ -135,10 +179,24 @@ class AccumulateGrad(Node):
         """The leaf's role and batch size (read live: the leaf's data may have changed)."""
         return self.variable.role, self.variable.batch_size
 
+    def hooked_gradient(self, output_nr: int, gradient: Variable) -> Variable:
+        """``gradient`` after the leaf's hooks (``Variable.register_hook``).
+
+        Example:
+            >>> x = Variable("hi", requires_grad=True)
+            >>> _ = x.register_hook(lambda g: Variable(g.data + "!"))
+            >>> AccumulateGrad(x).hooked_gradient(0, Variable("warmer")).data
+            'warmer!'
+        """
+        hooks = self.variable._hooks
+        if not hooks:
+            return gradient
+        return run_variable_hooks(hooks, gradient, self.variable.role, self.variable.batch_size)
+
     def apply(self, grad_outputs: list[Variable | None]) -> Sequence[Variable | None]:
-        """Append the (non-``None``) gradient to the leaf's ``grad`` list."""
+        """Append the (non-``None``) gradient, after the leaf's hooks, to its ``grad`` list."""
         if grad_outputs and grad_outputs[0] is not None:
-            self.variable.grad.append(grad_outputs[0])
+            self.variable.grad.append(self.hooked_gradient(0, grad_outputs[0]))
         return ()
 
 
@@ -151,6 +209,51 @@ def gradient_edge(variable: Variable) -> GradientEdge:
             variable._grad_accumulator = AccumulateGrad(variable)
         return GradientEdge(variable._grad_accumulator, 0)
     return GradientEdge(None, 0)
+
+
+def _describe(batch_size: int | None) -> str:
+    return "a scalar" if batch_size is None else f"a batch of {batch_size}"
+
+
+def run_variable_hooks(
+    hooks: OrderedDict[int, Callable], gradient: Variable, role: str, batch_size: int | None
+) -> Variable:
+    """Pass ``gradient`` through ``hooks`` in order; a hook returning a Variable replaces it.
+
+    Args:
+        hooks: The hooks of one Variable (``Variable.register_hook``).
+        gradient: The gradient about to be accumulated or to flow on.
+        role: The Variable's role, quoted in errors.
+        batch_size: The Variable's batch size; a replacement must have the same shape.
+
+    Returns:
+        The gradient after every hook.
+
+    Raises:
+        TypeError: If a hook returns something other than a Variable or ``None``.
+        ValueError: If a hook returns a gradient shaped differently from the Variable.
+
+    Example:
+        >>> from collections import OrderedDict
+        >>> hooks = OrderedDict({0: lambda g: Variable(g.data + "!"), 1: lambda g: None})
+        >>> run_variable_hooks(hooks, Variable("shorter"), "answer", None).data
+        'shorter!'
+    """
+    for hook in list(hooks.values()):
+        result = hook(gradient)
+        if result is None:
+            continue
+        name = getattr(hook, "__qualname__", type(hook).__name__)
+        where = f"hook {name} registered on the Variable with role {role!r}"
+        if not isinstance(result, Variable):
+            raise TypeError(f"{where} must return a Variable or None, got {type(result).__name__}")
+        if result.batch_size != batch_size:
+            raise ValueError(
+                f"{where} changed the gradient's shape: the Variable is {_describe(batch_size)} "
+                f"but the hook returned {_describe(result.batch_size)}"
+            )
+        gradient = result
+    return gradient
 
 
 def gradient_role(role: str) -> str:

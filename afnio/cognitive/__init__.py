@@ -30,6 +30,8 @@ from afnio.cognitive.modules import (
     Split,
     Sum,
     fun_to_grad_component,
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
 )
 from afnio.cognitive.parameter import Parameter, ParameterType
 
@@ -53,5 +55,7 @@ __all__ = [
     "Split",
     "Sum",
     "fun_to_grad_component",
+    "register_module_forward_hook",
+    "register_module_forward_pre_hook",
     "functional",
 ]

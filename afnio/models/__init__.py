@@ -22,7 +22,10 @@ from afnio.models.errors import (
     BudgetExceededError,
     CacheMissError,
     ContextWindowError,
+    InvalidRequestError,
+    MalformedReplyError,
     ModelError,
+    StructuredOutputUnsupportedError,
     TransientError,
 )
 from afnio.models.model import (
@@ -31,7 +34,9 @@ from afnio.models.model import (
     Completion,
     client_from_config,
     client_to_config,
+    register_client_class,
 )
+from afnio.models.options import PipelineOptions
 from afnio.models.pricing import cost_usd, price_for, set_price
 from afnio.models.registry import (
     get_backward_model_client,
@@ -59,8 +64,12 @@ __all__ = [
     "ChatCompletionModel",
     "Completion",
     "ContextWindowError",
+    "InvalidRequestError",
+    "MalformedReplyError",
     "ModelError",
+    "PipelineOptions",
     "ResponseCache",
+    "StructuredOutputUnsupportedError",
     "TransientError",
     "Usage",
     "client_from_config",
@@ -74,6 +83,7 @@ __all__ = [
     "get_client",
     "get_usage",
     "price_for",
+    "register_client_class",
     "reset_usage",
     "set_backward_model_client",
     "set_price",

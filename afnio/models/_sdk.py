@@ -11,33 +11,44 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import difflib
 import email.utils
 import functools
 import inspect
 import json
 import math
 import os
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any, ClassVar, Generic, TypeVar
 
-from afnio.models.errors import ModelError, TransientError
+from afnio.models.errors import (
+    InvalidRequestError,
+    MalformedReplyError,
+    ModelError,
+    StructuredOutputUnsupportedError,
+    TransientError,
+)
 from afnio.models.model import ChatCompletionModel
 
 __all__ = [
+    "COMPATIBLE_SERVER_ARGUMENTS",
+    "MIN_SECRET_SLICE",
     "PerLoop",
     "SdkChatModel",
     "check_model_and_timeout",
     "check_one_whole_reply",
     "create_arguments",
     "json_schema_of",
-    "move_unknown_to_extra_body",
     "redact",
     "refuse_client_set_arguments",
     "rename_max_completion_tokens",
     "retry_after_seconds",
+    "sort_arguments",
 ]
 
 T = TypeVar("T")
@@ -50,27 +61,46 @@ NO_KEY_NEEDED = "no-key-needed"
 
 
 class PerLoop(Generic[T]):
-    """One lazily built object per running event loop.
+    """One lazily built object per running event loop, closed on its own loop when no longer
+    needed.
 
     ``achat`` may be awaited on afnio's runtime loop, on a private nested loop, or on a user's
-    loop; an SDK async client must never be shared between them. Entries of loops that have
-    been closed are dropped.
+    loop; an SDK async client must never be shared between them. With ``close``, each object is
+    closed *on its own loop*: when that loop shuts down its async generators (``asyncio.run``
+    and afnio's nested loops do), or soon after this ``PerLoop`` is garbage-collected while the
+    loop still runs (afnio's runtime loop). Objects of loops closed some other way are dropped.
 
     Args:
         factory: Builds the object for the current loop; called at most once per loop.
+        close: ``async close(item)``, called once per object.
 
     Example:
-        >>> pool = PerLoop(object)
+        >>> closed = []
+        >>> async def close(item):
+        ...     closed.append(item)
+        >>> pool = PerLoop(object, close=close)
         >>> async def same():
         ...     return pool.get() is pool.get()
-        >>> asyncio.run(same())
-        True
+        >>> asyncio.run(same()), len(closed)
+        (True, 1)
     """
 
-    def __init__(self, factory: Callable[[], T]) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], T],
+        close: Callable[[T], Awaitable[Any]] | None = None,
+    ) -> None:
         self._factory = factory
+        self._close = close
         self._items: dict[asyncio.AbstractEventLoop, T] = {}
-        self._lock = threading.Lock()
+        # Per loop, a suspended async generator that the loop closes when it shuts down, which
+        # closes the loop's object there (see _closer).
+        self._closers: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._lock = threading.RLock()  # re-entrant: the finalizer may run during get()
+        if close is not None:
+            # Holds the objects, not this PerLoop, so they outlive it until they are closed.
+            finalizer = weakref.finalize(self, _close_all, self._items, self._lock, close)
+            finalizer.atexit = False
 
     def get(self) -> T:
         """The object for the running loop (must be called from a coroutine)."""
@@ -80,18 +110,82 @@ class PerLoop(Generic[T]):
             if item is None:
                 for stale in [lp for lp in self._items if lp.is_closed()]:
                     del self._items[stale]
+                    self._closers.pop(stale, None)
                 item = self._items[loop] = self._factory()
+                if self._close is not None:
+                    closer = _closer(loop, self._items, self._lock, self._close)
+                    self._closers[loop] = _start(closer)
             return item
 
     def pop(self) -> T | None:
-        """Remove and return the running loop's object (``None`` if it has none)."""
+        """Remove and return the running loop's object (``None`` if it has none); closing it is
+        then the caller's job."""
         loop = asyncio.get_running_loop()
         with self._lock:
+            self._closers.pop(loop, None)
             return self._items.pop(loop, None)
 
     def __len__(self) -> int:
         with self._lock:
             return sum(not loop.is_closed() for loop in self._items)
+
+
+_closing: set[asyncio.Task] = set()
+"""Close tasks in flight (the loop keeps only weak references to tasks)."""
+
+
+def _start(generator: Any) -> Any:
+    """Advance a new async generator to its first ``yield`` from synchronous code on the running
+    loop, so that the loop tracks it (and closes it when it shuts down)."""
+    step = generator.__anext__()
+    try:
+        step.send(None)
+    except StopIteration:
+        return generator
+    raise RuntimeError("PerLoop: a closer must yield before it awaits anything")
+
+
+async def _closer(
+    loop: asyncio.AbstractEventLoop,
+    items: dict[asyncio.AbstractEventLoop, Any],
+    lock: threading.RLock,
+    close: Callable[[Any], Awaitable[Any]],
+) -> AsyncIterator[None]:
+    """Waits at its ``yield`` until ``loop`` shuts its async generators down, then closes the
+    loop's object (unless :meth:`PerLoop.pop` or the finalizer took it first)."""
+    try:
+        yield
+    finally:
+        with lock:
+            item = items.pop(loop, None)
+        if item is not None:
+            await close(item)
+
+
+def _close_all(
+    items: dict[asyncio.AbstractEventLoop, Any],
+    lock: threading.RLock,
+    close: Callable[[Any], Awaitable[Any]],
+) -> None:
+    """A collected PerLoop's objects: each closed by a task on its own loop, if still running."""
+    with lock:
+        pairs = list(items.items())
+        items.clear()
+    for loop, item in pairs:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_close_task, loop, item, close)
+
+
+def _close_task(
+    loop: asyncio.AbstractEventLoop, item: Any, close: Callable[[Any], Awaitable[Any]]
+) -> None:
+    task = loop.create_task(close(item))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _close_sdk_client(client: Any) -> None:
+    await client.close()
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -134,20 +228,53 @@ def _finite(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+MIN_SECRET_SLICE = 8
+"""Shortest run of a key's characters that :func:`redact` removes from text (and the shortest
+key length whose slices are redacted at all: shorter keys are redacted only as whole words)."""
+
+_WORD_CHARS = r"A-Za-z0-9_\-"
+
+
 def redact(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` (and of its first 8 characters, which
-    providers echo in masked form) replaced by ``***``.
+    """``text`` with the API key ``secret``, and any echoed slice of it, replaced by ``***``.
+
+    A key of :data:`MIN_SECRET_SLICE` characters or more: every run of at least that many
+    characters of ``text`` that also occurs in the key is replaced (the whole key, its prefix,
+    a provider's masked echo such as ``sk-proj-abc1…``), so no stretch long enough to matter
+    survives. A shorter key (``"x"``, a local server's placeholder) can't be told apart from
+    ordinary text by its characters, so it is replaced only where it stands as a whole word —
+    never a letter inside another word.
 
     Example:
         >>> redact("bad key sk-abcdef123456", "sk-abcdef123456")
         'bad key ***'
+        >>> redact("key sk-abcdef12… rejected", "sk-abcdef123456")
+        'key ***… rejected'
+        >>> redact("expected text, got x", "x")
+        'expected text, got ***'
     """
-    if not secret:
+    if not secret or not text:
         return text
-    text = text.replace(secret, "***")
-    if len(secret) >= 12:
-        text = text.replace(secret[:8], "***")
-    return text
+    if len(secret) < MIN_SECRET_SLICE:
+        word = rf"(?<![{_WORD_CHARS}]){re.escape(secret)}(?![{_WORD_CHARS}])"
+        return re.sub(word, "***", text)
+    size = MIN_SECRET_SLICE
+    slices = {secret[i : i + size] for i in range(len(secret) - size + 1)}
+    covered = [False] * len(text)
+    for i in range(len(text) - size + 1):
+        if text[i : i + size] in slices:
+            covered[i : i + size] = [True] * size
+    parts: list[str] = []
+    i = 0
+    while i < len(text):
+        if covered[i]:
+            while i < len(text) and covered[i]:
+                i += 1
+            parts.append("***")
+        else:
+            parts.append(text[i])
+            i += 1
+    return "".join(parts)
 
 
 def json_schema_of(response_format: Any, who: str) -> tuple[dict[str, Any] | None, str]:
@@ -280,18 +407,81 @@ def create_arguments(create: Callable[..., Any]) -> frozenset[str]:
     return frozenset(inspect.signature(create).parameters) - {"self"}
 
 
-def move_unknown_to_extra_body(args: dict[str, Any], accepted: frozenset[str]) -> None:
-    """Move the arguments an SDK's ``create`` doesn't list into its ``extra_body`` (in place),
-    so they reach the JSON body exactly as given.
+COMPATIBLE_SERVER_ARGUMENTS = frozenset({
+    # Sampling arguments of vLLM's and llama.cpp's OpenAI-compatible servers (and Ollama's).
+    "top_k", "min_p", "typical_p", "tfs_z", "repetition_penalty", "repeat_penalty",
+    "repeat_last_n", "penalty_last_n", "penalize_nl", "length_penalty", "min_tokens",
+    "ignore_eos", "mirostat", "mirostat_mode", "mirostat_tau", "mirostat_eta", "dry_multiplier",
+    "dry_base", "dry_allowed_length", "dry_penalty_last_n", "xtc_probability", "xtc_threshold",
+    "top_n_sigma", "samplers", "n_probs", "cache_prompt", "id_slot", "use_beam_search",
+    "best_of", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "stop_token_ids", "truncate_prompt_tokens", "prompt_logprobs",
+    "priority", "add_generation_prompt", "continue_final_message", "chat_template",
+    "chat_template_kwargs",
+    # Their structured-output arguments.
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs", "grammar",
+    "json_schema",
+})
+"""Arguments an ``openai-compatible`` client sends in the request body although the OpenAI API
+doesn't define them: the documented extras of vLLM, llama.cpp's server and Ollama. Any other
+name is refused as a likely typo; send it anyway inside ``extra_body={...}``."""
+
+
+def sort_arguments(
+    args: dict[str, Any],
+    accepted: frozenset[str],
+    who: str,
+    *,
+    body_extras: frozenset[str] = frozenset(),
+    extras_name: str = "",
+) -> None:
+    """Check completion arguments against what a client can send (in place).
+
+    Names in ``accepted`` stay as they are; names in ``body_extras`` move into ``extra_body``
+    (the SDK then puts them in the JSON body as given); anything else is refused, with the
+    closest known name suggested. What the caller put in ``extra_body`` itself is sent as is:
+    that is the way to send an argument afnio doesn't know.
+
+    Args:
+        args: Completion arguments (changed in place).
+        accepted: Arguments the SDK's ``create`` lists (or the client handles itself).
+        who: The client and method, for error messages.
+        body_extras: Arguments known to the backend though not to the SDK.
+        extras_name: What ``body_extras`` are, for the error message.
+
+    Raises:
+        TypeError: If ``extra_body`` is not a dict.
+        ValueError: If an argument is unknown.
 
     Example:
         >>> args = {"temperature": 0.5, "top_k": 3}
-        >>> move_unknown_to_extra_body(args, frozenset({"temperature", "extra_body"}))
+        >>> sort_arguments(args, frozenset({"temperature", "extra_body"}), "demo",
+        ...                body_extras=frozenset({"top_k"}))
         >>> args
         {'temperature': 0.5, 'extra_body': {'top_k': 3}}
+        >>> sort_arguments({"tempreture": 0.5}, frozenset({"temperature"}), "demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: demo: unknown completion argument 'tempreture' (did you mean ...
     """
-    extra_body = dict(args.pop("extra_body", None) or {})
-    extra_body.update({name: args.pop(name) for name in list(args) if name not in accepted})
+    extra_body = args.pop("extra_body", None)
+    if extra_body is not None and not isinstance(extra_body, Mapping):
+        raise TypeError(f"{who}: extra_body must be a dict, got {type(extra_body).__name__}")
+    extra_body = dict(extra_body or {})
+    known = accepted | body_extras
+    for name in args:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else (
+                f" (not an argument of the API{' or of ' + extras_name if extras_name else ''})"
+            )
+            raise ValueError(
+                f"{who}: unknown completion argument {name!r}{hint}; to send an argument afnio "
+                f"doesn't know, put it in extra_body={{{name!r}: ...}}"
+            )
+    for name in [name for name in args if name not in accepted]:
+        extra_body[name] = args.pop(name)
     if extra_body:
         args["extra_body"] = extra_body
 
@@ -351,7 +541,7 @@ class SdkChatModel(ChatCompletionModel):
         self.timeout = float(timeout)
         # The key lives only in this SDK object; per-loop clients are copies of it.
         self._template = self._new_sdk_template(key)
-        self._clients: PerLoop[Any] = PerLoop(self._new_sdk_client)
+        self._clients: PerLoop[Any] = PerLoop(self._new_sdk_client, close=_close_sdk_client)
 
     @abc.abstractmethod
     def _new_sdk_template(self, api_key: str) -> Any:
@@ -386,39 +576,164 @@ class SdkChatModel(ChatCompletionModel):
         config.update(base_url=self.base_url, timeout=self.timeout)
         return config
 
-    async def _call_sdk(self, request: Callable[[Any], Awaitable[T]]) -> T:
-        """``request(sdk_client)`` with the running loop's SDK client, SDK errors translated."""
+    @property
+    def endpoint(self) -> str:
+        """The base URL requests go to (the SDK's default when no ``base_url`` was given)."""
+        return str(self._template.base_url).rstrip("/")
+
+    def _where(self) -> str:
+        return f"{self.provider} {self.model} at {self.endpoint}"
+
+    async def _call_sdk(
+        self, request: Callable[[Any], Awaitable[Any]], *, structured: str | None = None
+    ) -> dict[str, Any]:
+        """The JSON body of ``request(sdk_client)`` (a ``with_raw_response`` call), with the
+        running loop's SDK client; SDK errors and unreadable replies become afnio's errors.
+
+        ``structured`` names the structured-output form the request carries (if any), so that
+        a server rejecting it raises StructuredOutputUnsupportedError."""
         sdk = self._sdk
         client = self._clients.get()
         try:
-            return await request(client)
+            raw = await request(client)
         except sdk.APIStatusError as exc:
-            raise self._status_error(exc) from None
+            raise self._status_error(exc, structured) from None
         except sdk.APITimeoutError:
             raise TransientError(
-                f"{self.provider} {self.model}: request timed out after {self.timeout}s"
+                f"{self._where()}: request timed out after {self.timeout}s"
             ) from None
         except sdk.APIConnectionError as exc:
-            raise TransientError(f"{self.provider} {self.model}: connection failed: "
-                                 f"{self._safe(str(exc.__cause__ or exc))}") from None
-        except (json.JSONDecodeError, sdk.APIResponseValidationError) as exc:
-            raise TransientError(f"{self.provider} {self.model}: the response body was not "
-                                 f"valid JSON ({type(exc).__name__}: {exc})") from None
+            cause = exc.__cause__ or exc
+            detail = str(cause) or type(cause).__name__
+            raise TransientError(
+                f"{self._where()}: connection failed ({type(cause).__name__}: "
+                f"{self._safe(detail)})"
+            ) from None
+        http = raw.http_response
+        return self._reply_json(http.status_code, str(http.url),
+                                http.headers.get("content-type", ""), http.content)
 
-    def _status_error(self, exc: Any) -> ModelError:
-        status = exc.status_code
-        name = f"{self.provider} {self.model}"
-        if status in RETRYABLE_STATUS or status >= 500:
-            return TransientError(
-                f"{name}: HTTP {status}: {self._safe(self._api_message(exc))}",
-                status=status, retry_after=retry_after_seconds(exc.response.headers),
+    def _reply_json(self, status: int, url: str, content_type: str, body: bytes) -> dict[str, Any]:
+        """Decode a successful reply's body, or raise :class:`MalformedReplyError` saying why."""
+        where = f"{self.provider} {self.model}: {url} answered HTTP {status}"
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise MalformedReplyError(
+                f"{where} with a body that is not UTF-8 ({error.reason} at byte {error.start})",
+                status=status, endpoint=url,
+            ) from None
+        snippet = self._safe(" ".join(text.split())[:120])
+        if "html" in content_type.lower() or text.lstrip()[:1] == "<":
+            raise MalformedReplyError(
+                f"{where} with an HTML page instead of JSON (a proxy or a wrong base_url?): "
+                f"{snippet!r}", status=status, endpoint=url,
             )
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise MalformedReplyError(
+                f"{where} with a body that is not valid JSON ({error}): {snippet!r}",
+                status=status, endpoint=url,
+            ) from None
+        if not isinstance(data, dict):
+            raise MalformedReplyError(
+                f"{where} with JSON that is not an object: {snippet!r}", status=status,
+                endpoint=url,
+            )
+        return data
+
+    def _malformed(self, data: Any, problem: str) -> MalformedReplyError:
+        """A MalformedReplyError for a JSON reply lacking what the API promises."""
+        snippet = self._safe(json.dumps(data)[:160])
+        return MalformedReplyError(
+            f"{self._where()}: the HTTP 200 reply {problem}: {snippet}", status=200,
+            endpoint=self.endpoint,
+        )
+
+    def _status_error(self, exc: Any, structured: str | None = None) -> ModelError:
+        status = exc.status_code
+        response = getattr(exc, "response", None)
+        url = str(response.url) if response is not None else self.endpoint
+        name = f"{self.provider} {self.model}: {url} answered HTTP {status}"
         if status in (401, 403):
             return ModelError(
-                f"{name}: HTTP {status}: authentication failed; check the API key (api_key= or "
+                f"{name}: authentication failed; check the API key (api_key= or "
                 f"{self._api_key_env}){self._auth_hint()}"
             )
-        return ModelError(f"{name}: HTTP {status}: {self._safe(self._api_message(exc))}")
+        message = self._safe(self._api_message(exc))
+        if structured and status not in RETRYABLE_STATUS and _STRUCTURED_TEXT.search(message):
+            return StructuredOutputUnsupportedError(
+                f"{name}: the server rejected the structured-output format ({structured}): "
+                f"{message}. Structured outputs are now off for this client "
+                f"(structured_output_args returns None): ask again without them",
+                status=status, field=_rejected_field(exc.body, message), endpoint=url,
+            )
+        if status in (400, 422) or (status >= 500 and _is_validation_error(exc.body, message)):
+            field = _rejected_field(exc.body, message)
+            rejected = f" (rejected field: {field})" if field else ""
+            return InvalidRequestError(
+                f"{name}: the server rejected the request as invalid{rejected}: {message}",
+                status=status, field=field, endpoint=url,
+            )
+        if status in RETRYABLE_STATUS or status >= 500:
+            return TransientError(
+                f"{name}: {message}", status=status,
+                retry_after=retry_after_seconds(response.headers if response is not None
+                                                else None),
+            )
+        return ModelError(f"{name}: {message}")
 
     def _safe(self, text: str) -> str:
         return redact(text, self._template.api_key)
+
+
+_VALIDATION_TEXT = re.compile(
+    r"validation error|invalid (?:request|value|type|argument|parameter)|unrecognized "
+    r"(?:request )?argument|extra (?:inputs|fields) (?:are )?not permitted|field required|"
+    r"not supported|unsupported",
+    re.IGNORECASE,
+)
+_STRUCTURED_TEXT = re.compile(
+    r"response_format|json_schema|guided_json|guided_decoding|structured.outputs?|output_config|"
+    r"output_format|grammar",
+    re.IGNORECASE,
+)
+_FIELD_NAMES = re.compile(
+    r"\b(response_format|json_schema|max_tokens|max_completion_tokens|temperature|top_p|top_k|"
+    r"stop|seed|messages|model|tools|tool_choice|grammar)\b"
+)
+
+
+def _error_object(body: Any) -> dict[str, Any]:
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            return error
+    return {}
+
+
+def _is_validation_error(body: Any, message: str) -> bool:
+    """Whether a 5xx reply describes an invalid request (some servers answer those with 500)."""
+    if isinstance(body, dict) and isinstance(body.get("detail"), list):
+        return True  # FastAPI / pydantic validation errors
+    kind = str(_error_object(body).get("type") or "").lower()
+    if "invalid_request" in kind or "validation" in kind or "badrequest" in kind:
+        return True
+    return bool(_VALIDATION_TEXT.search(message))
+
+
+def _rejected_field(body: Any, message: str) -> str | None:
+    """The request field a server's error names, when it names one."""
+    if isinstance(body, dict) and isinstance(body.get("detail"), list):
+        for item in body["detail"]:
+            location = item.get("loc") if isinstance(item, dict) else None
+            if isinstance(location, list):
+                parts = [str(p) for p in location if p != "body"]
+                if parts:
+                    return ".".join(parts)
+    param = _error_object(body).get("param")
+    if isinstance(param, str) and param:
+        return param
+    match = _FIELD_NAMES.search(message)
+    return match.group(1) if match else None

@@ -18,9 +18,9 @@ from afnio.models._sdk import (
     check_one_whole_reply,
     create_arguments,
     json_schema_of,
-    move_unknown_to_extra_body,
     refuse_client_set_arguments,
     rename_max_completion_tokens,
+    sort_arguments,
 )
 from afnio.models.errors import ModelError
 from afnio.models.model import Completion
@@ -29,6 +29,9 @@ __all__ = ["Anthropic", "AsyncAnthropic"]
 
 DEFAULT_MAX_TOKENS = 1024
 """``max_tokens`` sent when the caller gives none (the Messages API requires one)."""
+
+SAMPLING_ARGUMENTS = frozenset({"temperature", "top_p", "top_k"})
+"""Messages API arguments the installed SDK's ``create`` no longer lists; sent in the body."""
 
 _UNSUPPORTED = {
     "seed": "the Messages API has no seed",
@@ -59,11 +62,12 @@ class AsyncAnthropic(SdkChatModel):
     ``max_completion_tokens``), ``stop`` (sent as ``stop_sequences``), ``reasoning_effort``
     (sent as ``output_config.effort``), ``response_format`` (a JSON schema in any form
     :func:`~afnio.models._sdk.json_schema_of` accepts, sent as structured output
-    ``output_config.format``), and every other argument of the SDK's ``messages.create``.
-    Arguments the installed SDK doesn't list (``temperature``, ``top_p``, ``top_k``, ...) are
-    sent in the request body as given; a model that rejects them answers with an HTTP 400,
-    raised as a :class:`~afnio.models.errors.ModelError`. ``n`` must be 1; ``seed`` and the
-    OpenAI penalties are refused with a ``ValueError`` rather than silently dropped.
+    ``output_config.format``), ``temperature``, ``top_p``, ``top_k`` (sent in the request body:
+    the installed SDK no longer lists them; a model that rejects them answers with an HTTP 400,
+    raised as an :class:`~afnio.models.errors.InvalidRequestError`) and every other argument of
+    the SDK's ``messages.create``. Any other name is refused with a ``ValueError`` suggesting
+    the closest one; send it explicitly inside ``extra_body={...}``. ``n`` must be 1; ``seed``
+    and the OpenAI penalties are refused with a ``ValueError`` rather than silently dropped.
 
     Example:
         >>> from afnio.testing import FakeProviderServer
@@ -111,28 +115,53 @@ class AsyncAnthropic(SdkChatModel):
     def _default_output_cap(self) -> int:
         return self.max_tokens
 
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        # Sent as the Messages API's structured output, output_config.format (see _request_args).
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": name, "schema": schema}}}
+
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         request = self._request(messages, completion_args)
-        response = await self._call_sdk(
-            lambda client: client.messages.create(model=self.model, **request)
+        structured = "output_config.format" if "format" in request.get("output_config", {}) else (
+            None)
+        data = await self._call_sdk(
+            lambda client: client.messages.with_raw_response.create(model=self.model, **request),
+            structured=structured,
         )
-        texts = [block.text for block in response.content if block.type == "text"]
+        return self._completion(data, messages)
+
+    def _check_completion_args(self, completion_args: dict[str, Any]) -> None:
+        self._request_args(completion_args)
+
+    def _completion(self, data: dict[str, Any], messages: list[dict[str, Any]]) -> Completion:
+        blocks = data.get("content")
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+            raise self._malformed(data, "has no content blocks")
+        texts = [block.get("text") for block in blocks if block.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            raise self._malformed(data, "has a text block without text")
         if not texts:
             raise ModelError(
-                f"{self.provider} {self.model}: the reply has no text "
-                f"(stop_reason={response.stop_reason!r})"
+                f"{self._where()}: the reply has no text (stop_reason="
+                f"{data.get('stop_reason')!r})"
             )
-        usage = response.usage
-        read = usage.cache_read_input_tokens or 0
-        written = usage.cache_creation_input_tokens or 0
+        text = "".join(texts)
+        usage = data.get("usage")
+        if usage is None:
+            return Completion(text, self.count_message_tokens(messages), self.count_tokens(text))
+        fields = usage if isinstance(usage, dict) else {}
+        input_tokens, output_tokens = fields.get("input_tokens"), fields.get("output_tokens")
+        if not all(_is_count(v) for v in (input_tokens, output_tokens)):
+            raise self._malformed(data, "has usage without input_tokens/output_tokens")
+        read = fields.get("cache_read_input_tokens") or 0
+        written = fields.get("cache_creation_input_tokens") or 0
+        if not (_is_count(read) and _is_count(written)):
+            raise self._malformed(data, "has malformed cache token counts")
         # Anthropic's input_tokens excludes cache reads and writes; afnio's prompt_tokens is
         # the whole prompt, as OpenAI reports it.
-        return Completion("".join(texts), usage.input_tokens + read + written,
-                          usage.output_tokens, read, written)
+        return Completion(text, input_tokens + read + written, output_tokens, read, written)
 
-    def _request(
-        self, messages: list[dict[str, Any]], completion_args: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _request_args(self, completion_args: dict[str, Any]) -> dict[str, Any]:
         who = f"{type(self).__name__}.achat"
         args = dict(completion_args)
         check_one_whole_reply(args, who, "the Messages API returns one reply per request")
@@ -155,12 +184,19 @@ class AsyncAnthropic(SdkChatModel):
                 output_config["format"] = {"type": "json_schema", "schema": schema}
         if output_config:
             args["output_config"] = output_config
-        # The SDK's create() no longer lists sampling arguments such as temperature; they (and
-        # any other argument it doesn't know) go into the JSON body exactly as given.
-        move_unknown_to_extra_body(
-            args, create_arguments(anthropic.resources.messages.AsyncMessages.create)
+        sort_arguments(
+            args,
+            create_arguments(anthropic.resources.messages.AsyncMessages.create),
+            who,
+            body_extras=SAMPLING_ARGUMENTS,
         )
+        return args
 
+    def _request(
+        self, messages: list[dict[str, Any]], completion_args: dict[str, Any]
+    ) -> dict[str, Any]:
+        who = f"{type(self).__name__}.achat"
+        args = self._request_args(completion_args)
         system_parts: list[str] = []
         turns: list[dict[str, Any]] = []
         for index, message in enumerate(messages):
@@ -200,3 +236,7 @@ class Anthropic(AsyncAnthropic):
         ...         [{"role": "user", "content": "echo me"}])
         'echo me'
     """
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -1,9 +1,14 @@
 """A response cache on SQLite: the same request is answered once and replayed after.
 
-The key of a request is the SHA-256 of the canonical JSON of ``(provider, model, messages,
-completion_args)``; the row holds only that hash, the provider and model names, the reply text
-and its token counts — never the messages in clear, and never an API key (clients don't put keys
-in any of the hashed fields).
+The key of a request is the SHA-256 of the canonical JSON of ``(provider, endpoint, model,
+messages, completion_args)`` — the endpoint (a client's base URL) keeps two servers serving a
+model of the same name apart; the row holds only that hash, the provider and model names, the
+reply text and its token counts — never the messages in clear, and never an API key (clients
+don't put keys in any of the hashed fields).
+
+Opening a file that is not an afnio cache (another program's SQLite database, a damaged or
+truncated file) raises a ``ValueError`` naming the path and how to start afresh; a cache that
+becomes unreadable later raises :class:`~afnio.models.errors.ModelError` the same way.
 
 Modes:
 
@@ -19,7 +24,8 @@ may read and write it at once, and a writer killed mid-way leaves it readable.
 Example:
     >>> import tempfile, os
     >>> cache = ResponseCache(os.path.join(tempfile.mkdtemp(), "cache.sqlite"))
-    >>> key = cache.key("openai", "gpt-4.1-nano", [{"role": "user", "content": "hi"}], {})
+    >>> key = cache.key("openai", "gpt-4.1-nano", [{"role": "user", "content": "hi"}], {},
+    ...                 endpoint="https://api.openai.com/v1")
     >>> cache.get(key) is None
     True
     >>> cache.put(key, CachedResponse("hello", prompt_tokens=8, completion_tokens=1),
@@ -31,16 +37,18 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from afnio.models.errors import CacheMissError
+from afnio.models.errors import CacheMissError, ModelError
 
 __all__ = ["CACHE_FILENAME", "CACHE_MODES", "CachedResponse", "ResponseCache", "default_cache_path"]
 
@@ -49,6 +57,8 @@ CACHE_FILENAME = "afnio_cache.sqlite"
 _BUSY_TIMEOUT_MS = 60_000
 _LOCKED_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary result codes)
 
+_APPLICATION_ID = 0x6166_6E69  # "afni": marks a SQLite file as an afnio response cache
+_COLUMNS = ("key", "provider", "model", "text", "prompt_tokens", "completion_tokens", "created")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -134,9 +144,58 @@ class ResponseCache:
         if mode != "off":
             directory = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(directory, exist_ok=True)
-            connection = self._connection()
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(_SCHEMA)
+            try:
+                self._open()
+            except sqlite3.DatabaseError as error:
+                self.close()
+                raise ValueError(self._unusable(f"it can't be read as SQLite ({error})")) from None
+            except ValueError:
+                self.close()
+                raise
+
+    def _unusable(self, why: str) -> str:
+        return (
+            f"ResponseCache: {self.path!r} is not a usable afnio response cache: {why}. Delete "
+            f"or move that file to start a new, empty cache there (cached replies are only a "
+            f"speed-up; they are fetched again), or give another path"
+        )
+
+    def _open(self) -> None:
+        """Check the file is an afnio cache (creating it if it is new) and set it up."""
+        connection = self._connection()
+        result = connection.execute("PRAGMA quick_check").fetchone()
+        if result is None or result[0] != "ok":
+            raise ValueError(self._unusable(f"SQLite reports damage ({result and result[0]})"))
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+        if tables and application_id not in (0, _APPLICATION_ID):
+            raise ValueError(self._unusable(
+                f"it is another program's SQLite database (application_id {application_id:#x})"))
+        if tables and "responses" not in tables:
+            raise ValueError(self._unusable(
+                f"it is a SQLite database with other tables ({', '.join(sorted(tables))})"))
+        if "responses" in tables:
+            columns = tuple(row[1] for row in connection.execute("PRAGMA table_info(responses)"))
+            if columns != _COLUMNS:
+                raise ValueError(self._unusable(
+                    f"its responses table has columns {columns}, not {_COLUMNS}"))
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(_SCHEMA)
+        if application_id != _APPLICATION_ID:
+            connection.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn damage found while using the file into a ModelError naming it."""
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            if _is_locked(error):
+                raise
+            raise ModelError(self._unusable(str(error))) from None
+        except sqlite3.DatabaseError as error:
+            raise ModelError(self._unusable(str(error))) from None
 
     def __repr__(self) -> str:
         return f"ResponseCache(path={self.path!r}, mode={self.mode!r})"
@@ -178,12 +237,24 @@ class ResponseCache:
 
     @staticmethod
     def key(
-        provider: str, model: str, messages: list[dict[str, Any]], completion_args: dict[str, Any]
+        provider: str,
+        model: str,
+        messages: list[dict[str, Any]],
+        completion_args: dict[str, Any],
+        *,
+        endpoint: str | None = None,
     ) -> str:
         """The SHA-256 hex digest of the canonical JSON of a request.
 
         Canonical: keys sorted, no insignificant whitespace, Unicode kept as is; a pydantic model
         class (a ``response_format``) stands for its JSON schema.
+
+        Args:
+            provider: The client's provider.
+            model: The model name.
+            messages: The request's messages.
+            completion_args: The request's completion arguments.
+            endpoint: Where the request goes (a base URL), ``None`` for an in-process model.
 
         Raises:
             TypeError: If a completion argument can't be represented as JSON.
@@ -191,6 +262,7 @@ class ResponseCache:
         canonical = json.dumps(
             {
                 "provider": provider,
+                "endpoint": endpoint,
                 "model": model,
                 "messages": messages,
                 "completion_args": completion_args,
@@ -209,7 +281,8 @@ class ResponseCache:
         """
         if not self.reads:
             return None
-        return self._select(self._connection(), key)
+        with self._guard():
+            return self._select(self._connection(), key)
 
     @staticmethod
     def _select(connection: sqlite3.Connection, key: str) -> CachedResponse | None:
@@ -225,6 +298,10 @@ class ResponseCache:
         """
         if not self.writes:
             return
+        with self._guard():
+            self._insert(key, response, provider, model)
+
+    def _insert(self, key: str, response: CachedResponse, provider: str, model: str) -> None:
         self._connection().execute(
             "INSERT OR IGNORE INTO responses "
             "(key, provider, model, text, prompt_tokens, completion_tokens, created) "
@@ -253,10 +330,9 @@ class ResponseCache:
         if not self.reads:
             return None
         try:
-            response = self._select(self._connection(wait=False), key)
-        except sqlite3.OperationalError as error:
-            if not _is_locked(error):
-                raise
+            with self._guard():
+                response = self._select(self._connection(wait=False), key)
+        except sqlite3.OperationalError:  # locked (the guard re-raises only that)
             response = await asyncio.to_thread(self.get, key)
         if response is None and self.mode == "replay":
             raise CacheMissError(

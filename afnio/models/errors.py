@@ -7,11 +7,13 @@ family at once and still tell the cases apart.
 from __future__ import annotations
 
 __all__ = [
-    "StructuredOutputUnsupportedError",
     "BudgetExceededError",
     "CacheMissError",
     "ContextWindowError",
+    "InvalidRequestError",
+    "MalformedReplyError",
     "ModelError",
+    "StructuredOutputUnsupportedError",
     "TransientError",
 ]
 
@@ -45,8 +47,69 @@ class TransientError(ModelError):
         self.retry_after = retry_after
 
 
+class MalformedReplyError(TransientError):
+    """A reply that can't be read: not UTF-8, not JSON, an HTML page, or missing fields.
+
+    Retried like any transient failure (a proxy's error page or a cut body rarely repeats).
+    The message names the endpoint and the HTTP status.
+
+    Args:
+        message: What was wrong with the reply, and where it came from.
+        status: The HTTP status of the reply (usually 200).
+        endpoint: The URL that answered.
+
+    Example:
+        >>> err = MalformedReplyError("not JSON", status=200, endpoint="http://h/v1")
+        >>> isinstance(err, TransientError), err.endpoint
+        (True, 'http://h/v1')
+    """
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 endpoint: str | None = None) -> None:
+        super().__init__(message, status=status)
+        self.endpoint = endpoint
+
+
+class InvalidRequestError(ModelError):
+    """The server says the request itself is invalid (HTTP 400/422, or a validation 500).
+
+    Not retried: the same request would fail the same way. The message names the endpoint and,
+    when the server said which, the rejected field.
+
+    Args:
+        message: The server's explanation, with the endpoint.
+        status: The HTTP status.
+        field: The rejected request field (e.g. ``"response_format"``), when known.
+        endpoint: The URL that answered.
+
+    Example:
+        >>> InvalidRequestError("bad", status=400, field="temperature").field
+        'temperature'
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, field: str | None = None,
+                 endpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.endpoint = endpoint
+
+
+class StructuredOutputUnsupportedError(InvalidRequestError):
+    """The backend rejected the structured-output format the client asked for.
+
+    Raised without retrying; the client then stops offering structured outputs (its
+    ``structured_output_args`` returns ``None``), so the caller can ask again with its tag
+    protocol.
+
+    Example:
+        >>> issubclass(StructuredOutputUnsupportedError, ModelError)
+        True
+    """
+
+
 class BudgetExceededError(ModelError):
-    """A client's USD or token budget is spent; the request was refused before it was sent."""
+    """A request would pass its client's USD or token budget; it was refused before sending."""
 
 
 class CacheMissError(ModelError):
@@ -76,7 +139,3 @@ class ContextWindowError(ModelError):
         self.needed = needed
         self.available = available
 
-
-class StructuredOutputUnsupportedError(ModelError):
-    """The backend turned down a structured-output request (a JSON schema); the caller may ask
-    again with its tag protocol. Never retried as transient."""

@@ -4,12 +4,13 @@
 :class:`~afnio.models.model.ChatCompletionModel` sends every attempt through
 :meth:`Limits.call`. The pieces are usable on their own:
 
-- :class:`ConcurrencyLimit`: at most ``n`` requests in flight (per running event loop, because
-  asyncio semaphores belong to one loop).
+- :class:`ConcurrencyLimit`: at most ``n`` requests in flight, process-wide (any thread, any
+  event loop).
 - :class:`RateLimit`: pacing to a number of requests or tokens per minute (thread-safe and
   loop-independent: it only computes how long to sleep).
 - :func:`backoff_delay`: jittered exponential backoff that honours ``Retry-After``.
-- :class:`Budget`: refuses a request before it is sent once the USD or token budget is spent.
+- :class:`Budget`: refuses a request before it is sent when its :class:`Estimate` would take
+  the spending (plus what requests in flight reserved) past the USD or token budget.
 """
 
 from __future__ import annotations
@@ -18,21 +19,29 @@ import asyncio
 import random
 import threading
 import time
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from afnio.models.errors import BudgetExceededError, TransientError
+from afnio.models.options import PipelineOptions
 from afnio.models.usage import Usage
 
-__all__ = ["Budget", "ConcurrencyLimit", "Limits", "RateLimit", "backoff_delay"]
+__all__ = ["Budget", "ConcurrencyLimit", "Estimate", "Limits", "RateLimit", "backoff_delay"]
 
 T = TypeVar("T")
 
 
 class ConcurrencyLimit:
-    """At most ``max_concurrency`` requests in flight at once, on each running event loop.
+    """At most ``max_concurrency`` requests in flight at once, across the whole process.
+
+    One cap per client per process: requests awaited on afnio's runtime loop, on a private
+    ``asyncio.run`` loop and on other threads' loops all share the same slots. The count is kept
+    under a thread lock; a request that finds every slot taken waits on a future of its own
+    loop, which the request releasing a slot completes (thread-safely, on that loop). Waiters
+    are served first come, first served; one cancelled while waiting gives its turn on.
 
     Args:
         max_concurrency: The cap; ``None`` means no cap.
@@ -41,25 +50,58 @@ class ConcurrencyLimit:
         >>> limit = ConcurrencyLimit(2)
         >>> async def one():
         ...     async with limit.slot():
-        ...         return "done"
+        ...         return limit.in_use
         >>> asyncio.run(one())
-        'done'
+        1
     """
 
     def __init__(self, max_concurrency: int | None) -> None:
         self.max_concurrency = max_concurrency
         self._lock = threading.Lock()
-        self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
-        self._semaphores = weakref.WeakKeyDictionary()
+        self._in_use = 0
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
 
-    def _semaphore(self) -> asyncio.Semaphore:
+    @property
+    def in_use(self) -> int:
+        """Slots held right now."""
+        with self._lock:
+            return self._in_use
+
+    async def _acquire(self) -> None:
+        assert self.max_concurrency is not None
         loop = asyncio.get_running_loop()
         with self._lock:
-            semaphore = self._semaphores.get(loop)
-            if semaphore is None:
-                semaphore = asyncio.Semaphore(self.max_concurrency)
-                self._semaphores[loop] = semaphore
-            return semaphore
+            if self._in_use < self.max_concurrency and not self._waiters:
+                self._in_use += 1
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with self._lock:
+                try:
+                    self._waiters.remove((loop, waiter))
+                    queued = True
+                except ValueError:
+                    queued = False  # a releaser already passed its slot to this waiter
+            if not queued and waiter.done() and not waiter.cancelled():
+                # The slot arrived, then the task was cancelled before it resumed: give it back.
+                # (A slot still on its way finds the waiter cancelled and passes itself on.)
+                self._release()
+            raise
+
+    def _release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                loop, waiter = self._waiters.popleft()
+                try:
+                    # The slot passes straight to the waiter: _in_use stays the same.
+                    loop.call_soon_threadsafe(_hand_over, waiter, self)
+                    return
+                except RuntimeError:  # its loop is closed: that waiter is gone
+                    continue
+            self._in_use -= 1
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -67,8 +109,19 @@ class ConcurrencyLimit:
         if self.max_concurrency is None:
             yield
             return
-        async with self._semaphore():
+        await self._acquire()
+        try:
             yield
+        finally:
+            self._release()
+
+
+def _hand_over(waiter: asyncio.Future[None], limit: ConcurrencyLimit) -> None:
+    """On the waiter's loop: give it the slot, or pass the slot on if it was cancelled."""
+    if waiter.cancelled():
+        limit._release()
+    else:
+        waiter.set_result(None)
 
 
 class RateLimit:
@@ -150,121 +203,199 @@ def backoff_delay(
     return uniform(delay / 2, delay)
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What a request is expected to cost, before it is sent.
+
+    Attributes:
+        prompt_tokens: The prompt's tokens, counted offline.
+        reply_tokens: The output reserve (the request's ``max_tokens`` or the client's cap).
+        usd: The prompt at the input price plus the reserve at the output price.
+    """
+
+    prompt_tokens: int
+    reply_tokens: int
+    usd: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus reply tokens."""
+        return self.prompt_tokens + self.reply_tokens
+
+
 class Budget:
-    """A spending cap in US dollars and/or tokens.
+    """A spending cap in US dollars and/or tokens that refuses requests before they are sent.
+
+    Each request first reserves its :class:`Estimate` (:meth:`reserve`): it is refused when what
+    was spent, plus what requests in flight reserved, plus its own estimate would pass the cap.
+    So a batch of concurrent requests can't overshoot together. The reservation is held until
+    the request's real usage is recorded, then given back (:meth:`release`).
 
     Args:
         usd: Dollars that may be spent; ``None`` for no dollar cap.
         tokens: Prompt plus completion tokens that may be used; ``None`` for no token cap.
 
     Example:
-        >>> Budget(usd=1.0).check(Usage(cost_usd=0.5), client="ScriptedModel(model='m')")
-        >>> Budget(tokens=10).check(Usage(prompt_tokens=10), client="m")  # doctest: +ELLIPSIS
+        >>> budget = Budget(tokens=100)
+        >>> budget.reserve(Usage(), Estimate(14, 64), client="m")
+        >>> budget.reserve(Usage(), Estimate(14, 64), client="m")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        afnio.models.errors.BudgetExceededError: m: token budget of 10 is spent (10 tokens ...
+        afnio.models.errors.BudgetExceededError: m: the token budget of 100 would be passed...
     """
 
     def __init__(self, usd: float | None = None, tokens: int | None = None) -> None:
         self.usd = usd
         self.tokens = tokens
+        self._lock = threading.Lock()
+        self._reserved_tokens = 0
+        self._reserved_usd = 0.0
 
-    def check(self, spent: Usage, *, client: object) -> None:
-        """Raise :class:`BudgetExceededError` if ``spent`` has used up the budget.
+    @property
+    def capped(self) -> bool:
+        """Whether there is any cap."""
+        return self.usd is not None or self.tokens is not None
+
+    @property
+    def reserved(self) -> tuple[int, float]:
+        """``(tokens, usd)`` reserved by requests not yet finished."""
+        with self._lock:
+            return self._reserved_tokens, self._reserved_usd
+
+    def _refusal(self, spent: Usage, estimate: Estimate | None, client: object) -> str | None:
+        request = (
+            f" + {estimate.tokens} estimated for this request ({estimate.prompt_tokens} of "
+            f"prompt + up to {estimate.reply_tokens} of reply)" if estimate else ""
+        )
+        extra_tokens = estimate.tokens if estimate else 0
+        if self.tokens is not None:
+            total = spent.total_tokens + self._reserved_tokens + extra_tokens
+            if total > self.tokens:
+                return (
+                    f"{client}: the token budget of {self.tokens} would be passed: "
+                    f"{spent.total_tokens} used + {self._reserved_tokens} reserved by requests "
+                    f"in flight{request} = {total}; request refused before sending"
+                )
+        extra_usd = estimate.usd if estimate else 0.0
+        if self.usd is not None:
+            total_usd = spent.cost_usd + self._reserved_usd + extra_usd
+            if total_usd > self.usd:
+                estimated = f" + ${extra_usd:.6g} estimated for this request" if estimate else ""
+                return (
+                    f"{client}: the USD budget of ${self.usd:g} would be passed: "
+                    f"${spent.cost_usd:.6g} spent + ${self._reserved_usd:.6g} reserved by "
+                    f"requests in flight{estimated}; request refused before sending"
+                )
+        return None
+
+    def reserve(self, spent: Usage, estimate: Estimate, *, client: object) -> None:
+        """Reserve ``estimate`` for a request, or refuse it.
 
         Args:
             spent: What the client has used so far.
+            estimate: The request's estimate.
             client: The client (or its name), shown with ``str()`` in the error.
+
+        Raises:
+            BudgetExceededError: If ``spent`` + reservations + ``estimate`` pass a cap (nothing
+                is reserved then).
         """
-        if self.usd is not None and spent.cost_usd >= self.usd:
-            raise BudgetExceededError(
-                f"{client}: USD budget of ${self.usd:g} is spent (${spent.cost_usd:.6g} used); "
-                f"request refused before sending"
-            )
-        if self.tokens is not None and spent.total_tokens >= self.tokens:
-            raise BudgetExceededError(
-                f"{client}: token budget of {self.tokens} is spent ({spent.total_tokens} tokens "
-                f"used); request refused before sending"
-            )
+        with self._lock:
+            refusal = self._refusal(spent, estimate, client)
+            if refusal is not None:
+                raise BudgetExceededError(refusal)
+            self._reserved_tokens += estimate.tokens
+            self._reserved_usd += estimate.usd
 
+    def check(self, spent: Usage, *, client: object) -> None:
+        """Refuse to go on if what was spent plus every reservation already passes a cap.
 
-def _check_option(
-    name: str, value: Any, kind: type, minimum: float, allow_none: bool,
-    strictly_positive: bool = False,
-) -> None:
-    if value is None and allow_none:
-        return
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise TypeError(f"model client option {name} must be an int, got {value!r}")
-    if not numeric:
-        raise TypeError(f"model client option {name} must be a number, got {value!r}")
-    if value <= minimum if strictly_positive else value < minimum:
-        bound = f"> {minimum}" if strictly_positive else f">= {minimum}"
-        raise ValueError(f"model client option {name} must be {bound}, got {value!r}")
+        Called before each attempt of a reserved request: requests that finished meanwhile
+        may have used more than they reserved.
+
+        Raises:
+            BudgetExceededError: If a cap is passed.
+        """
+        with self._lock:
+            refusal = self._refusal(spent, None, client)
+        if refusal is not None:
+            raise BudgetExceededError(refusal)
+
+    def release(self, estimate: Estimate) -> None:
+        """Give back a reservation (after the request's real usage was recorded, or it failed)."""
+        with self._lock:
+            self._reserved_tokens -= estimate.tokens
+            self._reserved_usd -= estimate.usd
 
 
 class Limits:
     """Everything that gates a client's requests, in one place.
 
     Args:
-        max_concurrency: Requests in flight at once (per event loop); ``None`` = no cap.
-        requests_per_minute: Pace requests to this rate; ``None`` = no pacing.
-        tokens_per_minute: Pace prompt + completion tokens to this rate; ``None`` = no pacing.
-        max_retries: Retries of a request that failed with a :class:`TransientError`.
-        retry_base_delay: Delay before the first retry (doubling each retry, jittered).
-        retry_max_delay: Longest backoff between retries (``Retry-After`` may ask for longer).
-        budget_usd: Refuse requests once this many dollars are spent; ``None`` = no cap.
-        budget_tokens: Refuse requests once this many tokens are used; ``None`` = no cap.
+        options: The client's :class:`~afnio.models.options.PipelineOptions` (only the limit
+            options are used here).
+        **option_values: Instead of ``options``: the option values themselves, with the
+            defaults of :class:`~afnio.models.options.PipelineOptions`.
 
     Raises:
         TypeError, ValueError: If an option has the wrong type or is out of range.
+
+    Example:
+        >>> Limits(max_concurrency=4).concurrency.max_concurrency
+        4
     """
 
-    def __init__(
-        self,
-        *,
-        max_concurrency: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        max_retries: int = 3,
-        retry_base_delay: float = 0.5,
-        retry_max_delay: float = 30.0,
-        budget_usd: float | None = None,
-        budget_tokens: int | None = None,
-    ) -> None:
-        _check_option("max_concurrency", max_concurrency, int, 1, True)
-        _check_option("requests_per_minute", requests_per_minute, float, 0, True, True)
-        _check_option("tokens_per_minute", tokens_per_minute, float, 0, True, True)
-        _check_option("max_retries", max_retries, int, 0, False)
-        _check_option("retry_base_delay", retry_base_delay, float, 0, False)
-        _check_option("retry_max_delay", retry_max_delay, float, 0, False)
-        _check_option("budget_usd", budget_usd, float, 0, True)
-        _check_option("budget_tokens", budget_tokens, int, 0, True)
-        self.max_concurrency = max_concurrency
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
-        self.max_retries = max_retries
-        self.retry_base_delay = retry_base_delay
-        self.retry_max_delay = retry_max_delay
-        self.budget = Budget(usd=budget_usd, tokens=budget_tokens)
-        self.concurrency = ConcurrencyLimit(max_concurrency)
-        self.request_rate = None if requests_per_minute is None else RateLimit(requests_per_minute)
-        self.token_rate = None if tokens_per_minute is None else RateLimit(tokens_per_minute)
+    _LIMIT_OPTIONS = (
+        "max_concurrency", "requests_per_minute", "tokens_per_minute", "max_retries",
+        "retry_base_delay", "retry_max_delay", "budget_usd", "budget_tokens",
+    )
+
+    def __init__(self, options: PipelineOptions | None = None, **option_values: Any) -> None:
+        if options is None:
+            options = PipelineOptions.from_kwargs("Limits", option_values)
+        elif option_values:
+            raise TypeError("Limits: give options or option values, not both")
+        self.options = options
+        self.max_concurrency = options.max_concurrency
+        self.requests_per_minute = options.requests_per_minute
+        self.tokens_per_minute = options.tokens_per_minute
+        self.max_retries = options.max_retries
+        self.retry_base_delay = options.retry_base_delay
+        self.retry_max_delay = options.retry_max_delay
+        self.budget = Budget(usd=options.budget_usd, tokens=options.budget_tokens)
+        self.concurrency = ConcurrencyLimit(options.max_concurrency)
+        self.request_rate = (
+            None if options.requests_per_minute is None else RateLimit(options.requests_per_minute)
+        )
+        self.token_rate = (
+            None if options.tokens_per_minute is None else RateLimit(options.tokens_per_minute)
+        )
 
     def get_config(self) -> dict[str, Any]:
-        """The options that differ from their defaults (JSON-safe)."""
-        options = {
-            "max_concurrency": (self.max_concurrency, None),
-            "requests_per_minute": (self.requests_per_minute, None),
-            "tokens_per_minute": (self.tokens_per_minute, None),
-            "max_retries": (self.max_retries, 3),
-            "retry_base_delay": (self.retry_base_delay, 0.5),
-            "retry_max_delay": (self.retry_max_delay, 30.0),
-            "budget_usd": (self.budget.usd, None),
-            "budget_tokens": (self.budget.tokens, None),
-        }
-        return {name: value for name, (value, default) in options.items() if value != default}
+        """The limit options that differ from their defaults (JSON-safe)."""
+        changed = self.options.non_defaults()
+        return {name: changed[name] for name in self._LIMIT_OPTIONS if name in changed}
+
+    @contextmanager
+    def reserved(
+        self, estimate: Estimate, *, spent: Callable[[], Usage], client: object
+    ) -> Iterator[None]:
+        """Hold a budget reservation of ``estimate`` for the block (nothing without a budget).
+
+        Record the request's real usage inside the block, so that spending and reservations
+        never both miss it.
+
+        Raises:
+            BudgetExceededError: If the request would pass the budget (the block doesn't run).
+        """
+        if not self.budget.capped:
+            yield
+            return
+        self.budget.reserve(spent(), estimate, client=client)
+        try:
+            yield
+        finally:
+            self.budget.release(estimate)
 
     async def _pace(self, estimated_tokens: int) -> None:
         delay = 0.0
@@ -286,8 +417,8 @@ class Limits:
     ) -> T:
         """Run ``send`` under the limits, retrying transient failures.
 
-        Before each attempt the budget is checked (after waiting for a slot and for pacing, so
-        requests that queued while the budget ran out are refused too).
+        Before each attempt (after waiting for a slot and for pacing) the budget is checked
+        again: requests that finished meanwhile may have spent more than they reserved.
 
         Args:
             send: Makes one attempt.
@@ -300,17 +431,14 @@ class Limits:
             What ``send`` returned.
 
         Raises:
-            BudgetExceededError: If the budget is spent (nothing is sent).
+            BudgetExceededError: If the budget is passed (nothing more is sent).
             TransientError: The last failure, once ``max_retries`` retries failed too.
         """
-        capped = self.budget.usd is not None or self.budget.tokens is not None
-        if capped:
-            self.budget.check(spent(), client=client)
         attempt = 0
         while True:
             async with self.concurrency.slot():
                 await self._pace(estimated_tokens)
-                if capped:
+                if self.budget.capped:
                     self.budget.check(spent(), client=client)
                 try:
                     return await send()

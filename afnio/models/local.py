@@ -13,6 +13,7 @@ weights), so the pipeline's context-window check sees exactly what llama.cpp wil
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import importlib.util
 import inspect
@@ -149,6 +150,14 @@ class LocalModel(ChatCompletionModel):
     def _own_context_window(self) -> int:
         return self.n_ctx
 
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        try:
+            _grammar(schema, "LocalModel.structured_output_args")
+        except ValueError:
+            return None  # llama.cpp can't turn this schema into a grammar: use tags
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": name, "schema": schema}}}
+
     def _default_output_cap(self) -> int:
         return self.max_tokens
 
@@ -239,7 +248,10 @@ class LocalModel(ChatCompletionModel):
                                              verbose=False)
         return self._llama
 
-    def _llama_args(self, completion_args: dict[str, Any]) -> dict[str, Any]:
+    def _check_completion_args(self, completion_args: dict[str, Any]) -> None:
+        self._llama_args(completion_args, grammar=False)
+
+    def _llama_args(self, completion_args: dict[str, Any], grammar: bool = True) -> dict[str, Any]:
         who = "LocalModel.achat"
         args = dict(completion_args)
         check_one_whole_reply(args, who, "send several requests instead")
@@ -250,13 +262,16 @@ class LocalModel(ChatCompletionModel):
             if name not in _HANDLED and (name in _NOT_FOR_LLAMA or name not in accepted)
         )
         if unknown:
+            known = sorted((accepted | _HANDLED) - _NOT_FOR_LLAMA)
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{who}: completion argument(s) {', '.join(map(repr, unknown))} "
-                             "are not supported by the local llama.cpp model")
+                             f"are not supported by the local llama.cpp model{hint}")
         args.setdefault("max_tokens", self.max_tokens)
         args.setdefault("seed", self.seed)
         if "response_format" in args:
             schema, _name = json_schema_of(args.pop("response_format"), who)
-            if schema is not None:
+            if schema is not None and grammar:
                 args["grammar"] = _grammar(schema, who)
         return args
 
@@ -338,10 +353,16 @@ def _chat_arguments() -> frozenset[str]:
 
 
 def _grammar(schema: dict[str, Any], who: str) -> Any:
+    return _grammar_of(json.dumps(schema, sort_keys=True), who)
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_of(schema_json: str, who: str) -> Any:
+    # Building a grammar takes milliseconds; a run asks for the same few schemas again and again.
     try:
-        return _llama_cpp().LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        return _llama_cpp().LlamaGrammar.from_json_schema(schema_json, verbose=False)
     except (AssertionError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise ValueError(
             f"{who}: llama.cpp cannot turn the response_format JSON schema into a grammar "
-            f"({type(exc).__name__}: {exc}); schema: {json.dumps(schema)[:200]}"
+            f"({type(exc).__name__}: {exc}); schema: {schema_json[:200]}"
         ) from exc

@@ -4,10 +4,11 @@ Ops never talk to an SDK directly; they call ``await client.achat(messages, **co
 and get text back. ``messages`` is a list of ``{"role": "system" | "user" | "assistant",
 "content": str}`` dicts.
 
-:meth:`ChatCompletionModel.achat` is the request pipeline shared by every client: response
-cache lookup → budget check → concurrency and rate limits → ``_send`` with retries → usage
-recording (per client and run-wide) → cache store. A client only implements ``_send``, which
-makes one attempt and returns a :class:`Completion`.
+:meth:`ChatCompletionModel.achat` is the request pipeline shared by every client: argument
+and context-window checks → response cache lookup → budget reservation of the request's
+estimate → concurrency and rate limits → ``_send`` with retries → usage recording (per client
+and run-wide) → cache store. A client only implements ``_send``, which makes one attempt and
+returns a :class:`Completion`.
 
 Every client knows its context window (:attr:`ChatCompletionModel.context_window`), counts tokens
 the way its model does (:meth:`ChatCompletionModel.count_message_tokens`) and knows how much of
@@ -19,6 +20,7 @@ pipeline refuses a request that doesn't fit with
 from __future__ import annotations
 
 import abc
+import asyncio
 import importlib
 import logging
 import threading
@@ -30,9 +32,14 @@ from afnio._runtime import run
 from afnio.models import tokens
 from afnio.models.cache import CachedResponse, ResponseCache
 from afnio.models.context_windows import context_window_for, unknown_context_window
-from afnio.models.errors import ContextWindowError, TransientError
-from afnio.models.limits import Limits
-from afnio.models.pricing import cost_usd
+from afnio.models.errors import (
+    ContextWindowError,
+    StructuredOutputUnsupportedError,
+    TransientError,
+)
+from afnio.models.limits import Estimate, Limits
+from afnio.models.options import PipelineOptions
+from afnio.models.pricing import FREE_PROVIDERS, cost_usd, price_for
 from afnio.models.usage import Usage, record_usage
 
 __all__ = [
@@ -41,6 +48,8 @@ __all__ = [
     "Completion",
     "client_from_config",
     "client_to_config",
+    "openai_json_schema",
+    "register_client_class",
 ]
 
 DEFAULT_OUTPUT_RESERVE = 1024
@@ -112,24 +121,26 @@ class ChatCompletionModel(abc.ABC):
 
     Args:
         model: The model name sent to the provider.
-        max_concurrency: Requests in flight at once (per event loop); ``None`` = no cap.
-        requests_per_minute: Pace requests to this rate; ``None`` = no pacing.
-        tokens_per_minute: Pace tokens (prompt estimate, then actual) to this rate.
-        max_retries: Retries of a request failing with a transient error (429, 5xx, timeout).
-        retry_base_delay: Backoff before the first retry, in seconds (doubles, jittered).
-        retry_max_delay: Longest backoff between retries (a ``Retry-After`` may ask longer).
-        budget_usd: Refuse requests (before sending) once this client spent this many dollars.
-        budget_tokens: Refuse requests once this client used this many tokens.
-        cache: A :class:`~afnio.models.cache.ResponseCache`, or ``None`` for no cache.
-        context_window: The model's context window in tokens (prompt plus reply); ``None``
-            takes it from the client (a local model's ``n_ctx``), else from the table of known
-            provider models, else assumes 8192 with a one-time warning.
+        **options: The pipeline options, declared once in
+            :class:`~afnio.models.options.PipelineOptions` with their defaults:
+            ``max_concurrency`` (requests in flight at once, process-wide), ``requests_per_minute``
+            and ``tokens_per_minute`` (pacing), ``max_retries`` (8), ``retry_base_delay``
+            (0.5 s) and ``retry_max_delay`` (30 s), ``budget_usd`` and ``budget_tokens``
+            (refuse a request before sending when its estimate would pass them),
+            ``context_window`` (see :attr:`context_window`) and ``cache`` (a
+            :class:`~afnio.models.cache.ResponseCache`).
 
     Attributes:
         provider: The provider name, e.g. ``"openai"``, ``"anthropic"``, ``"local"``.
         model: The model name sent to the provider.
+        options: The :class:`~afnio.models.options.PipelineOptions`.
         limits: The :class:`~afnio.models.limits.Limits` gating this client's requests.
         cache: The response cache or ``None``.
+
+    Raises:
+        TypeError: If an option is unknown (the closest name is suggested) or mistyped.
+        ValueError: If an option is out of range, or ``budget_usd`` is set for a model with no
+            known price (its spending could not be estimated).
 
     Example:
         >>> from afnio.testing import ScriptedModel
@@ -143,51 +154,27 @@ class ChatCompletionModel(abc.ABC):
     provider: str = ""
     model: str = ""
 
-    def __init__(
-        self,
-        model: str = "",
-        *,
-        max_concurrency: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        max_retries: int = 3,
-        retry_base_delay: float = 0.5,
-        retry_max_delay: float = 30.0,
-        budget_usd: float | None = None,
-        budget_tokens: int | None = None,
-        cache: ResponseCache | None = None,
-        context_window: int | None = None,
-    ) -> None:
+    def __init__(self, model: str = "", **options: Any) -> None:
+        name = type(self).__name__
         if not isinstance(model, str):
-            raise TypeError(
-                f"{type(self).__name__}: model must be a str, got {type(model).__name__}"
-            )
-        if cache is not None and not isinstance(cache, ResponseCache):
-            raise TypeError(
-                f"{type(self).__name__}: cache must be a ResponseCache or None, "
-                f"got {type(cache).__name__}"
-            )
+            raise TypeError(f"{name}: model must be a str, got {type(model).__name__}")
         self.model = model or type(self).model
-        self.limits = Limits(
-            max_concurrency=max_concurrency,
-            requests_per_minute=requests_per_minute,
-            tokens_per_minute=tokens_per_minute,
-            max_retries=max_retries,
-            retry_base_delay=retry_base_delay,
-            retry_max_delay=retry_max_delay,
-            budget_usd=budget_usd,
-            budget_tokens=budget_tokens,
-        )
-        if context_window is not None and (
-            not isinstance(context_window, int) or isinstance(context_window, bool)
-            or context_window < 1
+        self.options = PipelineOptions.from_kwargs(name, options)
+        if (
+            self.options.budget_usd is not None
+            and self.provider not in FREE_PROVIDERS
+            and price_for(self.model) is None
         ):
             raise ValueError(
-                f"{type(self).__name__}: context_window must be a positive int (tokens) or None, "
-                f"got {context_window!r}"
+                f"{name}({self.model!r}): budget_usd needs the model's price to estimate each "
+                f"request before sending, but afnio knows no price for {self.provider} model "
+                f"{self.model!r}; add one with afnio.models.set_price({self.model!r}, input=..., "
+                f"output=...) or cap tokens with budget_tokens="
             )
-        self.cache = cache
-        self._context_window = context_window
+        self.limits = Limits(self.options)
+        self.cache = self.options.cache
+        self._context_window = self.options.context_window
+        self._structured_output_on = True
         self._usage = Usage()
         self._usage_lock = threading.Lock()
 
@@ -261,9 +248,67 @@ class ChatCompletionModel(abc.ABC):
         count = tokens.count_message_tokens(messages, self.model)
         return count if self._counts_exactly() else tokens.with_margin(count)
 
-    def structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
-        """Completion arguments that constrain a reply to ``schema`` on this backend, or
-        ``None`` when it has no structured outputs (callers then use their tag protocol)."""
+    def structured_output_args(self, schema: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+        """Completion arguments that constrain a reply to ``schema`` on this backend, or ``None``.
+
+        ``None`` means this client can't constrain replies (or can't for this schema, or its
+        server rejected the format once, see below): the caller then asks for tagged text.
+        Which arguments, per backend:
+
+        ======================================  =============================================
+        Client                                  Arguments
+        ======================================  =============================================
+        ``AsyncOpenAI`` (OpenAI)                ``response_format`` ``json_schema`` (strict
+                                                when the schema allows it)
+        ``AsyncOpenAI`` with ``base_url``       by its ``structured_output=`` option:
+                                                ``"json_schema"`` (default, as OpenAI),
+                                                ``"llama.cpp"`` (``{"type": "json_object",
+                                                "schema": ...}``), ``"vllm"``
+                                                (``guided_json``), ``None`` (no arguments)
+        ``AsyncAnthropic``                      ``response_format``, sent as the Messages
+                                                API's structured output
+                                                (``output_config.format``)
+        ``LocalModel``                          ``response_format``, applied as a llama.cpp
+                                                grammar (``None`` if llama.cpp can't turn the
+                                                schema into one)
+        ``ScriptedModel``                       OpenAI's form if built with
+                                                ``structured_output=True``, else ``None``
+        ======================================  =============================================
+
+        When a server answers a request carrying these arguments with an error saying the
+        format is unsupported (e.g. llama.cpp's server answering 500 to OpenAI's
+        ``json_schema``), the request raises
+        :class:`~afnio.models.errors.StructuredOutputUnsupportedError` at once (no retries) and
+        this client stops offering structured outputs: later calls return ``None``.
+
+        Args:
+            schema: A JSON schema (a dict).
+            name: A name for it (OpenAI's ``json_schema.name``: letters, digits, ``_``, ``-``).
+
+        Raises:
+            TypeError: If ``schema`` is not a dict or ``name`` not a non-empty str.
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}}
+            >>> ScriptedModel().structured_output_args(schema, "label") is None
+            True
+            >>> structured = ScriptedModel(structured_output=True)
+            >>> sorted(structured.structured_output_args(schema, "label"))
+            ['response_format']
+        """
+        if not isinstance(schema, Mapping):
+            raise TypeError(f"{type(self).__name__}.structured_output_args: schema must be a "
+                            f"dict, got {type(schema).__name__}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{type(self).__name__}.structured_output_args: name must be a "
+                            f"non-empty str, got {name!r}")
+        if not self._structured_output_on:
+            return None
+        return self._structured_output_args(dict(schema), name)
+
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        """The backend's arguments for :meth:`structured_output_args` (``None``: it has none)."""
         return None
 
     def _default_output_cap(self) -> int:
@@ -341,21 +386,35 @@ class ChatCompletionModel(abc.ABC):
             The reply text.
 
         Raises:
-            TypeError, ValueError: If ``messages`` or ``max_tokens`` is malformed (nothing is
-                sent).
+            TypeError, ValueError: If ``messages``, ``max_tokens`` or another completion
+                argument is malformed or unknown (nothing is sent).
             ContextWindowError: If the prompt's tokens plus the output reserve
                 (:meth:`output_reserve`) exceed :attr:`context_window` (nothing is sent).
-            BudgetExceededError: If this client's budget is spent (nothing is sent).
+            BudgetExceededError: If the request's estimate would pass this client's budget
+                (nothing is sent).
             CacheMissError: If the cache is in ``replay`` mode and has no reply.
-            TransientError: If the request still failed after ``max_retries`` retries.
+            InvalidRequestError: If the server says the request is invalid (not retried).
+            StructuredOutputUnsupportedError: If the server rejected the structured-output
+                arguments (not retried; :meth:`structured_output_args` returns ``None`` after).
+            TransientError: If the request still failed after ``max_retries`` retries
+                (including :class:`~afnio.models.errors.MalformedReplyError`).
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> from afnio._runtime import run
+            >>> run(ScriptedModel(["hi"]).achat([{"role": "user", "content": "hello"}]))
+            'hi'
         """
         name = type(self).__name__
         messages = _checked_messages(messages, name)
-        prompt_tokens = self._check_fits(messages, self.output_reserve(completion_args))
+        self._check_completion_args(completion_args)
+        reserve = self.output_reserve(completion_args)
+        prompt_tokens = self._check_fits(messages, reserve)
         cache = self.cache if self.cache is not None and self.cache.reads else None
         key = ""
         if cache is not None:
-            key = cache.key(self.provider, self.model, messages, completion_args)
+            key = cache.key(self.provider, self.model, messages, completion_args,
+                            endpoint=self.endpoint)
             hit = await cache.aget(key)
             if hit is not None:
                 self._record(Usage(cached_tokens=hit.prompt_tokens + hit.completion_tokens))
@@ -363,45 +422,79 @@ class ChatCompletionModel(abc.ABC):
 
         token_rate = self.limits.token_rate
         estimated = prompt_tokens if token_rate is not None else 0
+        estimate = Estimate(prompt_tokens, reserve, self._estimated_cost(prompt_tokens, reserve))
 
         async def send() -> Completion:
-            return await self._send(messages, **completion_args)
+            try:
+                return await self._send(messages, **completion_args)
+            except asyncio.CancelledError:
+                # Cancelled in flight: the provider may have received (and billed) the prompt.
+                self._record(Usage(requests=1, prompt_tokens=prompt_tokens,
+                                   cost_usd=self._estimated_cost(prompt_tokens, 0)))
+                raise
 
-        completion = await self.limits.call(
-            send,
-            estimated_tokens=estimated,
-            spent=self._spent,
-            client=self,
-            on_retry=self._log_retry,
-        )
-        if not isinstance(completion, Completion) or not isinstance(completion.text, str):
-            raise TypeError(
-                f"{name}._send must return a Completion with str text, got {completion!r:.80}"
-            )
-        if token_rate is not None:
-            token_rate.adjust(completion.prompt_tokens + completion.completion_tokens - estimated)
-        self._record(
-            Usage(
-                requests=1,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                cached_tokens=completion.cached_tokens,
-                cost_usd=cost_usd(
-                    self.provider,
-                    self.model,
+        with self.limits.reserved(estimate, spent=self._spent, client=self):
+            try:
+                completion = await self.limits.call(
+                    send,
+                    estimated_tokens=estimated,
+                    spent=self._spent,
+                    client=self,
+                    on_retry=self._log_retry,
+                )
+            except StructuredOutputUnsupportedError:
+                self._structured_output_on = False  # the caller asks again with tags
+                raise
+            if not isinstance(completion, Completion) or not isinstance(completion.text, str):
+                raise TypeError(
+                    f"{name}._send must return a Completion with str text, got {completion!r:.80}"
+                )
+            if token_rate is not None:
+                token_rate.adjust(
+                    completion.prompt_tokens + completion.completion_tokens - estimated
+                )
+            self._record(
+                Usage(
+                    requests=1,
                     prompt_tokens=completion.prompt_tokens,
                     completion_tokens=completion.completion_tokens,
                     cached_tokens=completion.cached_tokens,
-                    cache_write_tokens=completion.cache_write_tokens,
-                ),
+                    cost_usd=cost_usd(
+                        self.provider,
+                        self.model,
+                        prompt_tokens=completion.prompt_tokens,
+                        completion_tokens=completion.completion_tokens,
+                        cached_tokens=completion.cached_tokens,
+                        cache_write_tokens=completion.cache_write_tokens,
+                    ),
+                )
             )
-        )
         if cache is not None:
             stored = CachedResponse(
                 completion.text, completion.prompt_tokens, completion.completion_tokens
             )
             await cache.aput(key, stored, provider=self.provider, model=self.model)
         return completion.text
+
+    def _estimated_cost(self, prompt_tokens: int, reply_tokens: int) -> float:
+        """USD of a request before it is sent (0 without a USD budget or for a free model)."""
+        if self.limits.budget.usd is None or self.provider in FREE_PROVIDERS:
+            return 0.0
+        return cost_usd(self.provider, self.model, prompt_tokens=prompt_tokens,
+                        completion_tokens=reply_tokens)
+
+    def _check_completion_args(self, completion_args: dict[str, Any]) -> None:
+        """Refuse completion arguments this client can't send (before anything else happens).
+
+        Raises:
+            TypeError, ValueError: If an argument is unknown, misspelled or malformed.
+        """
+        return None  # the base class sends whatever _send accepts
+
+    @property
+    def endpoint(self) -> str | None:
+        """Where requests go (a base URL), part of the response-cache key; ``None`` in process."""
+        return None
 
     def chat(self, messages: list[dict[str, Any]], **completion_args: Any) -> str:
         """Synchronous twin of :meth:`achat` (safe from Jupyter and from threads)."""
@@ -410,8 +503,9 @@ class ChatCompletionModel(abc.ABC):
     def _log_retry(self, attempt: int, error: TransientError, delay: float) -> None:
         status = f"status {error.status}, " if error.status is not None else ""
         logger.warning(
-            "%r: request failed (%s%s); retry %d of %d in %.2fs",
-            self, status, type(error).__name__, attempt, self.limits.max_retries, delay,
+            "%r: request failed (%s%s: %s); retry %d of %d in %.2fs",
+            self, status, type(error).__name__, str(error) or repr(error), attempt,
+            self.limits.max_retries, delay,
         )
 
     def _spent(self) -> Usage:
@@ -440,19 +534,19 @@ class ChatCompletionModel(abc.ABC):
     def get_config(self) -> dict[str, Any]:
         """The JSON-safe constructor arguments of this client — never an API key.
 
-        Includes the limit options that differ from their defaults and the cache (as its path
-        and mode), so :meth:`from_config` rebuilds a client that behaves the same.
+        Includes the pipeline options that differ from their defaults and the cache (as its
+        path and mode), so :meth:`from_config` rebuilds a client that behaves the same.
         """
-        config: dict[str, Any] = {"model": self.model, **self.limits.get_config()}
-        if self._context_window is not None:
-            config["context_window"] = self._context_window
-        if self.cache is not None:
-            config["cache"] = self.cache.get_config()
-        return config
+        return {"model": self.model, **self.options.non_defaults()}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ChatCompletionModel:
-        """Rebuild a client from :meth:`get_config` output (keys come from the environment)."""
+        """Rebuild a client from :meth:`get_config` output (keys come from the environment).
+
+        Everything in ``config`` is used, endpoints and cache paths included: give it only
+        configs you trust (loading from files does so only when asked, see
+        :func:`client_from_config`).
+        """
         config = dict(config)
         if isinstance(config.get("cache"), dict):
             config["cache"] = ResponseCache(**config["cache"])
@@ -468,31 +562,143 @@ class ChatCompletionModel(abc.ABC):
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickle through the secret-free config: keys come back from the environment.
-        return client_from_config, (client_to_config(self),)
+        # Pickle through the secret-free config: keys come back from the environment. (Pickle
+        # names the class itself; a pickle runs code anyway, so no registry check applies.)
+        return _rebuild, (type(self), self.get_config())
+
+
+def openai_json_schema(schema: dict[str, Any], name: str) -> dict[str, Any]:
+    """OpenAI's ``response_format`` for ``schema``: strict when the schema allows strict mode.
+
+    Strict mode needs every object to list all its properties as required and to forbid others
+    (``"additionalProperties": false``); a schema that doesn't is sent non-strict.
+
+    Example:
+        >>> openai_json_schema({"type": "string"}, "answer")["json_schema"]["strict"]
+        True
+    """
+    spec: dict[str, Any] = {"name": name, "schema": schema}
+    spec["strict"] = _strict_compatible(schema)
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _strict_compatible(schema: Any) -> bool:
+    if isinstance(schema, list):
+        return all(_strict_compatible(item) for item in schema)
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("type") == "object" or "properties" in schema:
+        properties = schema.get("properties", {})
+        if schema.get("additionalProperties") is not False:
+            return False
+        if sorted(schema.get("required", [])) != sorted(properties):
+            return False
+    return all(_strict_compatible(value) for key, value in schema.items()
+               if key not in ("enum", "const", "default", "examples", "required"))
+
+
+def _rebuild(cls: type[ChatCompletionModel], config: dict[str, Any]) -> ChatCompletionModel:
+    """Unpickle a client (see ``ChatCompletionModel.__reduce__``)."""
+    return cls.from_config(config)
+
+
+_KNOWN_CLIENTS = {
+    "afnio.models.openai.AsyncOpenAI": "afnio.models.openai",
+    "afnio.models.openai.OpenAI": "afnio.models.openai",
+    "afnio.models.anthropic.AsyncAnthropic": "afnio.models.anthropic",
+    "afnio.models.anthropic.Anthropic": "afnio.models.anthropic",
+    "afnio.models.local.LocalModel": "afnio.models.local",
+    "afnio.testing.scripted.ScriptedModel": "afnio.testing.scripted",
+}
+_registered_clients: dict[str, type[ChatCompletionModel]] = {}
+_registry_lock = threading.Lock()
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_client_class(cls: type[ChatCompletionModel]) -> type[ChatCompletionModel]:
+    """Let :func:`client_from_config` rebuild clients of ``cls``, your own client class.
+
+    afnio's own clients are always known; any other class must be registered by your code
+    before a description naming it can be rebuilt (a file can never make afnio import a module).
+    Usable as a class decorator.
+
+    Args:
+        cls: A :class:`ChatCompletionModel` subclass.
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        TypeError: If ``cls`` is not a ChatCompletionModel subclass.
+
+    Example:
+        >>> from afnio.testing import ScriptedModel
+        >>> @register_client_class
+        ... class Shouting(ScriptedModel):
+        ...     pass
+        >>> type(client_from_config(client_to_config(Shouting()))).__name__
+        'Shouting'
+    """
+    if not (isinstance(cls, type) and issubclass(cls, ChatCompletionModel)):
+        raise TypeError(f"register_client_class: {cls!r} is not a ChatCompletionModel subclass")
+    with _registry_lock:
+        _registered_clients[_class_path(cls)] = cls
+    return cls
 
 
 def client_to_config(client: ChatCompletionModel) -> dict[str, Any]:
-    """Describe ``client`` as ``{"class": "module.Class", "config": {...}}``, without secrets."""
-    cls = type(client)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "config": client.get_config()}
+    """Describe ``client`` as ``{"class": "module.Class", "config": {...}}``, without secrets.
+
+    Example:
+        >>> from afnio.testing import ScriptedModel
+        >>> client_to_config(ScriptedModel(model="m"))
+        {'class': 'afnio.testing.scripted.ScriptedModel', 'config': {'model': 'm', 'latency': 0.0}}
+    """
+    return {"class": _class_path(type(client)), "config": client.get_config()}
 
 
-def client_from_config(description: dict[str, Any]) -> ChatCompletionModel:
+def client_from_config(description: Mapping[str, Any]) -> ChatCompletionModel:
     """Rebuild a client from :func:`client_to_config` output.
 
-    Only subclasses of :class:`ChatCompletionModel` are accepted, so a crafted file can't make
-    afnio instantiate an arbitrary class.
+    The class must be one of afnio's own clients (``AsyncOpenAI``, ``OpenAI``,
+    ``AsyncAnthropic``, ``Anthropic``, ``LocalModel``, ``ScriptedModel``) or registered with
+    :func:`register_client_class`: nothing else is imported or constructed, whatever the
+    description names. The config is used whole — endpoint (``base_url``), cache path, model
+    file — so rebuild only descriptions you trust; ``afnio.load``, ``load_state_dict`` and the
+    Trainer's resume call this only when asked to (``load_clients=True``).
 
     Raises:
-        ValueError: If the class can't be found or is not a ChatCompletionModel.
+        ValueError: If the description is malformed or names a class afnio doesn't know.
+
+    Example:
+        >>> from afnio.testing import ScriptedModel
+        >>> client_from_config(client_to_config(ScriptedModel(model="m"))).model
+        'm'
     """
-    path = description.get("class", "")
-    module_name, _, class_name = path.rpartition(".")
+    if not isinstance(description, Mapping):
+        raise ValueError(f"a model client description must be a dict, got "
+                         f"{type(description).__name__}")
+    path, config = description.get("class"), description.get("config", {})
+    if not isinstance(path, str) or not isinstance(config, Mapping):
+        raise ValueError(
+            "a model client description needs {'class': str, 'config': dict}, got "
+            f"{dict(description)!r:.120}"
+        )
+    with _registry_lock:
+        cls = _registered_clients.get(path)
+    if cls is None and path in _KNOWN_CLIENTS:
+        cls = getattr(importlib.import_module(_KNOWN_CLIENTS[path]), path.rpartition(".")[2])
+    if cls is None:
+        raise ValueError(
+            f"model client class {path!r} is not one afnio knows; a description may name only "
+            f"afnio's clients ({', '.join(name.rpartition('.')[2] for name in _KNOWN_CLIENTS)}) "
+            "or a class your code registered with afnio.models.register_client_class (afnio "
+            "never imports a module a file names)"
+        )
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"cannot find model client class {path!r}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, ChatCompletionModel)):
-        raise ValueError(f"{path!r} is not a ChatCompletionModel subclass")
-    return cls.from_config(dict(description.get("config", {})))
+        return cls.from_config(dict(config))
+    except TypeError as error:
+        raise ValueError(f"cannot rebuild a {path} from its config: {error}") from None

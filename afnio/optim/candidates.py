@@ -234,7 +234,9 @@ async def _paraphrase(
         return await ask(
             client, messages, accept, what=what,
             repair=fill_template(prompts.RETRY_MESSAGE, {"tag": prompts.PROPOSAL_TAG}),
-            completion_args=opts.completion_args, schema=("proposal", _proposal_schema(old)),
+            completion_args=opts.completion_args, schema=("proposal", _proposal_schema(
+                old, client.output_reserve(opts.completion_args)
+            )),
             retries=opts.max_retries,
         )
     except ReplyParseError:

@@ -71,7 +71,8 @@ class GatedOptimizer(Optimizer):
     change to ``p`` was kept) and ``state[p]["rejected"]`` (steps where ``p`` had a proposal that
     was not kept: refused by the wrapped optimizer's checks, or rolled back). :attr:`last_step`
     is the wrapped optimizer's record, each entry with ``score_before`` and ``score_after`` added
-    and the verdict ``"rolled_back"`` (with the reason) for a proposal the gate undid.
+    and the verdict ``"rolled_back"`` (with the reason) for a proposal the gate undid; such an
+    entry's ``after`` is the proposal that was undone (the parameter holds ``before``).
 
     Cost per step: the wrapped optimizer's requests, plus one closure evaluation for the score
     before (none when the closure already knows it — the Trainer's does — or when ``evaluate``
@@ -166,10 +167,25 @@ class GatedOptimizer(Optimizer):
         """The wrapped optimizer's state dict (the gate's counts are in its ``state``)."""
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the wrapped optimizer's state dict (see :meth:`state_dict`)."""
-        self.optimizer.load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: dict[str, Any], **options: Any) -> None:
+        """Load the wrapped optimizer's state dict (see :meth:`state_dict`); ``options`` (such
+        as ``load_clients``) go to the wrapped optimizer's ``load_state_dict``."""
+        self.optimizer.load_state_dict(state_dict, **options)
         self._known = None
+
+    def _prepare_load_state_dict(self, state_dict: Any, **options: Any) -> Callable[[], None]:
+        """The wrapped optimizer's checked load (see :meth:`Optimizer.load_state_dict`), not
+        yet applied; applying it also forgets the score ``evaluate`` gave the old values."""
+        prepare = getattr(self.optimizer, "_prepare_load_state_dict", None)
+        if not callable(prepare):
+            return lambda: self.load_state_dict(state_dict, **options)
+        update = prepare(state_dict, **options)
+
+        def commit() -> None:
+            update()
+            self._known = None
+
+        return commit
 
     def __repr__(self) -> str:
         return f"GatedOptimizer(tolerance={self.tolerance}, optimizer={self.optimizer!r})"
@@ -239,9 +255,8 @@ class GatedOptimizer(Optimizer):
             )
             for record in records:
                 if record.get("verdict") == "accepted":
-                    record["verdict"] = "rolled_back"
+                    record["verdict"] = "rolled_back"  # "after" keeps the proposal undone
                     record["reason"] = reason
-                    record["after"] = copy.deepcopy(record.get("before"))
         id_at = {index: key for key, index in self._param_indices().items()}
         by_id = {id(p): p for p in params}
         for record in records:

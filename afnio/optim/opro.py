@@ -280,7 +280,9 @@ async def _propose(param: Variable, opts: OPROOptions, history: list[dict[str, A
             opts.model_client, _messages(param, opts, entries, feedback), accept,
             what=f"OPRO (parameter with role {param.role!r})",
             repair=fill_template(prompts.RETRY_MESSAGE, {"tag": prompts.PROPOSAL_TAG}),
-            completion_args=opts.completion_args, schema=("proposal", _proposal_schema(old)),
+            completion_args=opts.completion_args, schema=("proposal", _proposal_schema(
+                old, opts.model_client.output_reserve(opts.completion_args)
+            )),
             retries=opts.max_retries,
         )
     except ReplyParseError as error:
@@ -443,7 +445,8 @@ class OPRO(Optimizer):
                 "index": index_of[id(param)],
                 "role": param.role,
                 "before": old,
-                "after": copy.deepcopy(param.data),
+                # a rolled-back entry reports the proposal it undid
+                "after": copy.deepcopy(new if verdict == "rolled_back" else param.data),
                 "feedback": list(feedback),
                 "verdict": verdict,
                 "reason": reason,

@@ -88,6 +88,29 @@ def _from_plain(value: Any) -> Any:
     return value
 
 
+def _holds_client(value: Any) -> bool:
+    """Whether a saved group option is, or contains, a model client description."""
+    if isinstance(value, dict):
+        return set(value) == {_CLIENT_KEY} or any(_holds_client(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_client(item) for item in value)
+    return False
+
+
+def _keep_clients(live: Any, saved: Any) -> Any:
+    """``saved`` rebuilt with the live option's clients where the saved one describes one."""
+    if isinstance(live, ChatCompletionModel):
+        return live
+    if isinstance(saved, dict) and isinstance(live, dict):
+        return {key: _keep_clients(live.get(key), item) for key, item in saved.items()}
+    if isinstance(saved, list) and isinstance(live, (list, tuple)) and len(saved) == len(live):
+        return [_keep_clients(a, b) for a, b in zip(live, saved)]
+    if _holds_client(saved):
+        raise ValueError("a saved model client has no live client in the same place to keep; "
+                         "pass load_clients=True to rebuild it from the file")
+    return _from_plain(saved)
+
+
 def _short(value: Any, limit: int = 80) -> str:
     if isinstance(value, ChatCompletionModel):
         text = f"{type(value).__name__}(model={value.model!r})"
@@ -205,15 +228,37 @@ class Optimizer(abc.ABC):
         self.param_groups.append(param_group)
 
     # ----------------------------------------------------------------- gradients and steps
-    def zero_grad(self) -> None:
-        """Clear the gradients of every parameter.
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of every parameter, as ``torch.optim.Optimizer.zero_grad``.
 
-        Each ``grad`` list is emptied in place, so references to it (held by a Module or by the
-        user) see the cleared list.
+        ``grad`` is a list and stays one, so ``step`` and the Trainer read it as before; the two
+        modes differ, as in torch, in what happens to a reference to the old gradients.
+
+        Args:
+            set_to_none: ``True`` (default, torch's default): give each parameter a new empty
+                list (``p.grad = None`` does the same), so a list read before, e.g. kept for a
+                report, keeps its gradients. ``False``: empty each list in place, so every
+                holder of it sees ``[]`` (torch zeroes the tensor in place).
+
+        Example:
+            >>> import afnio
+            >>> p = afnio.Variable("Be brief.", role="system prompt", requires_grad=True)
+            >>> class Keep(Optimizer):
+            ...     def step(self, closure=None):
+            ...         return self._evaluate_closure(closure)
+            >>> opt = Keep([p], defaults={})
+            >>> p.append_grad(afnio.Variable("too short"))
+            >>> kept = p.grad
+            >>> opt.zero_grad(set_to_none=False)
+            >>> p.grad, kept
+            ([], [])
         """
         for group in self.param_groups:
             for param in group["params"]:
-                param.grad.clear()
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.clear()
 
     clear_grad = zero_grad
 
@@ -276,23 +321,63 @@ class Optimizer(abc.ABC):
         }
         return {"state": packed_state, "param_groups": param_groups}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, load_clients: bool = False) -> None:
         """Load a state produced by :meth:`state_dict`.
 
-        As in torch, the saved group options replace the current ones. A model client is
-        rebuilt from its saved class and config, unless the group already holds a client with
-        the same class and config, which is then kept (with its cache, limits and usage).
+        As in torch, the saved group options replace the current ones — except model clients:
+        a group keeps its live client (with its endpoint, cache, limits, usage and key) unless
+        ``load_clients=True``. The whole state is checked before anything changes.
 
         Args:
             state_dict: The saved state. State keys may also be decimal strings, as after a
                 round trip through JSON.
+            load_clients: Rebuild each client whose saved description differs from the group's
+                live one, from that description (afnio's own client classes, or ones registered
+                with :func:`~afnio.models.register_client_class`), endpoint and cache path
+                included. Only for states you trust.
 
         Raises:
-            ValueError: If the number of groups, or the size of a group, differs from this
-                optimizer's.
+            ValueError: If the state is malformed, the number of groups or the size of a group
+                differs from this optimizer's, or a saved client can't be placed (a group
+                without a live client for it and ``load_clients=False``). Nothing is changed
+                then.
+
+        Example:
+            >>> import afnio
+            >>> from afnio.optim import TGD
+            >>> from afnio.testing import ScriptedModel
+            >>> prompt = afnio.cognitive.Parameter("Be brief.", role="system prompt")
+            >>> optimizer = TGD([prompt], model_client=ScriptedModel(), momentum=2)
+            >>> optimizer.load_state_dict(optimizer.state_dict())
+            >>> optimizer.param_groups[0]["momentum"]
+            2
         """
+        self._prepare_load_state_dict(state_dict, load_clients=load_clients)()
+
+    def _prepare_load_state_dict(
+        self, state_dict: Any, *, load_clients: bool = False
+    ) -> Callable[[], None]:
+        """Check a saved state and return the update that loads it, changing nothing.
+
+        Raises:
+            ValueError: As :meth:`load_state_dict`.
+        """
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or (
+            not isinstance(state_dict.get("param_groups"), list)
+        ):
+            raise ValueError(
+                f"{name}.load_state_dict: expected {{'state': dict, 'param_groups': list}}, got "
+                f"{_short(state_dict)}"
+            )
         groups = self.param_groups
         saved_groups = copy.deepcopy(state_dict["param_groups"])
+        for index, saved in enumerate(saved_groups):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(
+                    f"{name}.load_state_dict: param_groups[{index}] must be a dict with a "
+                    f"'params' list, got {_short(saved)}"
+                )
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
@@ -300,31 +385,66 @@ class Optimizer(abc.ABC):
                 "loaded state dict contains a parameter group that doesn't match the size of "
                 "optimizer's group"
             )
-        param_of = dict(
-            zip(
-                chain.from_iterable(group["params"] for group in saved_groups),
-                chain.from_iterable(group["params"] for group in groups),
+        saved_indices = list(chain.from_iterable(group["params"] for group in saved_groups))
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in saved_indices) or len(
+            set(saved_indices)
+        ) != len(saved_indices):
+            raise ValueError(
+                f"{name}.load_state_dict: each group's 'params' must list distinct parameter "
+                f"indices, got {_short(saved_indices)}"
             )
+        param_of = dict(
+            zip(saved_indices, chain.from_iterable(group["params"] for group in groups))
         )
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for key, value in state_dict["state"].items():
             if isinstance(key, str) and key.isdigit():  # indices that went through JSON
                 key = int(key)
-            state[param_of.get(key, key)] = copy.deepcopy(value)
+            if key not in param_of:
+                raise ValueError(
+                    f"{name}.load_state_dict: state for parameter index {key!r}, which no "
+                    "group lists"
+                )
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{name}.load_state_dict: the state of parameter {key} must be a dict, got "
+                    f"{_short(value)}"
+                )
+            state[param_of[key]] = copy.deepcopy(value)
 
-        def update_group(group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+        def update_group(index: int, group: dict[str, Any], saved: dict[str, Any]) -> dict:
             new_group = {"params": group["params"]}
             for key, value in saved.items():
                 if key == "params":
                     continue
                 live = group.get(key)
-                new_group[key] = live if key in group and _to_plain(live) == value else (
-                    _from_plain(value)
-                )
+                if key in group and _to_plain(live) == value:
+                    new_group[key] = live
+                elif _holds_client(value) and not load_clients:
+                    if not _holds_client(_to_plain(live)):
+                        raise ValueError(
+                            f"{name}.load_state_dict: param_groups[{index}][{key!r}] is a saved "
+                            "model client but this optimizer's group has no client there to "
+                            "keep; pass load_clients=True to rebuild it from the file (only "
+                            "for files you trust)"
+                        )
+                    new_group[key] = _keep_clients(live, value)
+                else:
+                    try:
+                        new_group[key] = _from_plain(value)
+                    except ValueError as error:
+                        raise ValueError(
+                            f"{name}.load_state_dict: param_groups[{index}][{key!r}]: {error}"
+                        ) from None
             return new_group
 
-        self.param_groups = [update_group(g, s) for g, s in zip(groups, saved_groups)]
-        self.state = state
+        new_groups = [update_group(i, g, s) for i, (g, s) in enumerate(zip(groups, saved_groups))]
+
+        def commit() -> None:
+            self.param_groups = new_groups
+            self.state = state
+
+        return commit
 
     # ----------------------------------------------------------------- printing
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import itertools
 import json
+import random
 import threading
 import time
 from collections import deque
@@ -27,9 +28,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Fault", "FakeProviderServer", "FakeReply"]
+__all__ = ["DEFAULT_FAULT_MIX", "Fault", "FakeProviderServer", "FakeReply"]
 
-_FAULT_KINDS = ("status", "timeout", "truncated_json", "invalid_json", "disconnect")
+_FAULT_KINDS = (
+    "status", "timeout", "truncated_json", "invalid_json", "disconnect", "non_utf8", "html",
+    "missing_fields",
+)
 _REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
     408: "Request Timeout", 411: "Length Required", 429: "Too Many Requests",
@@ -54,20 +58,29 @@ class Fault:
         kind: ``"status"`` (an error response with ``status``), ``"timeout"`` (hold the request
             without answering for ``hang`` seconds or until the client gives up),
             ``"truncated_json"`` (a 200 whose JSON body is cut in half), ``"invalid_json"`` (a
-            200 whose body is not JSON) or ``"disconnect"`` (close the connection unanswered).
+            200 whose body is not JSON), ``"disconnect"`` (close the connection unanswered),
+            ``"non_utf8"`` (a 200 JSON body with bytes that are not UTF-8), ``"html"`` (a 200
+            HTML page, as a captive portal or misconfigured proxy sends) or
+            ``"missing_fields"`` (a 200 JSON reply without its text: no ``message.content``
+            for OpenAI, no ``content`` blocks for Anthropic).
         status: The HTTP status of a ``"status"`` fault, e.g. 429 or 500.
         retry_after: Seconds sent in the ``Retry-After`` header (any status fault).
         hang: How long a ``"timeout"`` fault holds the request.
+        message: The error message of a ``"status"`` fault, in the provider's error format.
+        body: The whole JSON body of a ``"status"`` fault instead (e.g. a FastAPI ``detail``
+            list, as some OpenAI-compatible servers send).
 
     Example:
-        >>> Fault.parse(429)
-        Fault(kind='status', status=429, retry_after=None, hang=30.0)
+        >>> Fault.parse(429).status
+        429
     """
 
     kind: str
     status: int = 500
     retry_after: float | None = None
     hang: float = 30.0
+    message: str = "injected fault"
+    body: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _FAULT_KINDS:
@@ -106,6 +119,22 @@ class Fault:
             f"FakeProviderServer fault: expected a Fault, status int, kind str or dict, "
             f"got {type(spec).__name__}"
         )
+
+
+DEFAULT_FAULT_MIX: tuple[Fault, ...] = (
+    Fault("status", status=429, retry_after=0.05),
+    Fault("status", status=500),
+    Fault("status", status=503),
+    Fault("timeout"),
+    Fault("invalid_json"),
+    Fault("truncated_json"),
+    Fault("non_utf8"),
+    Fault("html"),
+    Fault("missing_fields"),
+    Fault("disconnect"),
+)
+"""The faults a ``fault_rate`` draws from by default: every kind a real provider or proxy
+produces, once each (the timeout holds the request until the client gives up)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +177,11 @@ class FakeProviderServer:
             for the shorthands); more can be added with :meth:`inject`.
         api_key: If given, requests must carry it (``Authorization: Bearer`` or ``x-api-key``)
             or get a 401.
+        fault_rate: Probability that a request with no queued fault gets a random one.
+        fault_mix: The faults ``fault_rate`` draws from, uniformly (shorthands as for
+            ``faults``); by default 429, 500, 503, timeout, invalid and truncated JSON,
+            non-UTF-8, HTML, missing fields and disconnects.
+        seed: Seed of the random faults, so a run's sequence of draws is reproducible.
 
     Attributes:
         requests: Parsed JSON bodies of every request to a chat endpoint, faulted ones included,
@@ -161,9 +195,9 @@ class FakeProviderServer:
     Example:
         >>> import openai
         >>> with FakeProviderServer(reply=lambda body: "pong") as server:
-        ...     client = openai.OpenAI(base_url=server.openai_base_url, api_key="test")
-        ...     completion = client.chat.completions.create(
-        ...         model="gpt-4.1-nano", messages=[{"role": "user", "content": "ping"}])
+        ...     with openai.OpenAI(base_url=server.openai_base_url, api_key="test") as client:
+        ...         completion = client.chat.completions.create(
+        ...             model="gpt-4.1-nano", messages=[{"role": "user", "content": "ping"}])
         >>> completion.choices[0].message.content
         'pong'
         >>> len(server.requests)
@@ -176,9 +210,19 @@ class FakeProviderServer:
         latency: float = 0.0,
         faults: Iterable[Fault | int | str | dict[str, Any]] | None = None,
         api_key: str | None = None,
+        fault_rate: float = 0.0,
+        fault_mix: Iterable[Fault | int | str | dict[str, Any]] | None = None,
+        seed: int = 0,
     ) -> None:
         if latency < 0:
             raise ValueError(f"FakeProviderServer: latency must be >= 0, got {latency}")
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"FakeProviderServer: fault_rate must be in [0, 1], got {fault_rate}")
+        self.fault_rate = fault_rate
+        self.fault_mix = [Fault.parse(f) for f in (fault_mix or DEFAULT_FAULT_MIX)]
+        if not self.fault_mix:
+            raise ValueError("FakeProviderServer: fault_mix must name at least one fault")
+        self._random = random.Random(seed)
         self.reply = reply
         self.latency = latency
         self._api_key = api_key
@@ -364,6 +408,8 @@ class FakeProviderServer:
         with self._lock:
             self.requests.append(recorded)
             fault = self._faults.popleft() if self._faults else None
+            if fault is None and self.fault_rate and self._random.random() < self.fault_rate:
+                fault = self._random.choice(self.fault_mix)
             if fault is not None:
                 self.faults_applied.append(fault)
             self.in_flight += 1
@@ -402,7 +448,9 @@ class FakeProviderServer:
             extra = {}
             if fault.retry_after is not None:
                 extra["retry-after"] = _format_seconds(fault.retry_after)
-            return _error(api, fault.status, "injected fault", extra)
+            if fault.body is not None:
+                return fault.status, json.dumps(fault.body).encode(), extra
+            return _error(api, fault.status, fault.message, extra)
         if self._api_key is not None and not _has_key(headers, self._api_key):
             return _error(api, 401, "invalid api key")
         try:
@@ -413,11 +461,22 @@ class FakeProviderServer:
             with self._lock:
                 self.errors.append(exc)
             return _error(api, 500, f"reply function failed: {type(exc).__name__}")
+        kind = fault.kind if fault is not None else None
+        if kind == "missing_fields":
+            if api == "openai":
+                del payload["choices"][0]["message"]["content"]
+            else:
+                del payload["content"]
         body = json.dumps(payload).encode()
-        if fault is not None and fault.kind == "truncated_json":
+        if kind == "truncated_json":
             body = body[: len(body) // 2]
-        elif fault is not None and fault.kind == "invalid_json":
+        elif kind == "invalid_json":
             body = b"{'this is': not json,"
+        elif kind == "non_utf8":
+            body = body[:-1] + b', "note": "\xff\xfe\xfa"}'  # valid JSON, but not UTF-8
+        elif kind == "html":
+            page = b"<!DOCTYPE html><html><body><h1>Sign in to the network</h1></body></html>"
+            return 200, page, {"content-type": "text/html; charset=utf-8"}
         return 200, body, {}
 
     async def _completion(self, api: str, request_json: dict[str, Any]) -> dict[str, Any]:
@@ -539,14 +598,15 @@ async def _read_request(
 async def _write_response(
     writer: asyncio.StreamWriter, status: int, body: bytes, extra: dict[str, str] | None = None
 ) -> None:
+    extra = dict(extra or {})
     head = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-        "content-type: application/json",
+        f"content-type: {extra.pop('content-type', 'application/json')}",
         f"content-length: {len(body)}",
         "connection: keep-alive",
         f"x-request-id: req_fake{time.monotonic_ns()}",
     ]
-    head += [f"{name}: {value}" for name, value in (extra or {}).items()]
+    head += [f"{name}: {value}" for name, value in extra.items()]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
     await writer.drain()
 

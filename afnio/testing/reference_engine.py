@@ -1,8 +1,9 @@
 """A sequential reference backward engine, the yardstick for the concurrent one.
 
 It runs one node at a time, always the ready node with the highest sequence number, and appends
-each gradient to its leaf the moment it is produced. The concurrent engine in
-:mod:`afnio.autodiff.engine` must leave exactly the same ``grad`` lists.
+each gradient to its leaf (after the leaf's hooks) the moment it is produced. The concurrent
+engine in :mod:`afnio.autodiff.engine` must leave exactly the same ``grad`` lists and call leaf
+hooks in the same order.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ async def _reference(roots: Variable | Sequence[Variable], gradients: Any) -> No
 
     def deliver(node: Node, output_nr: int, gradient: Variable) -> None:
         if isinstance(node, AccumulateGrad):
-            node.variable.grad.append(gradient)
+            node.variable.grad.append(node.hooked_gradient(0, gradient))
         else:
             buffers.setdefault(node, {}).setdefault(output_nr, []).append(gradient)
 
@@ -66,7 +67,8 @@ async def _reference(roots: Variable | Sequence[Variable], gradients: Any) -> No
         for output_nr in range(len(node.output_meta)):
             pieces = buffer.get(output_nr)
             role, batch_size = node.output_info(output_nr)
-            grads.append(combine_gradients(pieces, role, batch_size) if pieces else None)
+            combined = combine_gradients(pieces, role, batch_size) if pieces else None
+            grads.append(None if combined is None else node.hooked_gradient(output_nr, combined))
         result = node.aapply(grads) if node.is_async else node.apply(grads)
         if inspect.isawaitable(result):
             result = await result

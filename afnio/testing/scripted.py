@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from afnio.models.model import ChatCompletionModel, Completion
+from afnio.models.model import ChatCompletionModel, Completion, openai_json_schema
 from afnio.models.tokens import count_message_tokens, count_tokens
 
 __all__ = ["SCRIPTED_CONTEXT_WINDOW", "ScriptedModel"]
@@ -38,6 +38,11 @@ class ScriptedModel(ChatCompletionModel):
         model: The model name to report.
         max_tokens: Tokens a request reserves for its reply when it gives no ``max_tokens``
             (see :meth:`~afnio.models.model.ChatCompletionModel.output_reserve`).
+        structured_output: Whether :meth:`structured_output_args` offers OpenAI-style
+            ``response_format`` arguments (as a backend with structured outputs does) or
+            ``None`` (as one without). A reply function may raise
+            :class:`~afnio.models.errors.StructuredOutputUnsupportedError` to act as a server
+            rejecting the format; the client then stops offering it, as real clients do.
         **options: The request-pipeline options of :class:`ChatCompletionModel`
             (``max_concurrency``, ``budget_usd``, ``cache``, ...). ``context_window`` defaults
             to :data:`SCRIPTED_CONTEXT_WINDOW`; give a small one to test that requests fit.
@@ -64,9 +69,14 @@ class ScriptedModel(ChatCompletionModel):
         latency: float = 0.0,
         model: str = "scripted",
         max_tokens: int = _DEFAULT_MAX_TOKENS,
+        structured_output: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
+        if not isinstance(structured_output, bool):
+            raise TypeError(f"ScriptedModel: structured_output must be a bool, got "
+                            f"{structured_output!r}")
+        self.structured_output = structured_output
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(
                 f"ScriptedModel: max_tokens must be a positive int, got {max_tokens!r}"
@@ -132,6 +142,11 @@ class ScriptedModel(ChatCompletionModel):
     def _own_context_window(self) -> int:
         return SCRIPTED_CONTEXT_WINDOW
 
+    def _structured_output_args(self, schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+        if not self.structured_output:
+            return None
+        return {"response_format": openai_json_schema(schema, name)}
+
     def _counts_exactly(self) -> bool:
         return True
 
@@ -142,4 +157,6 @@ class ScriptedModel(ChatCompletionModel):
         config = {**super().get_config(), "latency": self.latency}
         if self.max_tokens != _DEFAULT_MAX_TOKENS:
             config["max_tokens"] = self.max_tokens
+        if self.structured_output:
+            config["structured_output"] = True
         return config

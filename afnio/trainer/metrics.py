@@ -18,14 +18,12 @@ How a step's output becomes metrics:
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from afnio._variable import Variable
+from afnio.trainer.loggers import CSVLogger, JSONLLogger, Logger
 
 __all__ = [
     "MetricAccumulator",
@@ -193,59 +191,61 @@ class MetricAccumulator:
         self.weights = {str(k): float(v) for k, v in state["weights"].items()}
 
 
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 class MetricsLog:
-    """The run's metrics: ``metrics.jsonl`` (one JSON object per line) and ``metrics.csv``.
+    """The run's metric rows, kept in memory and sent to loggers.
 
     Rows are kept in memory (and in checkpoints, so a resumed run rewrites exactly the rows the
-    checkpoint knew about); both files are rewritten from them on every :meth:`append`. The CSV
-    has one column per key seen in any row, in order of first appearance.
+    checkpoint knew about). By default (a ``directory`` and no ``loggers``) the rows go to
+    ``metrics.jsonl`` (one JSON object per line) and ``metrics.csv`` (one column per key seen in
+    any row, in order of first appearance), both rewritten on every :meth:`append`.
 
     Args:
         directory: Where the two files go; ``None`` keeps rows in memory only.
+        loggers: Send rows to these :class:`~afnio.trainer.loggers.Logger` objects instead of
+            the two default files.
+
+    Example:
+        >>> log = MetricsLog(None)
+        >>> log.append({"stage": "fit", "epoch": 0, "train_score": 0.5})
+        >>> log.rows
+        [{'stage': 'fit', 'epoch': 0, 'train_score': 0.5}]
     """
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, loggers: Sequence[Logger] | None = None) -> None:
         self.directory = directory
         self.rows: list[dict[str, Any]] = []
+        self._jsonl: JSONLLogger | None = None
+        self._csv: CSVLogger | None = None
+        if loggers is not None:
+            self.loggers: list[Logger] = list(loggers)
+        elif directory is not None:
+            self._jsonl, self._csv = JSONLLogger(directory), CSVLogger(directory)
+            self.loggers = [self._jsonl, self._csv]
+        else:
+            self.loggers = []
 
     @property
     def jsonl_path(self) -> Path | None:
-        """Path of ``metrics.jsonl`` (``None`` when not writing files)."""
-        return None if self.directory is None else self.directory / "metrics.jsonl"
+        """Path of ``metrics.jsonl`` (``None`` when not writing the default files)."""
+        return None if self._jsonl is None else self._jsonl.path
 
     @property
     def csv_path(self) -> Path | None:
-        """Path of ``metrics.csv`` (``None`` when not writing files)."""
-        return None if self.directory is None else self.directory / "metrics.csv"
+        """Path of ``metrics.csv`` (``None`` when not writing the default files)."""
+        return None if self._csv is None else self._csv.path
 
-    def append(self, row: Mapping[str, Any]) -> None:
-        """Add a row and write both files."""
+    def append(self, row: Mapping[str, Any], step: int | None = None) -> None:
+        """Add a row and send it to every logger (``step``: the ``global_step`` it belongs to)."""
         self.rows.append(dict(row))
-        self.write()
+        for logger in self.loggers:
+            logger.log_metrics(dict(row), step)
 
     def replace(self, rows: list[Mapping[str, Any]]) -> None:
-        """Start over from ``rows`` (used when resuming) and write both files."""
+        """Start over from ``rows`` (used when a fit starts or resumes) and tell every logger."""
         self.rows = [dict(row) for row in rows]
         self.write()
 
     def write(self) -> None:
-        """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the rows."""
-        if self.directory is None:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps(row, sort_keys=False) + "\n" for row in self.rows)
-        self.jsonl_path.write_text(lines, encoding="utf-8")
-        columns: list[str] = []
-        for row in self.rows:
-            columns.extend(key for key in row if key not in columns)
-        with self.csv_path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({key: _csv_value(value) for key, value in row.items()})
+        """Send the whole list of rows to every logger again (files are rewritten from it)."""
+        for logger in self.loggers:
+            logger.log_history([dict(row) for row in self.rows])

@@ -37,13 +37,22 @@ Files, under ``default_root_dir`` (the working directory by default):
 ``fit(..., ckpt_path=)`` resumes exactly: the agent and optimizer states, the epoch and the
 number of batches already done in it are restored; the loader is set to that epoch with
 ``set_epoch`` (so a seeded loader replays the same order) and the finished batches are skipped.
+The whole checkpoint is checked first (every field, the agent's and each optimizer's state); a
+bad one raises a ``ValueError`` naming the file and the field, with the agent untouched.
 Model clients are not taken from the checkpoint: the agent and optimizers keep the clients they
 were built with in this session (with their budget, cache, limits and keys), so a run stopped by
-a spent budget resumes with the client whose budget was raised.
+a spent budget resumes with the client whose budget was raised, and a tampered checkpoint can't
+redirect a key or create files.
+
+A batch's optimizer update and the batch counter are committed together: checkpoints written
+when a run stops (an error, Ctrl-C, a spent budget) hold the state at the last finished batch,
+so an interruption between an optimizer's write and the counter never makes a resume apply an
+update twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -56,12 +65,18 @@ from rich.console import Console
 
 from afnio.autodiff.grad_mode import no_grad
 from afnio.models.errors import BudgetExceededError
-from afnio.models.model import ChatCompletionModel
 from afnio.models.usage import Usage, track_usage
 from afnio.optim.gated import GatedOptimizer
 from afnio.optim.scoring import ModuleScorer
 from afnio.trainer.callbacks import Callback
-from afnio.trainer.checkpoint import read_checkpoint, write_checkpoint
+from afnio.trainer.checkpoint import (
+    ResumePoint,
+    check_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
+from afnio.trainer.history import RunHistory, json_safe, public_config
+from afnio.trainer.loggers import STEP_STAGE, CSVLogger, JSONLLogger, Logger
 from afnio.trainer.metrics import (
     MetricAccumulator,
     MetricsLog,
@@ -71,6 +86,8 @@ from afnio.trainer.metrics import (
     score_per_sample,
 )
 from afnio.trainer.progress import ProgressReporter, format_metrics, format_usage
+from afnio.trainer.recorder import StepRecorder
+from afnio.trainer.report import write_report
 
 __all__ = ["Trainer"]
 
@@ -119,17 +136,42 @@ def _loader_info(loader: Any, epoch: int) -> dict[str, Any]:
     }
 
 
-def _agent_clients(agent: Any) -> list[tuple[Any, str, ChatCompletionModel]]:
-    """``(owning module, attribute, client)`` for every model client the agent holds."""
-    named_models = getattr(agent, "named_models", None)
-    if not callable(named_models):
+def _version_text(data: Any) -> str:
+    """A parameter value as the text of a prompt version."""
+    return data if isinstance(data, str) else json.dumps(json_safe(data), ensure_ascii=False)
+
+
+def _loggers(logger: Any) -> list[Logger]:
+    """The loggers ``Trainer(logger=...)`` asked for (``True``: the JSONL and CSV files)."""
+    if logger is True:
+        return [JSONLLogger(), CSVLogger()]
+    if logger is False or logger is None:
         return []
-    modules = dict(agent.named_modules(remove_duplicate=False))
-    clients = []
-    for name, client in named_models(remove_duplicate=False):
-        owner, _, attribute = name.rpartition(".")
-        clients.append((modules[owner], attribute, client))
-    return clients
+    loggers = [logger] if isinstance(logger, Logger) else logger
+    if not isinstance(loggers, (list, tuple)) or not all(isinstance(x, Logger) for x in loggers):
+        raise TypeError(
+            "Trainer: logger must be True, False, an afnio.trainer.Logger or a list of them, "
+            f"got {type(logger).__name__}"
+        )
+    return list(loggers)
+
+
+def _saved_proposals(state: Any, path: Path) -> dict[str, int]:
+    """The epoch's proposal counts a checkpoint holds (none in older checkpoints).
+
+    Raises:
+        ValueError: Naming the file, when they are not counts.
+    """
+    saved = state.get("proposals", {}) if isinstance(state, dict) else {}
+    if not isinstance(saved, dict) or any(
+        isinstance(saved.get(name, 0), bool) or not isinstance(saved.get(name, 0), int)
+        or saved.get(name, 0) < 0 for name in _VERDICTS
+    ):
+        raise ValueError(
+            f"Trainer: checkpoint {str(path)!r} can't be resumed: 'proposals' must map "
+            f"{list(_VERDICTS)} to counts, got {saved!r:.200}; nothing was changed"
+        )
+    return {name: int(saved.get(name, 0)) for name in _VERDICTS}
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -157,10 +199,21 @@ class Trainer:
         mode: ``"max"`` or ``"min"``: which direction of ``monitor`` is better.
         checkpoint_every_n_batches: Also update ``last.ckpt`` every this many training batches.
         callbacks: :class:`~afnio.trainer.callbacks.Callback` instances.
-        logger: Write ``metrics.jsonl`` and ``metrics.csv``.
+        logger: Where metrics, hyperparameters and prompt versions go: ``True`` (the default)
+            writes ``metrics.jsonl`` and ``metrics.csv`` in the run directory (a
+            :class:`~afnio.trainer.loggers.JSONLLogger` and a
+            :class:`~afnio.trainer.loggers.CSVLogger`); ``False`` none; or one
+            :class:`~afnio.trainer.loggers.Logger` or a list of them (e.g.
+            :class:`~afnio.trainer.mlflow_logger.MLflowLogger`).
+        enable_report: Record the run history (``history.jsonl``), the first training step's
+            graph (``graph.svg``, ``graph.dot``) and write ``report.html`` when a fit ends
+            (see :mod:`afnio.trainer.report`).
+        log_every_n_steps: Send a ``stage="train_step"`` metrics row to the loggers every this
+            many training steps (``None``: epoch rows only). The default file loggers skip
+            these rows unless built with ``include_steps=True``.
+        console: The rich console to print to (stdout by default).
         gate_steps: Wrap every optimizer in a :class:`~afnio.optim.GatedOptimizer`, so a step
             that lowers the training batch's score is rolled back.
-        console: The rich console to print to (stdout by default).
 
     Attributes:
         current_epoch: The epoch being run (after a fit: ``max_epochs`` unless stopped early).
@@ -218,9 +271,11 @@ class Trainer:
         mode: str = "max",
         checkpoint_every_n_batches: int | None = None,
         callbacks: Sequence[Callback] | None = None,
-        logger: bool = True,
-        gate_steps: bool = False,
+        logger: bool | Logger | Sequence[Logger] | None = True,
         console: Console | None = None,
+        enable_report: bool = True,
+        log_every_n_steps: int | None = 1,
+        gate_steps: bool = False,
     ) -> None:
         _check_count("max_epochs", max_epochs)
         for name, value, allowed in (
@@ -231,6 +286,8 @@ class Trainer:
             if value not in allowed:
                 raise ValueError(f"Trainer: {name} must be one of {allowed}, got {value!r}")
         _check_count("checkpoint_every_n_batches", checkpoint_every_n_batches, optional=True)
+        _check_count("log_every_n_steps", log_every_n_steps, optional=True)
+        loggers = _loggers(logger)
         callbacks = list(callbacks or [])
         for callback in callbacks:
             if not isinstance(callback, Callback):
@@ -249,7 +306,14 @@ class Trainer:
         self.gate_steps = bool(gate_steps)
         self.callbacks = callbacks
         self.progress = ProgressReporter(enable_progress_bar, console)
-        self.metrics_log = MetricsLog(self.default_root_dir if logger else None)
+        self.enable_report = bool(enable_report)
+        self.log_every_n_steps = log_every_n_steps
+        self.loggers = loggers
+        for each in self.loggers:
+            each.setup(self.default_root_dir)
+        self.metrics_log = MetricsLog(None, loggers=self.loggers)
+        self.history = RunHistory(self.default_root_dir if self.enable_report else None)
+        self.report_path: Path | None = None
 
         self.current_epoch = 0
         self.batches_done = 0
@@ -274,6 +338,9 @@ class Trainer:
         self._epoch_usage_before = Usage()  # spent in the current epoch in earlier sessions
         self._epoch_tracker_start = Usage()
         self._failed_at: str | None = None
+        self._recorder: StepRecorder | None = None
+        self._graph_pending = False
+        self._committed: dict[str, Any] = {}  # the state at the last finished batch
 
     # ------------------------------------------------------------------ paths
     @property
@@ -312,6 +379,8 @@ class Trainer:
         self._reset_progress()
         if ckpt_path is not None:
             self._restore(read_checkpoint(ckpt_path), Path(ckpt_path))
+        self._commit()
+        self._start_run(agent, resumed=ckpt_path is not None)
         for callback in self.callbacks:
             callback.on_fit_start(self, agent)
         agent.train()
@@ -354,6 +423,7 @@ class Trainer:
             self.progress.print(
                 f"Training stopped by {type(error).__name__} at {where}: {error}; {saved}."
             )
+            self._end_run("interrupted" if self.stop_reason == "interrupted" else "failed")
             raise
         finally:
             self._detach_tracker()
@@ -366,6 +436,7 @@ class Trainer:
                 self.stop_reason = "max_epochs"
         for callback in self.callbacks:
             callback.on_fit_end(self, agent)
+        self._end_run("interrupted" if self.stop_reason == "budget" else "success")
 
     def validate(self, agent: Any, dataloader: Iterable[Any]) -> dict[str, float]:
         """Run ``validation_step`` over ``dataloader`` under ``eval()`` and ``no_grad()``.
@@ -414,6 +485,149 @@ class Trainer:
             raise RuntimeError("Trainer.save_checkpoint: no agent yet; call fit() first")
         return self._save("manual", path)
 
+    # ------------------------------------------------------------------ run record
+    def config(self) -> dict[str, Any]:
+        """The run's configuration as the report and loggers show it (never an API key).
+
+        Returns:
+            ``{"trainer": {...}, "agent": class name, "optimizers": [{"class", "param_groups"}]}``
+            where each param group lists its options and its parameters by name.
+        """
+        trainer = {
+            "max_epochs": self.max_epochs,
+            "score_reduction": self.score_reduction,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "on_error": self.on_error,
+            "enable_checkpointing": self.enable_checkpointing,
+            "checkpoint_every_n_batches": self.checkpoint_every_n_batches,
+            "log_every_n_steps": self.log_every_n_steps,
+            "default_root_dir": str(self.default_root_dir),
+            "callbacks": [type(callback).__name__ for callback in self.callbacks],
+            "loggers": [type(logger).__name__ for logger in self.loggers],
+        }
+        names = {
+            (p.optimizer, p.index): p.name
+            for p in (self._recorder.parameters if self._recorder else [])
+        }
+        optimizers = []
+        for number, optimizer in enumerate(self._optimizers):
+            groups, index = [], 0
+            for group in optimizer.param_groups:
+                options = public_config({k: v for k, v in group.items() if k != "params"})
+                params = []
+                for _ in group["params"]:
+                    params.append(names.get((number, index), f"params[{index}]"))
+                    index += 1
+                groups.append({"params": params, **options})
+            optimizers.append({"class": type(optimizer).__name__, "param_groups": groups})
+        agent = None if self._agent is None else type(self._agent).__name__
+        return {"trainer": trainer, "agent": agent, "optimizers": optimizers}
+
+    def _start_run(self, agent: Any, resumed: bool) -> None:
+        """Write the ``fit_start`` record and tell the loggers (after any checkpoint restore)."""
+        self._recorder = StepRecorder(agent, self._optimizers)
+        self._graph_pending = self.enable_report and not (
+            resumed and (self.default_root_dir / "graph.svg").is_file()
+        )
+        config = self.config()
+        parameters = self._recorder.describe_parameters()
+        self.history.append(
+            {
+                "type": "fit_start",
+                "resumed": resumed,
+                "epoch": self.current_epoch,
+                "batches_done": self.batches_done,
+                "step": self.global_step,
+                "config": config,
+                "parameters": parameters,
+            }
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams(config)
+            if not resumed:
+                for parameter in self._recorder.parameters:
+                    text = _version_text(parameter.variable.data)
+                    logger.log_text(text, parameter.name, self.global_step)
+
+    def _end_run(self, status: str) -> None:
+        """Write the ``fit_end`` record and the report; hand the report to the loggers."""
+        self.history.append(
+            {
+                "type": "fit_end",
+                "status": status,
+                "stop_reason": self.stop_reason,
+                "epoch": self.current_epoch,
+                "step": self.global_step,
+                "usage": self.usage.as_dict(),
+            }
+        )
+        if self.enable_report and status != "failed":
+            self.report_path = write_report(self.default_root_dir)
+            for logger in self.loggers:
+                logger.log_artifact(self.report_path)
+        for logger in self.loggers:
+            logger.finalize(status)
+
+    def _capture_graph(self, explanation: Any) -> None:
+        """Draw the first training step's loss graph into ``graph.svg`` / ``graph.dot``."""
+        if not self._graph_pending or explanation is None:
+            return
+        self._graph_pending = False
+        from afnio.utils.viz import to_dot, to_svg
+
+        self.default_root_dir.mkdir(parents=True, exist_ok=True)
+        (self.default_root_dir / "graph.svg").write_text(to_svg(explanation), encoding="utf-8")
+        (self.default_root_dir / "graph.dot").write_text(to_dot(explanation), encoding="utf-8")
+
+    def _record_step(
+        self,
+        batch_idx: int,
+        metrics: dict[str, float],
+        batch_size: int | None,
+        params: list[dict[str, Any]],
+        usage: dict[str, Any],
+        error: BaseException | None,
+    ) -> None:
+        """Append the ``step`` record; send step metrics and new prompt versions to loggers."""
+        step = self.global_step + 1  # the global_step once this batch counts as done
+        self.history.append(
+            {
+                "type": "step",
+                "epoch": self.current_epoch,
+                "batch_idx": batch_idx,
+                "step": step,
+                "batch_size": batch_size,
+                "metrics": metrics,
+                "usage": usage,
+                "params": params,
+                "error": None if error is None else f"{type(error).__name__}: {error}",
+            }
+        )
+        for logger in self.loggers:
+            for entry in params:
+                if entry["before"] != entry["after"]:
+                    logger.log_text(_version_text(entry["after"]), entry["name"], step)
+        every = self.log_every_n_steps
+        if every and step % every == 0 and self.loggers:
+            row: dict[str, Any] = {
+                "stage": STEP_STAGE,
+                "epoch": self.current_epoch,
+                "batch_idx": batch_idx,
+                "step": step,
+            }
+            row.update({f"train_{name}_step": value for name, value in metrics.items()})
+            total = usage["total"]
+            row.update(
+                {
+                    "requests_step": total["requests"],
+                    "total_tokens_step": total["prompt_tokens"] + total["completion_tokens"],
+                    "cost_usd_step": total["cost_usd"],
+                }
+            )
+            for logger in self.loggers:
+                logger.log_metrics(row, step)
+
     # ------------------------------------------------------------------ fit internals
     def _attach_optimizers(self, agent: Any) -> list[Any]:
         configured = agent.configure_optimizers()
@@ -460,47 +674,83 @@ class Trainer:
         self.metrics_log.replace([])
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
-        saved_optimizers = state["optimizers"]
-        if len(saved_optimizers) != len(self._optimizers):
+        """Check the whole checkpoint, then load it; a bad one leaves everything untouched."""
+        point = check_checkpoint(
+            state, path, max_epochs=self.max_epochs, optimizers=len(self._optimizers),
+            num_batches=_length(self._train_loader),
+        )
+        metrics = MetricAccumulator()
+        metrics.load_state_dict(point.train_metrics)
+        usage_total, usage_epoch = Usage(**point.usage_total), Usage(**point.usage_epoch)
+        updates = [self._prepared_load(self._agent, point.agent, "the agent", path)]
+        updates += [
+            self._prepared_load(optimizer, saved, f"optimizer {index}", path)
+            for index, (optimizer, saved) in enumerate(zip(self._optimizers, point.optimizers))
+        ]
+        proposals = _saved_proposals(state, path)
+        # Everything is checked: from here on nothing can fail half-way (afnio modules and
+        # optimizers; another agent or optimizer class loads with its own load_state_dict).
+        for update in updates:
+            update()
+        self._apply_resume_point(point, metrics, usage_total, usage_epoch)
+        self._proposals = proposals
+        self._check_loader(point.loader, path)
+
+    @staticmethod
+    def _prepared_load(
+        target: Any, saved: Any, what: str, path: Path
+    ) -> Callable[[], Any]:
+        """``target``'s checked load of ``saved`` (keeping its live clients), not yet applied."""
+        prepare = getattr(target, "_prepare_load_state_dict", None)
+        if not callable(prepare):
+            return lambda: target.load_state_dict(saved)
+        try:
+            prepared = prepare(saved)
+        except (RuntimeError, TypeError, ValueError, KeyError) as error:
             raise ValueError(
-                f"Trainer: checkpoint {str(path)!r} holds {len(saved_optimizers)} optimizer "
-                f"states but configure_optimizers() returned {len(self._optimizers)}"
-            )
-        live_clients = _agent_clients(self._agent)
-        self._agent.load_state_dict(state["agent"])
-        for owner, attribute, client in live_clients:
-            if getattr(owner, attribute) is not client:
-                setattr(owner, attribute, client)
-        for optimizer, saved in zip(self._optimizers, saved_optimizers):
-            live_options = [
-                (index, key, value)
-                for index, group in enumerate(optimizer.param_groups)
-                for key, value in group.items()
-                if isinstance(value, ChatCompletionModel)
-            ]
-            optimizer.load_state_dict(saved)
-            for index, key, value in live_options:
-                optimizer.param_groups[index][key] = value
-        self.current_epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
-        self.global_step = int(state["global_step"])
-        self._train_metrics.load_state_dict(state["train_metrics"])
-        self._skipped_in_epoch = int(state.get("skipped_in_epoch", 0))
-        saved_counts = state.get("proposals", {})
-        self._proposals = {name: int(saved_counts.get(name, 0)) for name in _VERDICTS}
-        self.errors = [dict(error) for error in state.get("errors", [])]
-        self.callback_metrics = dict(state.get("metrics", {}))
-        usage = state.get("usage", {})
-        self._usage_before = Usage(**usage.get("total", {}))
-        self._epoch_usage_before = Usage(**usage.get("epoch", {}))
+                f"Trainer: checkpoint {str(path)!r} can't be resumed: its state of {what} doesn't "
+                f"load ({type(error).__name__}: {error}); nothing was changed"
+            ) from None
+        if isinstance(prepared, tuple):  # Module: (IncompatibleKeys, updates)
+            _keys, actions = prepared
+            return lambda: [action() for action in actions]
+        return prepared
+
+    def _apply_resume_point(
+        self, point: ResumePoint, metrics: MetricAccumulator, usage_total: Usage,
+        usage_epoch: Usage,
+    ) -> None:
+        self.current_epoch = point.epoch
+        self.batches_done = point.batches_done
+        self.global_step = point.global_step
+        self._train_metrics = metrics
+        self._skipped_in_epoch = point.skipped_in_epoch
+        self.errors = point.errors
+        self.callback_metrics = point.metrics
+        self._usage_before = usage_total
+        self._epoch_usage_before = usage_epoch
         self.usage = _snapshot(self._usage_before)
-        best = state.get("best") or {}
+        best = point.best
         if best.get("monitor") == self.monitor and best.get("mode") == self.mode:
             self.best_score = best.get("score")
             best_path = best.get("path")
             self.best_model_path = Path(best_path) if best_path else None
-        self.metrics_log.replace(state.get("history", []))
-        self._check_loader(state.get("loader") or {}, path)
+        self.metrics_log.replace(point.history)
+
+    def _commit(self) -> None:
+        """Record the state at a batch boundary: what a checkpoint written on a stop holds."""
+        if self._agent is None:
+            return
+        self._committed = {
+            "epoch": self.current_epoch,
+            "batches_done": self.batches_done,
+            "global_step": self.global_step,
+            "agent": self._agent.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in self._optimizers],
+            "train_metrics": self._train_metrics.state_dict(),
+            "skipped_in_epoch": self._skipped_in_epoch,
+            "proposals": dict(self._proposals),
+        }
 
     def _check_loader(self, saved: dict[str, Any], path: Path) -> None:
         current = _loader_info(self._train_loader, self.current_epoch)
@@ -565,6 +815,7 @@ class Trainer:
             outputs = self._training_batch(agent, batch, batch_idx)
             self.batches_done = batch_idx + 1
             self.global_step += 1
+            self._commit()  # the batch's update and the counter, together
             self._sync_usage()
             self.progress.update(
                 self.batches_done, self._train_metrics.means("train_"), self.usage,
@@ -582,14 +833,19 @@ class Trainer:
         return True
 
     def _training_batch(self, agent: Any, batch: Any, batch_idx: int) -> Any:
+        recorder = self._recorder or StepRecorder(agent, self._optimizers)
+        recorder.begin_step(self._current_usage())
+        manual = not agent.automatic_optimization
         try:
             if agent.automatic_optimization:
                 for optimizer in self._optimizers:
                     optimizer.zero_grad()
                 outputs = agent.training_step(batch, batch_idx)
                 parsed = parse_step_output(outputs, "training_step")
+                self._capture_graph(parsed.explanation)
                 if any(getattr(o, "uses_gradients", True) for o in self._optimizers):
                     parsed.explanation.backward()
+                recorder.before_update()
                 closure = None
                 for optimizer in self._optimizers:
                     if getattr(optimizer, "needs_closure", False):
@@ -598,15 +854,23 @@ class Trainer:
                         optimizer.step(closure)
                     else:
                         optimizer.step()
-                    self._count_proposals(optimizer)
+                self._count_proposals()
             else:
+                recorder.before_update()
                 outputs = agent.training_step(batch, batch_idx)
                 parsed = parse_step_output(outputs, "training_step", allow_none=True)
+                self._capture_graph(parsed.explanation)
         except Exception as error:
+            usage = recorder.stop_usage(self._current_usage())
+            params = recorder.after_update(feedback_now=manual)
+            self._record_step(batch_idx, {}, None, params, usage, error)
             self._step_failed(error, "train", self.current_epoch, batch_idx)
             self._skipped_in_epoch += 1
             return None
-        self._accumulate(self._train_metrics, parsed, batch, "training_step")
+        params = recorder.after_update(feedback_now=manual)
+        values, size = self._accumulate(self._train_metrics, parsed, batch, "training_step")
+        usage = recorder.stop_usage(self._current_usage())
+        self._record_step(batch_idx, values, size, params, usage, None)
         return outputs
 
     def _step_closure(
@@ -624,11 +888,13 @@ class Trainer:
             baseline=baseline,
         )
 
-    def _count_proposals(self, optimizer: Any) -> None:
-        for record in getattr(optimizer, "last_step", None) or []:
-            verdict = record.get("verdict") if isinstance(record, dict) else None
-            if verdict in self._proposals:
-                self._proposals[verdict] += 1
+    def _count_proposals(self) -> None:
+        """Add the verdicts of the step every optimizer just took to the epoch's counts."""
+        for optimizer in self._optimizers:
+            for record in getattr(optimizer, "last_step", None) or []:
+                verdict = record.get("verdict") if isinstance(record, dict) else None
+                if verdict in self._proposals:
+                    self._proposals[verdict] += 1
 
     def _proposal_counts(self) -> dict[str, int]:
         counts = self._proposals
@@ -640,13 +906,18 @@ class Trainer:
 
     def _accumulate(
         self, accumulator: MetricAccumulator, parsed: StepOutput, batch: Any, hook: str
-    ) -> None:
-        """Add a step's score (per sample) and extra metrics, weighted by the batch size."""
+    ) -> tuple[dict[str, float], int]:
+        """Add a step's score (per sample) and extra metrics, weighted by the batch size.
+
+        Returns:
+            The step's values and its batch size.
+        """
         values = dict(parsed.extras)
         size = batch_size_of(batch, parsed.explanation)
         if parsed.score is not None:
             values["score"] = score_per_sample(parsed.score, size, self.score_reduction, hook)
         accumulator.add(values, size)
+        return values, size
 
     def _step_failed(self, error: Exception, stage: str, epoch: int | None, batch_idx: int) -> None:
         """Record a failed step; re-raise it unless ``on_error="skip"`` (budget: always)."""
@@ -665,6 +936,8 @@ class Trainer:
         epoch = self.current_epoch
         row: dict[str, Any] = {"stage": "fit", "epoch": epoch, "step": self.global_step}
         row.update(self._train_metrics.means("train_"))
+        recorder = self._recorder or StepRecorder(agent, self._optimizers)
+        recorder.start_usage(self._current_usage())
         if val_dataloader is not None:
             metrics = self._evaluate(
                 agent, val_dataloader, "validation_step", "val", epoch, self._current_usage
@@ -680,7 +953,17 @@ class Trainer:
         row["skipped_batches"] = self._skipped_in_epoch
         row.update(self._proposal_counts())
         self.callback_metrics = row
-        self.metrics_log.append(row)
+        val_usage = recorder.stop_usage(self._current_usage())
+        self.history.append(
+            {
+                "type": "epoch",
+                "epoch": epoch,
+                "step": self.global_step,
+                "row": row,
+                "val_usage_by_model": val_usage["by_model"],
+            }
+        )
+        self.metrics_log.append(row, self.global_step)
         self.progress.print(
             f"Epoch {epoch}/{self.max_epochs - 1}: "
             f"{format_metrics({k: v for k, v in row.items() if _is_metric(k, v)})} · "
@@ -701,6 +984,7 @@ class Trainer:
         self._epoch_usage_before = Usage()
         if self._tracker is not None:
             self._epoch_tracker_start = _snapshot(self._tracker)
+        self._commit()
         if self.enable_checkpointing:
             copies = [self.checkpoint_dir / "last.ckpt"]
             if improved:
@@ -731,17 +1015,17 @@ class Trainer:
         return self._save_last(reason)
 
     def _checkpoint_state(self, reason: str) -> dict[str, Any]:
+        # The loop position, agent, optimizers and running metrics as committed at the last
+        # finished batch: a stop mid-batch (even between an optimizer's write and the batch
+        # counter) resumes by redoing that batch from the state before it.
+        committed = self._committed or {}
+        if not committed:
+            self._commit()
+            committed = self._committed
         return {
             "reason": reason,
-            "epoch": self.current_epoch,
-            "batches_done": self.batches_done,
-            "global_step": self.global_step,
+            **committed,
             "max_epochs": self.max_epochs,
-            "agent": self._agent.state_dict(),
-            "optimizers": [optimizer.state_dict() for optimizer in self._optimizers],
-            "train_metrics": self._train_metrics.state_dict(),
-            "skipped_in_epoch": self._skipped_in_epoch,
-            "proposals": dict(self._proposals),
             "metrics": dict(self.callback_metrics),
             "history": [dict(row) for row in self.metrics_log.rows],
             "errors": [dict(error) for error in self.errors],
@@ -752,7 +1036,7 @@ class Trainer:
                 "score": self.best_score,
                 "path": None if self.best_model_path is None else str(self.best_model_path),
             },
-            "loader": _loader_info(self._train_loader, self.current_epoch),
+            "loader": _loader_info(self._train_loader, committed["epoch"]),
         }
 
     # ------------------------------------------------------------------ evaluation
@@ -800,11 +1084,23 @@ class Trainer:
     def _evaluate_standalone(
         self, agent: Any, loader: Any, hook: str, prefix: str, stage: str
     ) -> dict[str, float]:
+        recorder = StepRecorder(agent, [])
         with track_usage() as used:
+            recorder.start_usage(_snapshot(used))
             metrics = self._evaluate(agent, loader, hook, prefix, None, lambda: _snapshot(used))
+            usage = recorder.stop_usage(_snapshot(used))
         row: dict[str, Any] = {"stage": stage, **metrics, **used.as_dict()}
         row["cost_usd"] = round(row["cost_usd"], 10)
-        self.metrics_log.append(row)
+        self.history.append(
+            {
+                "type": "eval",
+                "stage": stage,
+                "step": self.global_step,
+                "metrics": metrics,
+                "usage": usage,
+            }
+        )
+        self.metrics_log.append(row, self.global_step)
         self.progress.print(
             f"{stage.capitalize()}: {format_metrics(metrics)} · {format_usage(used)}"
         )

@@ -41,6 +41,7 @@ __all__ = [
     "to_dot",
     "to_html",
     "to_mermaid",
+    "to_svg",
 ]
 
 _ELLIPSIS = "…"
@@ -427,6 +428,32 @@ def _svg(nodes: list[GraphNode], edges: list[GraphEdge], max_chars: int, detail_
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out)
+
+
+def to_svg(
+    variables: Variable | Sequence[Variable], max_chars: int = 60, detail_chars: int = 2000
+) -> str:
+    """The graph behind ``variables`` as one inline ``<svg>`` element, as :func:`to_html` draws it.
+
+    Embed it in any HTML page (the run report does); style its text with the
+    ``.afnio-graph`` CSS class.
+
+    Args:
+        variables: The Variable to draw (or several).
+        max_chars: Longest value shown inside a box before it is cut with ``…``.
+        detail_chars: Longest value shown in a box's hover text.
+
+    Returns:
+        The ``<svg class="afnio-graph" …>`` markup.
+
+    Example:
+        >>> import afnio
+        >>> x = afnio.Variable("a", role="letter", requires_grad=True)
+        >>> to_svg(x + "b").startswith('<svg class="afnio-graph"')
+        True
+    """
+    nodes, edges = collect_graph(variables)
+    return _svg(nodes, edges, max_chars, detail_chars)
 
 
 def to_html(

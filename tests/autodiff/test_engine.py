@@ -8,6 +8,7 @@ import pytest
 import afnio
 from afnio import Variable
 from afnio.autodiff import Function, backward
+from afnio.testing import Turnstile
 
 
 class Tag(Function):
@@ -28,23 +29,25 @@ class Tag(Function):
         return (None, *grads)
 
 
-class SlowTag(Function):
+class GatedTag(Function):
+    """An async backward that passes a turnstile: it can only finish once all are waiting."""
+
     active = 0
     peak = 0
 
     @staticmethod
-    def forward(ctx, x, delay):
-        ctx.delay = delay
-        return Variable(x.data, role="slow")
+    def forward(ctx, x, gate):
+        ctx.gate = gate
+        return Variable(x.data, role="gated")
 
     @staticmethod
     async def backward(ctx, grad_output):
-        SlowTag.active += 1
-        SlowTag.peak = max(SlowTag.peak, SlowTag.active)
+        GatedTag.active += 1
+        GatedTag.peak = max(GatedTag.peak, GatedTag.active)
         try:
-            await asyncio.sleep(ctx.delay)
+            await ctx.gate.wait()
         finally:
-            SlowTag.active -= 1
+            GatedTag.active -= 1
         return Variable("slow:" + grad_output.data), None
 
 
@@ -89,12 +92,13 @@ def test_empty_pieces_are_dropped_when_combining_batches():
 
 
 def test_independent_async_branches_overlap():
-    SlowTag.active = SlowTag.peak = 0
+    GatedTag.active = GatedTag.peak = 0
+    gate = Turnstile("reverse", expected=6, timeout=30)  # fails unless all 6 wait at once
     leaves = [Variable(f"x{i}", requires_grad=True) for i in range(6)]
-    outputs = [SlowTag.apply(leaf, 0.2) for leaf in leaves]
+    outputs = [GatedTag.apply(leaf, gate) for leaf in leaves]
     total = afnio.autodiff.Sum.apply(outputs)
     total.backward(Variable("fb"))
-    assert SlowTag.peak == 6
+    assert GatedTag.peak == 6 and gate.releases == [5, 4, 3, 2, 1, 0]
     assert all(leaf.grad[0].data == "slow:fb" for leaf in leaves)
 
 
@@ -161,7 +165,7 @@ def test_failure_in_a_node_leaves_no_gradient_anywhere():
 
         @staticmethod
         async def backward(ctx, grad_output):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
             raise ValueError("backward model unavailable")
 
     x = Variable("x", requires_grad=True)
@@ -266,3 +270,160 @@ def test_a_sync_backward_may_call_a_model_synchronously():
 def test_built_in_ops_run_inline_and_user_functions_off_the_loop():
     assert Variable("a", requires_grad=True).__add__("b").grad_fn.inline
     assert not Rendezvous._backward_cls.inline and not Rendezvous._backward_cls.is_async
+
+
+# ---------------------------------------------------------------------- edges found by mutation
+class Mark(Function):
+    """Passes the gradient through, recording that its backward ran."""
+
+    ran: list[str] = []
+
+    @staticmethod
+    def forward(ctx, name, x):
+        ctx.name = name
+        return Variable(x.data, role=f"marked {name}")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        Mark.ran.append(ctx.name)
+        return None, grad_output
+
+
+def test_raw_gradients_for_one_batched_root_and_for_several_roots():
+    x = Variable(["a", "b"], role="xs", requires_grad=True)
+    (x + "!").backward(["fix a", "fix b"])  # one root: the list is its batch gradient
+    assert [g.data for g in x.grad] == [["fix a", "fix b"]]
+    p, q = Variable("p", requires_grad=True), Variable("q", requires_grad=True)
+    backward([p + "!", q + "?"], ["for p", "for q"])  # several roots: one gradient each
+    assert [g.data for g in p.grad] == ["for p"] and [g.data for g in q.grad] == ["for q"]
+    for grads in (["one"], ["one", "two", "three"]):
+        with pytest.raises(ValueError, match=f"got {len(grads)} gradients for 2 variables"):
+            backward([p + "!", q + "?"], [Variable(g) for g in grads])
+
+
+def test_large_batches_and_many_inputs_are_checked_by_value_not_identity():
+    # Sizes above 256 are distinct int objects in CPython: an `is not` check would misfire.
+    n = 300
+    x = Variable([f"x{i}" for i in range(n)], role="xs", requires_grad=True)
+    (x + "!").backward(Variable([f"fb{i}" for i in range(n)]))
+    assert x.grad[0].data == [f"fb{i}" for i in range(n)]
+    leaves = [Variable(f"l{i}", requires_grad=True) for i in range(n)]
+    afnio.autodiff.Sum.apply(leaves).backward(Variable("all"))
+    assert all(leaf.grad[0].data == "all" for leaf in leaves)
+    roots = [leaf + "?" for leaf in leaves]
+    backward(roots, [Variable(f"r{i}") for i in range(n)])
+    assert [leaf.grad[-1].data for leaf in leaves] == [f"r{i}" for i in range(n)]
+
+
+def test_a_node_gets_every_outputs_gradient_even_when_an_earlier_one_has_none():
+    seen = []
+
+    class Two(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return Variable(x.data + "1", role="first"), Variable(x.data + "2", role="second")
+
+        @staticmethod
+        def backward(ctx, first, second):
+            seen.append((first.data, second.data))
+            return Variable(second.data)
+
+    x = Variable("x", requires_grad=True)
+    _, second = Two.apply(x)
+    (second + "!").backward(Variable("only the second"))
+    assert seen == [("", "only the second")]
+    assert [g.data for g in x.grad] == ["only the second"]
+
+
+def test_a_node_returning_the_wrong_number_of_gradients_is_an_error():
+    from afnio.autodiff.graph import Node, gradient_edge
+
+    class Wrong(Node):
+        def __init__(self, inputs, output, count):
+            super().__init__([gradient_edge(v) for v in inputs], [output])
+            self.count = count
+
+        def apply(self, grad_outputs):
+            return [grad_outputs[0]] * self.count
+
+    x, y = Variable("x", requires_grad=True), Variable("y", requires_grad=True)
+    for count in (1, 3):
+        out = Variable("xy", role="joined")
+        out.grad_fn, out.output_nr, out._requires_grad = Wrong([x, y], out, count), 0, True
+        with pytest.raises(RuntimeError, match=f"Wrong returned {count} gradients for 2 inputs"):
+            out.backward(Variable("fb"))
+    assert x.grad == [] and y.grad == []
+
+
+def test_nodes_skipped_by_inputs_are_not_freed():
+    Mark.ran = []
+    x, y = Variable("x", requires_grad=True), Variable("y", requires_grad=True)
+    my = Mark.apply("my", y)
+    out = Mark.apply("mx", x) + my
+    out.backward(Variable("fb"), inputs=[x])  # runs mx and the add (and frees them), skips my
+    (my + "?").backward(Variable("later"))  # so my can still run
+    assert Mark.ran == ["mx", "my"]
+    assert [g.data for g in y.grad] == ["later"]
+
+
+def test_a_skipped_node_does_not_hold_back_other_ready_nodes():
+    # A and B must be waiting at once for the turnstile to release either; the skipped node
+    # popped between them must not make the engine wait for B before starting A.
+    gate = Turnstile("reverse", expected=2, timeout=30)
+    GatedTag.active = GatedTag.peak = 0
+    x, y, z = (Variable(name, requires_grad=True) for name in "xyz")
+    a, b = GatedTag.apply(x, gate), GatedTag.apply(y, gate)
+    skipped = Mark.apply("skipped", z)
+    backward([a, skipped, b], [Variable("fa"), Variable("fs"), Variable("fb")], inputs=[x, y])
+    assert [g.data for g in x.grad] == ["slow:fa"] and [g.data for g in y.grad] == ["slow:fb"]
+    assert GatedTag.peak == 2 and z.grad == []
+
+
+def test_a_failing_node_cancels_running_siblings_and_waits_for_them():
+    log = []
+    events = {}
+
+    def event(name):
+        return events.setdefault(name, asyncio.Event())
+
+    class Fails(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return Variable(x.data)
+
+        @staticmethod
+        async def backward(ctx, grad_output):
+            await event("sibling started").wait()
+            raise ValueError("backward model unavailable")
+
+    class Waits(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return Variable(x.data)
+
+        @staticmethod
+        async def backward(ctx, grad_output):
+            event("sibling started").set()
+            try:
+                await asyncio.wait_for(event("never").wait(), 10)
+            except asyncio.CancelledError:
+                log.append("cancelled")
+                raise
+            log.append("ran to the end")
+            return grad_output
+
+    async def main():
+        x, y = Variable("x", requires_grad=True), Variable("y", requires_grad=True)
+        try:
+            await afnio.autodiff.engine.abackward(
+                [Fails.apply(x), Waits.apply(y)], [Variable("f"), Variable("w")]
+            )
+        except ValueError as error:
+            # Checked with no await in between: the engine itself must have waited for the
+            # cancelled sibling to finish.
+            return str(error), list(log), x.grad, y.grad
+        raise AssertionError("the failure must propagate")
+
+    message, seen, x_grad, y_grad = asyncio.run(main())
+    assert message == "backward model unavailable"
+    assert seen == ["cancelled"] and x_grad == [] and y_grad == []

@@ -1,6 +1,13 @@
-"""Properties of the engine: concurrent == sequential reference, and argument flattening order."""
+"""Properties of the engine: concurrent == sequential reference under adversarial completion
+orders (several roots, shared leaves, fan-in, retain_graph, inputs=), and argument flattening
+order.
 
-import asyncio
+Every leaf, root and consumer carries distinct text, and each op's backward labels what it passes
+on, so a gradient delivered to the wrong leaf, combined in the wrong order or appended in
+completion order shows up as a different ``grad`` list. A :class:`~afnio.testing.Turnstile`
+decides which async backward finishes first (reverse, rotated, seeded shuffles), so the
+derandomized CI profile exercises completion orders that differ from start order on every run.
+"""
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,24 +16,26 @@ from afnio import Variable
 from afnio.autodiff import Function, backward
 from afnio.autodiff.function import flatten_variables
 from afnio.autodiff.graph import AccumulateGrad
-from afnio.testing import reference_backward
+from afnio.testing import Turnstile, completion_orders, reference_backward
 
 
 class Mix(Function):
-    """An op with an async backward that sleeps, then labels each input's gradient."""
+    """An op with an async backward that waits for its turn, then labels each input's gradient
+    with the op's name and the input's position (so the route a gradient took is in its text)."""
 
     @staticmethod
-    def forward(ctx, label, delays, inputs):
-        ctx.label, ctx.delays = label, delays
+    def forward(ctx, label, gate, inputs):
+        ctx.label, ctx.gate = label, gate
         ctx.sizes = [v.batch_size for v in inputs]
         size = next((s for s in ctx.sizes if s is not None), None)
         text = f"{label}(" + ",".join(v.role for v in inputs) + ")"
-        return Variable(text if size is None else [text] * size, role=label)
+        return Variable(text if size is None else [f"{text}e{i}" for i in range(size)],
+                        role=label)
 
     @staticmethod
     async def backward(ctx, grad_output):
-        delay = ctx.delays.pop(0) if ctx.delays else 0.0
-        await asyncio.sleep(delay)
+        if ctx.gate is not None:
+            await ctx.gate.wait(ctx.label)
         grads = []
         for i, size in enumerate(ctx.sizes):
             if size is None:
@@ -41,10 +50,10 @@ class Mix(Function):
 
 @st.composite
 def dag_recipes(draw):
-    batch = draw(st.sampled_from([None, 2]))
+    batch = draw(st.sampled_from([None, 2, 3]))
     n_leaves = draw(st.integers(1, 4))
     leaf_batched = [draw(st.booleans()) and batch is not None for _ in range(n_leaves)]
-    n_ops = draw(st.integers(1, 8))
+    n_ops = draw(st.integers(2, 8))
     ops = []
     for k in range(n_ops):
         pool = n_leaves + k
@@ -52,14 +61,16 @@ def dag_recipes(draw):
         kind = draw(st.sampled_from(["mix", "mix", "add"]))
         ops.append((kind, picks))
     n_roots = draw(st.integers(1, min(3, n_ops)))
-    delays = draw(st.lists(st.sampled_from([0.0, 0.001, 0.004]), min_size=n_ops, max_size=n_ops))
-    return batch, leaf_batched, ops, n_roots, delays
+    return batch, leaf_batched, ops, n_roots
 
 
-def build(recipe, delays):
-    batch, leaf_batched, ops, n_roots, _ = recipe
+def build(recipe, gate):
+    """The recipe's graph: distinct leaves, ``Mix``/``+`` ops, the last ``n_roots`` values as
+    roots (leaves dropped), and distinct feedback per root and per element."""
+    batch, leaf_batched, ops, n_roots = recipe
     leaves = [
-        Variable([f"l{i}"] * batch if batched else f"l{i}", role=f"leaf{i}", requires_grad=True)
+        Variable([f"l{i}e{k}" for k in range(batch)] if batched else f"l{i}", role=f"leaf{i}",
+                 requires_grad=True)
         for i, batched in enumerate(leaf_batched)
     ]
     values = list(leaves)
@@ -68,27 +79,67 @@ def build(recipe, delays):
         if kind == "add" and len(chosen) >= 2:
             out = chosen[0] + chosen[1]
         else:
-            out = Mix.apply(f"op{k}", [delays[k]], chosen)
+            out = Mix.apply(f"op{k}", gate, chosen)
         values.append(out)
-    roots = values[-n_roots:]
-    roots = [r for r in roots if not r.is_leaf] or [values[-1]]
-    return leaves, roots
-
-
-@given(dag_recipes())
-def test_concurrent_engine_matches_sequential_reference(recipe):
-    delays = recipe[-1]
-    leaves_a, roots_a = build(recipe, delays)
-    leaves_b, roots_b = build(recipe, [0.0] * len(delays))
+    roots = [r for r in values[-n_roots:] if not r.is_leaf] or [values[-1]]
     grads = [
-        Variable([f"root{i}"] * r.batch_size if r.is_batched else f"root{i}")
-        for i, r in enumerate(roots_a)
+        Variable([f"root{i}e{k}" for k in range(r.batch_size)] if r.is_batched else f"root{i}")
+        for i, r in enumerate(roots)
     ]
-    backward(roots_a, grads)
-    reference_backward(roots_b, grads)
-    assert [[g.data for g in leaf.grad] for leaf in leaves_a] == [
-        [g.data for g in leaf.grad] for leaf in leaves_b
-    ]
+    return leaves, roots, grads
+
+
+def grads_of(leaves):
+    return [[g.data for g in leaf.grad] for leaf in leaves]
+
+
+def reference_grads(recipe, times=1):
+    leaves, roots, grads = build(recipe, None)
+    for _ in range(times):
+        reference_backward(roots, grads)
+    return grads_of(leaves)
+
+
+@given(dag_recipes(), completion_orders())
+def test_concurrent_engine_matches_sequential_reference(recipe, order):
+    gate = Turnstile(order)
+    leaves, roots, grads = build(recipe, gate)
+    backward(roots, grads)
+    assert grads_of(leaves) == reference_grads(recipe)
+    # Every async backward went through the turnstile exactly once.
+    assert sorted(gate.releases) == sorted(gate.arrivals)
+
+
+@given(dag_recipes(), completion_orders(), completion_orders())
+def test_retain_graph_repeats_the_same_gradients(recipe, first, second):
+    gates = [Turnstile(first), Turnstile(second)]
+    leaves, roots, grads = build(recipe, None)
+    for node_gate in gates:
+        _set_gate(roots, node_gate)
+        backward(roots, grads, retain_graph=True)
+    assert grads_of(leaves) == reference_grads(recipe, times=2)
+
+
+def _set_gate(roots, gate):
+    """Point every Mix node under ``roots`` at ``gate`` (the ctx outlives a retained backward)."""
+    stack, seen = [r.grad_fn for r in roots if r.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "ctx") and hasattr(node.ctx, "gate"):
+            node.ctx.gate = gate
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+@given(dag_recipes(), completion_orders(), st.data())
+def test_inputs_restricts_gradients_to_the_chosen_leaves(recipe, order, data):
+    leaves, roots, grads = build(recipe, Turnstile(order))
+    chosen = data.draw(st.lists(st.sampled_from(range(len(leaves))), min_size=1, unique=True))
+    backward(roots, grads, inputs=[leaves[i] for i in chosen])
+    full = reference_grads(recipe)
+    assert grads_of(leaves) == [full[i] if i in chosen else [] for i in range(len(leaves))]
 
 
 nested = st.recursive(

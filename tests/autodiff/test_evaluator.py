@@ -10,15 +10,13 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.feedback import fill_template
 from afnio.autodiff.evaluator import DeterministicEvaluator, ExactMatchEvaluator, LMJudgeEvaluator
+from afnio.autodiff.feedback import fill_prompt, fill_template
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
-from afnio.testing import ScriptedModel
+from afnio.testing import ScriptedModel, Turnstile
 
-GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
-)
+GRADIENT_SYSTEM = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
 MARKED = re.compile(r"<VARIABLE>(.*?)</VARIABLE>", re.DOTALL)
 
 
@@ -162,7 +160,7 @@ def rubric_message(requires_grad=False):
 
 
 def test_judge_scores_explanations_and_format_instruction():
-    judge = ScriptedModel(judge_replies, latency=0.01)
+    judge = ScriptedModel(Turnstile("reverse", expected=3, timeout=30).wrap(judge_replies))
     prediction = afnio.Variable(["a", "b", "c"], role="answers", requires_grad=True)
     _, messages = rubric_message()
     score, explanation = LMJudgeEvaluator.apply(

@@ -78,7 +78,7 @@ def batches(draw):
 def test_gradient_requests_fit_the_window_or_fail_before_passing_it(batch):
     texts, feedback, window = batch
     model, prompt, error = run_backward(texts, feedback, window)
-    for messages, kwargs in model.requests:
+    for messages, _ in model.requests:
         assert model.count_message_tokens(messages) + RESERVE <= window
     feasible = all(
         smallest_request_tokens(text, fb) + RESERVE <= window for text, fb in zip(texts, feedback)

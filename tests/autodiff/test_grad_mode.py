@@ -3,6 +3,8 @@
 import asyncio
 import threading
 
+import pytest
+
 import afnio
 from afnio import Variable
 
@@ -89,3 +91,38 @@ def test_mode_is_isolated_per_task_and_follows_into_the_runtime():
     with afnio.no_grad():
         assert run(probe()) is False
     assert run(probe()) is True
+
+
+def test_bare_decorators_like_torch_2():
+    """torch 2.x accepts ``@torch.no_grad`` / ``@torch.enable_grad`` / ``@torch.inference_mode``
+    without parentheses, on plain and async functions, keeping the function's name."""
+
+    @afnio.no_grad
+    def plain(x):
+        return (x + "b").requires_grad
+
+    @afnio.inference_mode
+    async def coroutine():
+        await asyncio.sleep(0)
+        return afnio.is_grad_enabled()
+
+    @afnio.enable_grad
+    def enabled():
+        return afnio.is_grad_enabled()
+
+    assert plain(Variable("a", requires_grad=True)) is False and plain.__name__ == "plain"
+    assert asyncio.run(coroutine()) is False and coroutine.__name__ == "coroutine"
+    with afnio.no_grad():
+        assert enabled() is True
+        assert afnio.is_grad_enabled() is False  # restored after the call
+    assert afnio.is_grad_enabled()
+
+
+def test_bare_decorator_forms_reject_non_functions():
+    with pytest.raises(TypeError, match="no_grad"):
+        afnio.no_grad(3)
+    with pytest.raises(TypeError, match="inference_mode: expected a bool mode"):
+        afnio.inference_mode("yes")
+    # The usual forms still make context managers.
+    assert isinstance(afnio.no_grad(), afnio.no_grad)
+    assert isinstance(afnio.inference_mode(False), afnio.inference_mode)

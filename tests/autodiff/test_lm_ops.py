@@ -9,17 +9,20 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.feedback import fill_prompt, fill_template, placeholders
 from afnio.autodiff.evaluator import ExactMatchEvaluator
-from afnio.autodiff.feedback import get_gradient_token_budget, set_gradient_token_budget
+from afnio.autodiff.feedback import (
+    fill_prompt,
+    fill_template,
+    get_gradient_token_budget,
+    placeholders,
+    set_gradient_token_budget,
+)
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
 from afnio.models.tokens import count_message_tokens
-from afnio.testing import ScriptedModel
+from afnio.testing import ScriptedModel, Turnstile
 
-GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
-)
+GRADIENT_SYSTEM = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
 MARKED = re.compile(r"<VARIABLE>(.*?)</VARIABLE>", re.DOTALL)
 
 
@@ -456,16 +459,19 @@ def test_gradient_token_budget_validation(budget):
 
 
 # --------------------------------------------------------------------------- 3-stage chain
-def stage_model(latency: float = 0.0) -> ScriptedModel:
+def stage_model(gate: Turnstile | None = None) -> ScriptedModel:
     def reply(messages, **kwargs):
         stage = re.search(r"Stage (\d)", messages[0]["content"]).group(1)
         return f"s{stage}({messages[-1]['content']})"
 
-    return ScriptedModel(reply, latency=latency)
+    return ScriptedModel(gate.wrap(reply) if gate else reply)
 
 
-def feedback_model(latency: float = 0.0) -> ScriptedModel:
-    return ScriptedModel(lambda m, **kw: "<FEEDBACK>be more careful</FEEDBACK>", latency=latency)
+def feedback_model(gate: Turnstile | None = None) -> ScriptedModel:
+    def reply(messages, **kwargs):
+        return "<FEEDBACK>be more careful</FEEDBACK>"
+
+    return ScriptedModel(gate.wrap(reply) if gate else reply)
 
 
 def run_chain(batch: int, forward_model: ScriptedModel, backward_model: ScriptedModel):
@@ -519,22 +525,27 @@ def test_three_stage_chain_exact_call_counts(batch):
 
 
 def test_forward_batch_requests_all_in_flight():
-    forward_model = stage_model(latency=0.05)
+    # Each stage's 32 requests are held until all 32 are waiting: certain, whatever the load.
+    gate = Turnstile("reverse", expected=[32, 32, 32], timeout=30)
+    forward_model = stage_model(gate)
     run_chain(32, forward_model, feedback_model())
     assert forward_model.max_in_flight == 32
 
 
 def test_backward_calls_of_a_stage_overlap():
-    forward_model, backward_model = stage_model(), feedback_model(latency=0.05)
+    failures = 32 - len(range(1, 32, 3))
+    # Stage 3's shared-prompt call and its per-element calls are all in flight together (the
+    # turnstile holds them until all 1 + failures are waiting), then stage 2's, then stage 1's.
+    gate = Turnstile("reverse", expected=[1 + failures, 1 + failures, 1], timeout=30)
+    forward_model, backward_model = stage_model(), feedback_model(gate)
     *_, explanation = run_chain(32, forward_model, backward_model)
     explanation.backward()
-    failures = 32 - len(range(1, 32, 3))
-    # Stage 3's shared-prompt call and its per-element calls are all in flight together.
     assert backward_model.max_in_flight == 1 + failures
 
 
 def test_independent_branches_backward_concurrently():
-    backward_model = feedback_model(latency=0.05)
+    gate = Turnstile("reverse", expected=4, timeout=30)
+    backward_model = feedback_model(gate)
     prompts_ = [afnio.Variable(f"p{k}", role=f"prompt {k}", requires_grad=True) for k in range(4)]
     outs = [
         ChatCompletion.apply(ScriptedModel(["x"]), [user(p)], backward_model_client=backward_model)

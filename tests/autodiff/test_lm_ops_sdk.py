@@ -10,16 +10,14 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.feedback import fill_template
 from afnio.autodiff.evaluator import ExactMatchEvaluator, LMJudgeEvaluator
+from afnio.autodiff.feedback import fill_prompt
 from afnio.autodiff.lm_ops import ChatCompletion
 from afnio.models.anthropic import AsyncAnthropic
 from afnio.models.openai import AsyncOpenAI
-from afnio.testing import FakeProviderServer
+from afnio.testing import FakeProviderServer, Turnstile
 
-GRADIENT_SYSTEM = fill_template(
-    prompts.GRADIENT_SYSTEM_PROMPT, {"max_sentences": str(afnio.get_settings().max_feedback_sentences)}
-)
+GRADIENT_SYSTEM = fill_prompt(prompts.GRADIENT_SYSTEM_PROMPT)
 
 
 def _text(content) -> str:
@@ -59,7 +57,7 @@ def make_client(provider: str, server: FakeProviderServer):
 
 @pytest.fixture
 def server():
-    with FakeProviderServer(reply=reply, latency=0.02) as fake:
+    with FakeProviderServer(reply=reply) as fake:
         yield fake
 
 
@@ -75,6 +73,9 @@ def test_three_stage_chain_through_sdk(provider, server):
     ]
     questions = [f"q{i}" for i in range(batch)]
     x = afnio.Variable(questions, role="questions")
+    # Each stage's requests are held on the server until the whole batch is waiting, so the
+    # in-flight count below is certain (and the replies are released in reverse order).
+    server.reply = Turnstile("reverse", expected=[batch] * 3, timeout=30).wrap(reply)
     for prompt in stage_prompts:
         x = ChatCompletion.apply(
             forward_client,
@@ -91,6 +92,9 @@ def test_three_stage_chain_through_sdk(provider, server):
     failures = batch - len(range(1, batch, 3))
     assert score.data == batch - failures
     server.reset()
+    # Stage 3's shared call and per-failure calls all wait together, then stage 2's, then 1's.
+    waves = [1 + failures, 1 + failures, 1]
+    server.reply = Turnstile("reverse", expected=waves, timeout=30).wrap(reply)
     explanation.backward()
     assert len(server.requests) == 3 + 2 * failures
     assert server.max_in_flight == 1 + failures

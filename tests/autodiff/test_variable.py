@@ -116,3 +116,16 @@ def test_deepcopy_of_leaf_and_error_for_non_leaf():
     assert clone.grad[0] is not x.grad[0]
     with pytest.raises(RuntimeError, match="leaves"):
         copy.deepcopy(x + "b")
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 1, 0, None, [True]])
+def test_requires_grad_must_be_a_bool(flag):
+    # Issue 14, defect 9: Variable('x', requires_grad='no') became True.
+    with pytest.raises(TypeError, match="role 'answer': requires_grad must be a bool"):
+        Variable("x", role="answer", requires_grad=flag)
+    variable = Variable("x", role="answer")
+    with pytest.raises(TypeError, match="requires_grad must be a bool"):
+        variable.requires_grad_(flag)
+    with pytest.raises(TypeError, match="requires_grad must be a bool"):
+        variable.requires_grad = flag
+    assert variable.requires_grad is False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ from afnio.cognitive import (
     fun_to_grad_component,
 )
 from afnio.models import registry
-from afnio.testing import ScriptedModel
+from afnio.testing import ScriptedModel, Turnstile
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +39,10 @@ class Join(GradComponent):
         return text + suffix
 
 
-def feedback_model(text: str = "be more specific", latency: float = 0.0) -> ScriptedModel:
-    return ScriptedModel([f"<FEEDBACK>{text}</FEEDBACK>"], latency=latency)
+def feedback_model(text: str = "be more specific", gate: Turnstile | None = None) -> ScriptedModel:
+    if gate is None:
+        return ScriptedModel([f"<FEEDBACK>{text}</FEEDBACK>"])
+    return ScriptedModel(gate.wrap(lambda messages, **kwargs: f"<FEEDBACK>{text}</FEEDBACK>"))
 
 
 def user_prompts(model: ScriptedModel) -> list[str]:
@@ -113,11 +114,13 @@ def test_async_acall_runs_batch_elements_concurrently() -> None:
             super().__init__("Upper-cases slowly")
             self.in_flight = 0
             self.max_in_flight = 0
+            # The first 4 calls (the batch) are held until all 4 wait: certain overlap.
+            self.gate = Turnstile("reverse", expected=[4], timeout=30)
 
         async def acall(self, text: str) -> str:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            await asyncio.sleep(0.02)
+            await self.gate.wait()
             self.in_flight -= 1
             return text.upper()
 
@@ -154,7 +157,7 @@ def test_pass_through_without_engine() -> None:
 
 
 def test_engine_backward_asks_once_per_predecessor_that_requires_grad() -> None:
-    model = feedback_model("use a warmer tone", latency=0.02)
+    model = feedback_model("use a warmer tone", Turnstile(expected=[2], timeout=30))
     join = Join(model_client=model, model_kwargs={"temperature": 0})
     text = afnio.Variable("hello", role="greeting", requires_grad=True)
     suffix = afnio.Variable("!", role="punctuation", requires_grad=True)
@@ -349,11 +352,12 @@ def test_fun_to_grad_component_as_a_function_and_async() -> None:
     assert component.eval()(5) == 6
 
     running = {"now": 0, "max": 0}
+    gate = Turnstile("reverse", expected=[3], timeout=30)
 
     async def slow_double(x: int) -> int:
         running["now"] += 1
         running["max"] = max(running["max"], running["now"])
-        await asyncio.sleep(0.02)
+        await gate.wait()
         running["now"] -= 1
         return 2 * x
 

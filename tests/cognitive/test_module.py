@@ -110,7 +110,13 @@ def test_requires_grad_and_zero_grad() -> None:
     grad_list = net.a.grad
     assert [g.data for g in grad_list] == ["shorter"]
     net.zero_grad()
-    assert net.a.grad == [] and net.a.grad is grad_list  # cleared in place
+    # torch's default set_to_none=True: a new (empty) list; the old one keeps its gradients.
+    assert net.a.grad == [] and net.a.grad is not grad_list and len(grad_list) == 1
+    net.a.append_grad(afnio.Variable("again"))
+    grad_list = net.a.grad
+    net.zero_grad(set_to_none=False)
+    # set_to_none=False: emptied in place, as torch zeroes the tensor in place.
+    assert net.a.grad is grad_list and grad_list == []
     assert net.empty_grad == net.zero_grad
 
 

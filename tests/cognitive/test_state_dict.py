@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import afnio
 from afnio.cognitive import Module, Parameter
-from afnio.models.model import ChatCompletionModel, Completion
+from afnio.models.model import ChatCompletionModel, Completion, register_client_class
 from afnio.testing import ScriptedModel
 
 
@@ -155,7 +155,7 @@ def test_extra_state_round_trip_and_strictness() -> None:
         Module().load_state_dict({"_extra_state": 1})
 
 
-def test_model_client_saved_as_config_without_key_and_rebound() -> None:
+def test_model_client_saved_as_config_without_key_and_kept_on_load() -> None:
     net = Module()
     net.client = SecretClient(model="first")
     state = net.state_dict()
@@ -167,12 +167,26 @@ def test_model_client_saved_as_config_without_key_and_rebound() -> None:
     assert "sk-live" not in repr(state)
     same = net.client
     net.load_state_dict(state)
-    assert net.client is same  # identical configuration: the live client (and sharing) is kept
+    assert net.client is same
+    other = Module()
+    other.client = live = SecretClient(model="second")
+    other.load_state_dict(state)
+    assert other.client is live  # by default the live client stays: a file names no client
+
+
+def test_load_clients_rebuilds_registered_classes_only() -> None:
+    register_client_class(SecretClient)
+    net = Module()
+    net.client = SecretClient(model="first")
+    state = net.state_dict()
     other = Module()
     other.client = SecretClient(model="second")
-    other.load_state_dict(state)
+    other.load_state_dict(state, load_clients=True)
     assert isinstance(other.client, SecretClient) and other.client.model == "first"
     assert other.client.api_key == "sk-live-123"  # re-bound from the environment/defaults
+    unregistered = {"class": "tests.cognitive.elsewhere.Client", "config": {}}
+    with pytest.raises(RuntimeError, match="is not one afnio knows"):
+        other.load_state_dict({"client": unregistered}, load_clients=True)
 
 
 def test_scripted_model_round_trip_and_bad_class() -> None:
@@ -180,12 +194,46 @@ def test_scripted_model_round_trip_and_bad_class() -> None:
     net.model = ScriptedModel(model="writer", latency=0.0)
     state = net.state_dict()
     fresh = Module()
-    fresh.model = ScriptedModel(model="other")
+    fresh.model = live = ScriptedModel(model="other")
     fresh.load_state_dict(state)
+    assert fresh.model is live
+    fresh.load_state_dict(state, load_clients=True)
     assert fresh.model.model == "writer"
     state["model"] = {"class": "builtins.dict", "config": {}}
-    with pytest.raises(RuntimeError, match="not a ChatCompletionModel subclass"):
+    with pytest.raises(RuntimeError, match="'builtins.dict' is not one afnio knows"):
+        fresh.load_state_dict(state, load_clients=True)
+    state["model"] = "not a description"
+    with pytest.raises(RuntimeError, match="expected a .* description"):
         fresh.load_state_dict(state)
+
+
+def test_a_tampered_state_dict_can_neither_import_nor_redirect_nor_create_files(
+    tmp_path, monkeypatch
+) -> None:
+    # Issue 14, defects 1 and 2: a planted module, another endpoint, a cache path.
+    import sys
+
+    from afnio.models.openai import AsyncOpenAI
+
+    planted = tmp_path / "planted_module.py"
+    planted.write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-key-never-leaves-0000")
+    net = Module()
+    net.client = live = AsyncOpenAI("gpt-4.1-nano")
+    state = net.state_dict()
+    for tampered in (
+        {"class": "planted_module.Client", "config": {}},
+        {"class": "afnio.models.openai.AsyncOpenAI",
+         "config": {"model": "gpt-4.1-nano", "base_url": "http://attacker.invalid/v1",
+                    "cache": {"path": str(tmp_path / "made" / "by-file.sqlite"),
+                              "mode": "read_write"}}},
+    ):
+        state["client"] = tampered
+        net.load_state_dict(state)
+        assert net.client is live and net.client.base_url is None
+    assert "planted_module" not in sys.modules and not (tmp_path / "RAN").exists()
+    assert not (tmp_path / "made").exists()
 
 
 def test_chats_and_completion_configs_round_trip() -> None:
@@ -283,5 +331,7 @@ def test_state_dict_survives_afnio_save_and_load() -> None:
     result = fresh.load_state_dict(load(io.BytesIO(buffer.getvalue())))
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert fresh.prompt.data == "Be brief and polite."
-    assert fresh.chat.forward_model_client.model == "writer"
+    assert fresh.chat.forward_model_client.model == "other"  # the live client is kept
     assert fresh.chat.completion_args == {"temperature": 0}
+    fresh.load_state_dict(load(io.BytesIO(buffer.getvalue())), load_clients=True)
+    assert fresh.chat.forward_model_client.model == "writer"

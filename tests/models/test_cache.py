@@ -177,10 +177,88 @@ def test_key_depends_on_every_part():
                 ResponseCache.key("openai", "n", HELLO, {"temperature": 0}),
                 ResponseCache.key("openai", "m", OTHER, {"temperature": 0}),
                 ResponseCache.key("openai", "m", HELLO, {"temperature": 1}),
+                ResponseCache.key("openai", "m", HELLO, {"temperature": 0}, endpoint="http://a"),
+                ResponseCache.key("openai", "m", HELLO, {"temperature": 0}, endpoint="http://b"),
             }
         )
-        == 5
+        == 7
     )
+
+
+def test_two_servers_with_the_same_model_name_never_share_answers(tmp_path):
+    # Issue 14, defect 6: a second server got the first server's answers and 0 requests.
+    from afnio.models.openai import AsyncOpenAI
+    from afnio.testing import FakeProviderServer
+
+    cache = ResponseCache(tmp_path / "shared.sqlite")
+    with FakeProviderServer(reply=lambda body: "from A") as a, \
+            FakeProviderServer(reply=lambda body: "from B") as b:
+        first = AsyncOpenAI("llama3", base_url=a.openai_base_url, cache=cache, context_window=4096)
+        second = AsyncOpenAI("llama3", base_url=b.openai_base_url, cache=cache,
+                             context_window=4096)
+        assert first.chat(HELLO) == "from A"
+        assert second.chat(HELLO) == "from B"
+        assert first.chat(HELLO) == "from A"  # and each still hits its own entry
+        assert (len(a.requests), len(b.requests)) == (1, 1)
+    assert first.endpoint != second.endpoint and len(rows(tmp_path / "shared.sqlite")) == 2
+
+
+# Damaged and foreign files ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["read_write", "read_only", "replay"])
+def test_a_file_that_is_not_sqlite_is_a_clear_error_at_open(tmp_path, mode):
+    # Issue 14, defect 6: a raw sqlite3.DatabaseError with no path, sometimes only mid-training.
+    path = tmp_path / "cache.sqlite"
+    path.write_bytes(b"this is a text file, not a database\n" * 200)
+    with pytest.raises(ValueError, match=f"{str(path)!r} is not a usable afnio response cache: "
+                                         "it can't be read as SQLite.*Delete or move that file"):
+        ResponseCache(path, mode=mode)
+
+
+def test_another_programs_database_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE users (name TEXT)")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="SQLite database with other tables \\(users\\)"):
+        ResponseCache(path)
+    assert path.read_bytes() == before
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE responses (key TEXT, other TEXT)")
+    with pytest.raises(ValueError, match="its responses table has columns"):
+        ResponseCache(path)
+
+
+def test_a_damaged_cache_page_is_found_at_open(tmp_path):
+    path = tmp_path / "cache.sqlite"
+    cache = ResponseCache(path)
+    for i in range(300):
+        cache.put(f"k{i}", CachedResponse("reply " * 50), provider="p", model="m")
+    cache.close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for offset in range(2 * page, len(data) - page, page):  # scribble over every data page
+        data[offset + 100 : offset + 400] = os.urandom(300)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{str(path)!r} is not a usable afnio response cache"):
+        ResponseCache(path)
+
+
+def test_a_cache_damaged_while_in_use_names_its_path(tmp_path):
+    from afnio.models import ModelError
+
+    path = tmp_path / "cache.sqlite"
+    cache = ResponseCache(path)
+    model = ScriptedModel(cache=cache)
+    model.chat(HELLO)
+    cache.close()
+    for name in os.listdir(tmp_path):
+        (tmp_path / name).write_bytes(b"garbage" * 1000)
+    with pytest.raises(ModelError, match=f"{str(path)!r} is not a usable afnio response cache"):
+        model.chat(OTHER)
 
 
 def test_unserializable_argument_is_a_clear_error(tmp_path):

@@ -97,9 +97,12 @@ def test_an_explicit_window_never_warns():
         assert client.context_window == 32_768
 
 
-@pytest.mark.parametrize("bad", [0, -5, 1.5, "4096", True])
-def test_a_bad_window_is_refused_at_construction(bad):
-    with pytest.raises(ValueError, match="context_window must be a positive int"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(0, ValueError), (-5, ValueError), (1.5, TypeError), ("4096", TypeError), (True, TypeError)],
+)
+def test_a_bad_window_is_refused_at_construction(bad, error):
+    with pytest.raises(error, match="option context_window must be"):
         ScriptedModel(context_window=bad)
 
 

@@ -4,6 +4,8 @@ import asyncio
 import inspect
 import logging
 import random
+from dataclasses import fields
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,10 +13,11 @@ from hypothesis import strategies as st
 
 from afnio._runtime import run
 from afnio.models import BudgetExceededError, TransientError
-from afnio.models.limits import Limits, RateLimit, backoff_delay
+from afnio.models.limits import ConcurrencyLimit, Limits, RateLimit, backoff_delay
 from afnio.models.model import ChatCompletionModel
+from afnio.models.options import PipelineOptions
 from afnio.models.usage import Usage
-from afnio.testing import ScriptedModel
+from afnio.testing import ScriptedModel, Turnstile
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -40,30 +43,82 @@ def failing(times, *, status=500, retry_after=None, reply="ok"):
 
 
 def test_token_budget_refuses_before_sending():
-    model = ScriptedModel(["ok"], budget_tokens=1)
-    assert model.chat(HELLO) == "ok"
-    with pytest.raises(BudgetExceededError, match="token budget of 1 is spent"):
-        model.chat(HELLO)
-    assert model.calls == 1
-    assert model.get_usage()["requests"] == 1
+    # Each request needs 8 prompt tokens + 10 of reply = 18: two fit in 40, a third would not.
+    model = ScriptedModel(["ok"], budget_tokens=40, max_tokens=10)
+    assert model.count_message_tokens(HELLO) == 8
+    assert model.chat(HELLO) == model.chat(HELLO) == "ok"
+    spent = model.get_usage()
+    assert spent["prompt_tokens"] + spent["completion_tokens"] == 18  # 2 x (8 + 1)
+    model.chat(HELLO)  # 18 used + 18 estimated = 36 <= 40
+    with pytest.raises(BudgetExceededError, match="token budget of 40 would be passed: 27 used"):
+        model.chat(HELLO)  # 27 + 18 = 45 > 40
+    assert model.calls == 3
+    assert model.get_usage()["requests"] == 3
+
+
+def test_a_request_larger_than_the_budget_is_never_sent():
+    # Issue 14, defect 3: a 627-token request went out under budget_tokens=10.
+    model = ScriptedModel(["ok"], budget_tokens=10)
+    big = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}]
+    with pytest.raises(BudgetExceededError, match="request refused before sending"):
+        model.chat(big, max_tokens=1)
+    assert model.calls == 0 and model.get_usage()["requests"] == 0
 
 
 def test_usd_budget_refuses_before_sending():
-    probe = PricedModel(["ok"], model="gpt-4.1")
+    probe = PricedModel(["ok"], model="gpt-4.1", max_tokens=4)
     probe.chat(HELLO)
-    per_request = probe.get_usage()["cost_usd"]
-    assert per_request > 0
-    model = PricedModel(["ok"], model="gpt-4.1", budget_usd=2.5 * per_request)
-    for _ in range(3):  # spent 0, 1 and 2 requests' worth: still under budget
+    per_request = probe.get_usage()["cost_usd"]  # 8 prompt + 1 completion tokens
+    assert per_request == pytest.approx((8 * 2.0 + 1 * 8.0) / 1e6)
+    estimate = (8 * 2.0 + 4 * 8.0) / 1e6  # the reply is reserved at its cap of 4 tokens
+    model = PricedModel(["ok"], model="gpt-4.1", max_tokens=4,
+                        budget_usd=2 * per_request + estimate)
+    for _ in range(3):  # spent 0, 1 and 2 requests' worth, plus one estimate: within budget
         model.chat(HELLO)
-    with pytest.raises(BudgetExceededError, match="USD budget of .* is spent"):
+    with pytest.raises(BudgetExceededError, match="USD budget of .* would be passed"):
         model.chat(HELLO)
     assert model.calls == 3
     assert model.get_usage()["cost_usd"] == pytest.approx(3 * per_request)
 
 
+def test_usd_budget_without_a_known_price_is_an_error_at_construction():
+    # Issue 14, defect 3: 16 requests under budget_usd=1e-6 on an unpriced model all went out.
+    with pytest.raises(ValueError, match="budget_usd needs the model's price.*set_price"):
+        PricedModel(["ok"], model="my-unpriced-finetune", budget_usd=1e-6)
+    PricedModel(["ok"], model="my-unpriced-finetune", budget_tokens=100)  # tokens need no price
+    ScriptedModel(["ok"], model="my-unpriced-finetune", budget_usd=1e-6)  # a free provider
+
+
+def test_concurrent_requests_reserve_their_estimate_so_a_batch_cannot_overshoot():
+    # Issue 14, defect 3: a 64-sample batch under budget_tokens=100 sent 51 requests.
+    gate = asyncio.Event()
+
+    async def held(messages, **kwargs):
+        await gate.wait()
+        return "ok"
+
+    model = ScriptedModel(held, budget_tokens=100)
+    prompts = [[{"role": "user", "content": f"sample {i}"}] for i in range(64)]
+    estimate = model.count_message_tokens(prompts[0]) + 64
+
+    async def batch():
+        tasks = [asyncio.ensure_future(model.achat(p)) for p in prompts]
+        # Hold every sent request until each of the 64 is either in flight or refused.
+        while model.in_flight + sum(t.done() for t in tasks) < 64:
+            await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = run(batch())
+    sent = [r for r in results if r == "ok"]
+    assert len(sent) == 100 // estimate == model.calls == 1
+    assert all(isinstance(r, BudgetExceededError) for r in results if r != "ok")
+    used = model.get_usage()
+    assert used["prompt_tokens"] + used["completion_tokens"] <= 100
+
+
 def test_requests_queued_behind_the_cap_are_refused_once_the_budget_is_spent():
-    model = ScriptedModel(["ok"], latency=0.01, max_concurrency=1, budget_tokens=1)
+    model = ScriptedModel(["ok"], latency=0.01, max_concurrency=1, budget_tokens=30, max_tokens=10)
 
     async def three():
         return await asyncio.gather(*(model.achat(HELLO) for _ in range(3)), return_exceptions=True)
@@ -74,9 +129,73 @@ def test_requests_queued_behind_the_cap_are_refused_once_the_budget_is_spent():
     assert model.calls == 1
 
 
+def test_a_request_that_used_more_than_reserved_stops_those_waiting_for_a_slot():
+    # A reply longer than the reserve (a scripted model doesn't enforce max_tokens) is real
+    # spending: the next attempt is checked again when it gets its slot.
+    long_reply = " ".join(["word"] * 30)
+    model = ScriptedModel([long_reply], latency=0.01, max_concurrency=1, budget_tokens=40,
+                          max_tokens=5)
+
+    async def two():
+        return await asyncio.gather(*(model.achat(HELLO) for _ in range(2)), return_exceptions=True)
+
+    first, second = run(two())
+    assert first == long_reply and isinstance(second, BudgetExceededError)
+    assert model.calls == 1
+
+
+def test_requests_cancelled_in_flight_are_accounted():
+    # Issue 14, defect 3: the server received 16 requests, usage said 13.
+    started = asyncio.Event()
+    never = asyncio.Event()
+
+    async def hang(messages, **kwargs):
+        started.set()
+        await never.wait()
+        return "never"
+
+    model = ScriptedModel(hang)
+
+    async def cancel_one():
+        task = asyncio.ensure_future(model.achat(HELLO))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(cancel_one())
+    assert model.calls == 1
+    used = model.get_usage()
+    assert used["requests"] == 1 and used["prompt_tokens"] == model.count_message_tokens(HELLO)
+    assert model.limits.budget.reserved == (0, 0.0)
+
+
+def test_a_cancelled_request_gives_its_reservation_back():
+    started = asyncio.Event()
+    never = asyncio.Event()
+
+    async def hang(messages, **kwargs):
+        started.set()
+        await never.wait()
+
+    model = ScriptedModel(hang, budget_tokens=500)
+
+    async def cancel_one():
+        task = asyncio.ensure_future(model.achat(HELLO))
+        await started.wait()
+        assert model.limits.budget.reserved[0] == 8 + 64
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(cancel_one())
+    assert model.limits.budget.reserved == (0, 0.0)
+
+
 def test_clear_usage_restarts_the_budget():
-    model = ScriptedModel(["ok"], budget_tokens=1)
+    model = ScriptedModel(["ok"], budget_tokens=20, max_tokens=10)
     model.chat(HELLO)
+    with pytest.raises(BudgetExceededError):
+        model.chat(HELLO)
     model.clear_usage()
     assert model.chat(HELLO) == "ok"
     assert model.calls == 2
@@ -85,9 +204,23 @@ def test_clear_usage_restarts_the_budget():
 # Concurrency ------------------------------------------------------------------------------------
 
 
+def gated(*sizes: int) -> Any:
+    """A reply that holds the first waves of requests until ``sizes`` of them wait at once (so
+    the cap is certainly reached), one turnstile per event loop."""
+    gates: dict[asyncio.AbstractEventLoop, Turnstile] = {}
+
+    async def reply(messages, **kwargs):
+        loop = asyncio.get_running_loop()
+        gate = gates.setdefault(loop, Turnstile("reverse", expected=list(sizes), timeout=30))
+        await gate.wait()
+        return "hi"
+
+    return reply
+
+
 @pytest.mark.parametrize("cap", [1, 3, 8])
 def test_concurrency_cap_is_never_exceeded(cap):
-    model = ScriptedModel(latency=0.005, max_concurrency=cap)
+    model = ScriptedModel(gated(cap), max_concurrency=cap)
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(24)))
@@ -98,7 +231,7 @@ def test_concurrency_cap_is_never_exceeded(cap):
 
 
 def test_concurrency_cap_works_on_any_event_loop():
-    model = ScriptedModel(latency=0.005, max_concurrency=2)
+    model = ScriptedModel(gated(2), max_concurrency=2)
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(6)))
@@ -112,7 +245,7 @@ def test_concurrency_cap_works_on_any_event_loop():
 
 @given(cap=st.integers(1, 6), requests=st.integers(1, 16))
 def test_concurrency_cap_property(cap, requests):
-    model = ScriptedModel(latency=0.001, max_concurrency=cap)
+    model = ScriptedModel(gated(min(cap, requests)), max_concurrency=cap)
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(requests)))
@@ -123,7 +256,7 @@ def test_concurrency_cap_property(cap, requests):
 
 
 def test_no_cap_lets_everything_overlap():
-    model = ScriptedModel(latency=0.01)
+    model = ScriptedModel(gated(10))
 
     async def many():
         await asyncio.gather(*(model.achat(HELLO) for _ in range(10)))
@@ -173,7 +306,8 @@ def test_retries_are_logged_without_secrets(caplog):
     with caplog.at_level(logging.WARNING, logger="afnio.models.model"):
         model.chat(HELLO)
     assert len(caplog.records) == 1
-    assert "status 503" in caplog.text and "retry 1 of 3" in caplog.text
+    assert "status 503" in caplog.text and "retry 1 of 8" in caplog.text
+    assert "TransientError: injected 503" in caplog.text  # the error text itself
 
 
 def test_retry_after_is_honoured():
@@ -295,15 +429,126 @@ def test_limit_options_survive_a_config_round_trip():
     assert ScriptedModel.from_config(config).get_config() == config
 
 
-def test_clients_take_exactly_the_limit_options_of_limits():
-    # ChatCompletionModel spells Limits' options out in its own public signature; the two must
-    # agree, and the defaults must be what Limits.get_config leaves out.
-    limit_options = inspect.signature(Limits).parameters
+def test_pipeline_options_are_declared_once():
+    # ChatCompletionModel, Limits and get_config all read PipelineOptions: no second list of
+    # names or defaults anywhere.
     client_options = inspect.signature(ChatCompletionModel.__init__).parameters
-    assert set(limit_options) <= set(client_options)
-    for name, option in limit_options.items():
-        mirrored = client_options[name]
-        assert mirrored.kind is option.kind is inspect.Parameter.KEYWORD_ONLY
-        assert (mirrored.default, mirrored.annotation) == (option.default, option.annotation)
-    defaults = {name: option.default for name, option in limit_options.items()}
-    assert Limits(**defaults).get_config() == {}
+    assert [p.kind for p in client_options.values()][-1] is inspect.Parameter.VAR_KEYWORD
+    assert set(client_options) == {"self", "model", "options"}
+    names = [f.name for f in fields(PipelineOptions)]
+    defaults = {f.name: f.default for f in fields(PipelineOptions)}
+    assert ScriptedModel(**defaults).get_config() == {"model": "scripted", "latency": 0.0}
+    assert Limits(**{n: defaults[n] for n in Limits._LIMIT_OPTIONS}).get_config() == {}
+    limits = ScriptedModel(max_retries=2).limits
+    assert limits.options.max_retries == limits.max_retries == 2
+    assert set(Limits._LIMIT_OPTIONS) < set(names)
+
+
+def test_a_misspelled_option_is_refused_with_a_suggestion():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_retry' .*'max_retries'"):
+        ScriptedModel(max_retry=2)
+    with pytest.raises(TypeError, match="'budget_token'.*'budget_tokens'"):
+        Limits(budget_token=5)
+
+
+# Process-wide concurrency ------------------------------------------------------------------------
+
+
+def _wait_until(condition, what):
+    """Wait (on events set by other threads) until ``condition()``; fail loudly after 10 s."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def test_the_cap_is_shared_by_event_loops_in_other_threads():
+    # One cap per client per process: a request on another thread's loop waits for the slot.
+    import threading
+
+    started = {"a": threading.Event(), "b": threading.Event()}
+    release_a = threading.Event()
+
+    def reply(messages, **kwargs):
+        name = messages[-1]["content"]
+        started[name].set()
+        if name == "a":
+            release_a.wait(10)
+        return name
+
+    model = ScriptedModel(reply, max_concurrency=1)
+    results = {}
+
+    def ask(name):
+        results[name] = asyncio.run(model.achat([{"role": "user", "content": name}]))
+
+    first = threading.Thread(target=ask, args=("a",))
+    first.start()
+    assert started["a"].wait(10)
+    second = threading.Thread(target=ask, args=("b",))
+    second.start()
+    _wait_until(lambda: len(model.limits.concurrency._waiters) == 1, "b to queue for the slot")
+    assert not started["b"].is_set()  # b waits although it runs on its own event loop
+    release_a.set()
+    first.join(10)
+    second.join(10)
+    assert results == {"a": "a", "b": "b"} and model.limits.concurrency.in_use == 0
+
+
+def test_a_waiter_cancelled_in_the_queue_passes_its_turn_on():
+    limit = ConcurrencyLimit(1)
+    order = []
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def holder():
+            async with limit.slot():
+                order.append("holder")
+                await release.wait()
+
+        async def waiter(name):
+            async with limit.slot():
+                order.append(name)
+
+        first = asyncio.ensure_future(holder())
+        await asyncio.sleep(0)
+        cancelled = asyncio.ensure_future(waiter("cancelled"))
+        second = asyncio.ensure_future(waiter("second"))
+        while len(limit._waiters) < 2:
+            await asyncio.sleep(0)
+        cancelled.cancel()
+        release.set()
+        await asyncio.gather(first, second)
+        assert cancelled.cancelled()
+
+    asyncio.run(scenario())
+    assert order == ["holder", "second"] and limit.in_use == 0
+
+
+@given(cancel=st.lists(st.booleans(), min_size=1, max_size=8), cap=st.integers(1, 3))
+def test_property_slots_are_never_lost_or_duplicated_under_cancellation(cancel, cap):
+    limit = ConcurrencyLimit(cap)
+    peak = [0]
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def user():
+            async with limit.slot():
+                peak[0] = max(peak[0], limit.in_use)
+                await release.wait()
+
+        tasks = [asyncio.ensure_future(user()) for _ in cancel]
+        await asyncio.sleep(0)
+        for task, drop in zip(tasks, cancel):
+            if drop:
+                task.cancel()
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert peak[0] <= cap and limit.in_use == 0 and not limit._waiters

@@ -142,3 +142,34 @@ def test_concurrent_requests_under_a_cap(llama_server):
     replies = asyncio.run(burst())
     assert len(replies) == 4 and all(isinstance(r, str) for r in replies)
     assert client.get_usage()["requests"] == 4
+
+
+def test_the_llama_cpp_flavour_yields_schema_shaped_json(llama_server):
+    # Issue 19 part 2: llama.cpp's server takes {"type": "json_object", "schema": ...}.
+    client = AsyncOpenAI("smollm2", base_url=llama_server, structured_output="llama.cpp",
+                         context_window=2048)
+    args = client.structured_output_args(VERDICT, "verdict")
+    assert args == {"response_format": {"type": "json_object", "schema": VERDICT}}
+    for question in ("Is the sky blue?", "Is fire cold?", "Do fish swim?"):
+        parsed = json.loads(client.chat(
+            [{"role": "user", "content": f"{question} Answer as JSON."}], max_tokens=48, **args))
+        assert parsed["verdict"] in ("yes", "no") and isinstance(parsed["sure"], bool)
+
+
+def test_openai_json_schema_is_rejected_once_then_structured_outputs_are_off(
+    llama_server, caplog
+):
+    # Issue 19: the server answers 500 to OpenAI's json_schema; afnio retried it as transient.
+    import logging
+
+    from afnio.models import StructuredOutputUnsupportedError
+
+    client = AsyncOpenAI("smollm2", base_url=llama_server, context_window=2048,
+                         retry_base_delay=0.001)
+    args = client.structured_output_args(VERDICT, "verdict")
+    with caplog.at_level(logging.WARNING, logger="afnio.models.model"):
+        with pytest.raises(StructuredOutputUnsupportedError, match="HTTP 500.*response_format"):
+            client.chat([{"role": "user", "content": "Is the sky blue?"}], max_tokens=8, **args)
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]  # sent once
+    assert client.structured_output_args(VERDICT, "verdict") is None
+    assert client.get_usage()["requests"] == 0

@@ -209,3 +209,14 @@ def test_an_oversized_request_never_reaches_llama_cpp():
     assert (raised.value.needed, raised.value.available) == (129, 128)
     assert "LocalModel(" in str(raised.value)
     assert not fresh.loaded and fresh.get_usage()["requests"] == 0
+
+
+def test_structured_output_args_are_a_grammar_the_model_follows(model):
+    args = model.structured_output_args(SENTIMENT, "review")
+    assert args == {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "review", "schema": SENTIMENT}}}
+    parsed = json.loads(model.chat(
+        [{"role": "user", "content": "Review: 'Dull and long.' Give the sentiment as JSON."}],
+        max_tokens=48, **args))
+    assert parsed["sentiment"] in ("positive", "negative") and isinstance(parsed["sarcastic"], bool)
+    assert model.structured_output_args({"$ref": "#/definitions/missing"}, "broken") is None

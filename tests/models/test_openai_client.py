@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 
@@ -157,7 +158,7 @@ def test_sdk_helpers():
     assert retry_after_seconds({"retry-after": "-1"}) is None
     assert retry_after_seconds(None) is None
     assert redact("Incorrect API key provided: sk-proj-abcd****wxyz", "sk-proj-abcdefghwxyz") == (
-        "Incorrect API key provided: ***abcd****wxyz"
+        "Incorrect API key provided: *******wxyz"
     )
     assert json_schema_of({"type": "json_object"}, "t") == ({"type": "object"}, "response")
     assert json_schema_of({"type": "text"}, "t") == (None, "text")
@@ -169,10 +170,66 @@ def test_sdk_helpers():
     assert asyncio.run(same_twice())
 
 
+class Resource:
+    """Stands in for an SDK client: records the loop it was closed on."""
+
+    def __init__(self) -> None:
+        self.closed_on: asyncio.AbstractEventLoop | None = None
+
+    async def close(self) -> None:
+        self.closed_on = asyncio.get_running_loop()
+
+
+async def close_resource(item: Resource) -> None:
+    await item.close()
+
+
+def test_per_loop_objects_are_closed_on_their_loop_when_it_shuts_down():
+    pool = PerLoop(Resource, close=close_resource)
+
+    async def use():
+        return pool.get(), asyncio.get_running_loop()
+
+    first, first_loop = asyncio.run(use())
+    second, second_loop = asyncio.run(use())
+    assert first is not second
+    assert (first.closed_on, second.closed_on) == (first_loop, second_loop)
+    assert len(pool) == 0
+
+    async def use_and_pop():
+        item = pool.get()
+        assert pool.pop() is item
+        return item
+
+    popped = asyncio.run(use_and_pop())
+    assert popped.closed_on is None  # pop hands the closing to the caller
+
+
+def test_per_loop_objects_on_a_running_loop_are_closed_when_the_pool_is_collected():
+    from afnio._runtime import get_loop, run
+
+    pools = [PerLoop(Resource, close=close_resource)]
+
+    async def use():
+        return pools[0].get()
+
+    item = run(use())
+    assert item.closed_on is None
+    pools.clear()
+    gc.collect()
+
+    async def settle():
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    run(settle())
+    assert item.closed_on is get_loop()
+
+
 def test_the_key_stays_out_of_log_lines_and_errors(server, caplog):
     key = "sk-log-check-4444444444"
-    server.inject(429, 500, {"kind": "timeout", "hang": 30})
-    client = client_for(server, api_key=key, timeout=0.3, max_retries=3, **FAST_RETRY)
+    server.inject(429, 500, 503)
+    client = client_for(server, api_key=key, max_retries=3, **FAST_RETRY)
     with caplog.at_level(logging.DEBUG):
         assert client.chat(ASK) == "two words"
         server.inject(400)

@@ -80,7 +80,8 @@ def test_latency_lets_requests_overlap_and_reset_forgets():
 
 
 def test_cache_hits_and_refusals_are_not_requests(tmp_path):
-    model = ScriptedModel(cache=ResponseCache(tmp_path / "c.sqlite"), budget_tokens=1)
+    model = ScriptedModel(cache=ResponseCache(tmp_path / "c.sqlite"), budget_tokens=20,
+                          max_tokens=5)
     model.chat(HELLO)
     model.chat(HELLO)  # a hit
     with pytest.raises(BudgetExceededError):
@@ -114,10 +115,30 @@ def test_config_round_trip():
 
 
 def test_client_from_config_refuses_other_classes():
-    with pytest.raises(ValueError, match="is not a ChatCompletionModel subclass"):
+    with pytest.raises(ValueError, match="'collections.OrderedDict' is not one afnio knows"):
         client_from_config({"class": "collections.OrderedDict", "config": {}})
-    with pytest.raises(ValueError, match="cannot find model client class"):
+    with pytest.raises(ValueError, match="'afnio.nothing.Here' is not one afnio knows"):
         client_from_config({"class": "afnio.nothing.Here", "config": {}})
+    with pytest.raises(ValueError, match="needs {'class': str, 'config': dict}"):
+        client_from_config({"class": "afnio.testing.scripted.ScriptedModel", "config": "x"})
+    with pytest.raises(ValueError, match="cannot rebuild a .*ScriptedModel from its config"):
+        client_from_config({"class": "afnio.testing.scripted.ScriptedModel",
+                            "config": {"no_such_option": 1}})
+
+
+def test_client_from_config_imports_nothing_a_description_names(tmp_path, monkeypatch):
+    # Issue 14, defect 1: the class path's module was imported (its top-level code ran) before
+    # the class was checked.
+    import sys
+
+    (tmp_path / "planted_client.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('x')\n"
+        "from afnio.testing import ScriptedModel as Client\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="is not one afnio knows"):
+        client_from_config({"class": "planted_client.Client", "config": {}})
+    assert "planted_client" not in sys.modules and not (tmp_path / "RAN").exists()
 
 
 def test_a_subclass_only_implements_send():

@@ -62,11 +62,11 @@ def captured_logs():
 def cache_contents(path):
     with sqlite3.connect(path) as connection:
         rows = connection.execute("SELECT * FROM responses").fetchall()
-    raw = b"".join(
-        open(os.path.join(os.path.dirname(path), name), "rb").read()
-        for name in os.listdir(os.path.dirname(path))
-    )
-    return repr(rows), raw
+    pieces = []
+    for name in os.listdir(os.path.dirname(path)):
+        with open(os.path.join(os.path.dirname(path), name), "rb") as file:
+            pieces.append(file.read())
+    return repr(rows), b"".join(pieces)
 
 
 def assert_secret_free(key, client, *texts):
@@ -94,13 +94,14 @@ def test_scripted_client_with_a_key_never_shows_it(key):
             return "fine"
 
         client = KeyedModel(
-            flaky, api_key=key, cache=ResponseCache(path), budget_tokens=1, retry_base_delay=0.0
+            flaky, api_key=key, cache=ResponseCache(path), budget_tokens=20, max_tokens=5,
+            retry_base_delay=0.0,
         )
         with captured_logs() as lines:
             assert client.chat(HELLO) == "fine"
             with pytest.raises(BudgetExceededError) as refused:
                 client.chat([{"role": "user", "content": "again"}])
-        assert any("retry 1 of 3" in line for line in lines)
+        assert any("retry 1 of 8" in line and "overloaded" in line for line in lines)
         rows, raw = cache_contents(path)
         assert_secret_free(key, client, "\n".join(lines), rows, str(refused.value))
         assert key.encode() not in raw

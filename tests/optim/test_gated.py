@@ -55,8 +55,8 @@ def test_a_step_that_lowers_the_score_is_rolled_back_exactly_values_and_momentum
     assert (tgd.state[b]["accepted"], tgd.state[b]["rejected"]) == (0, 1)
     records = gate.last_step
     assert [(r["index"], r["verdict"], r["before"], r["after"]) for r in records] == [
-        (0, "rolled_back", "alpha", "alpha"), (1, "rolled_back", ["x", "y"], ["x", "y"]),
-    ]
+        (0, "rolled_back", "alpha", "alpha two"), (1, "rolled_back", ["x", "y"], ["x2", "y2"]),
+    ]  # "after": the proposal that was undone
     assert records[0]["feedback"] == ["first feedback"]
     assert records[0]["score_before"] == 1.0 and records[0]["score_after"] == 0.5
     assert "fell from 1 to 0.5" in records[0]["reason"]

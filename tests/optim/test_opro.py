@@ -47,6 +47,7 @@ def test_history_is_shown_worst_first_and_lower_scoring_proposals_roll_back():
     assert opro.step(closure) == 0.5 and p.data == "v1"  # v2 scores 0.1: rolled back
     assert opro.last_step[0]["verdict"] == "rolled_back"
     assert "fell from 0.5 to 0.1" in opro.last_step[0]["reason"]
+    assert (opro.last_step[0]["before"], opro.last_step[0]["after"]) == ("v1", "v2")
     assert opro.step(closure) == 0.9 and p.data == "v3"
     requests = [messages for messages, _ in model.requests]
     assert shown_history(requests[0]) == [(0.2, "v0")]

@@ -124,18 +124,21 @@ def test_add_param_group_later_fills_defaults():
     assert opt.param_groups[1] == {"params": [b], "suffix": "!"}
 
 
-def test_zero_grad_clears_in_place_keeping_the_list():
+def test_zero_grad_set_to_none_gives_new_lists_and_false_clears_in_place():
     a, b = params(2)
     for p in (a, b):
         p.append_grad(afnio.Variable("feedback"))
     lists = [a.grad, b.grad]
     opt = Append([a, b])
+    # torch's default set_to_none=True drops the gradient; a reference taken before keeps it.
     opt.zero_grad()
     assert a.grad == [] and b.grad == []
-    assert a.grad is lists[0] and b.grad is lists[1]
+    assert a.grad is not lists[0] and [g.data for g in lists[0]] == ["feedback"]
+    # set_to_none=False empties in place (torch: zeroes in place), visible through references.
+    lists = [a.grad, b.grad]
     a.append_grad(afnio.Variable("again"))
-    opt.clear_grad()
-    assert lists[0] == []
+    opt.clear_grad(set_to_none=False)
+    assert a.grad is lists[0] and lists[0] == []
     assert Append.clear_grad is Append.zero_grad
 
 
@@ -219,8 +222,11 @@ def test_model_clients_are_saved_by_class_and_config():
     }
     json.dumps(saved)  # plain data only
 
-    other = Append([params(1, "q")[0]], client=ScriptedModel(model="something else"))
+    live = ScriptedModel(model="something else")
+    other = Append([params(1, "q")[0]], client=live)
     other.load_state_dict(saved)
+    assert other.param_groups[0]["client"] is live, "by default the live client stays"
+    other.load_state_dict(saved, load_clients=True)
     rebuilt = other.param_groups[0]["client"]
     assert isinstance(rebuilt, ScriptedModel)
     assert (rebuilt.model, rebuilt.latency) == ("optimizer-model", 0.5)
@@ -244,3 +250,44 @@ def test_repr_lists_each_group_options_sorted():
         "    suffix: #\n"
         ")"
     )
+
+
+def test_a_tampered_optimizer_state_names_no_client_and_changes_nothing(tmp_path, monkeypatch):
+    # Issue 14, defects 1 and 2, through Optimizer.load_state_dict.
+    import sys
+
+    (tmp_path / "planted_opt.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a = params(1)[0]
+    live = ScriptedModel(model="live")
+    opt = Append([a], client=live, momentum=1)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["momentum"] = 3
+    saved["param_groups"][0]["client"] = {"__model_client__": {
+        "class": "planted_opt.Client", "config": {"cache": {"path": str(tmp_path / "c" / "x")}}}}
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["client"] is live and opt.param_groups[0]["momentum"] == 3
+    with pytest.raises(ValueError, match="'planted_opt.Client' is not one afnio knows"):
+        opt.load_state_dict(saved, load_clients=True)
+    assert "planted_opt" not in sys.modules and not (tmp_path / "RAN").exists()
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"state": {}, "param_groups": "nope"},
+        {"state": {"0": "not a dict"}, "param_groups": None},
+        {"state": {"7": {}}, "param_groups": [{"params": [0], "momentum": 5}]},
+        {"state": {}, "param_groups": [{"params": ["zero"], "momentum": 5}]},
+        "not a dict at all",
+    ],
+)
+def test_a_malformed_state_is_refused_and_nothing_changes(broken):
+    a = params(1)[0]
+    opt = Append([a], momentum=1)
+    opt.state[a] = {"history": ["kept"]}
+    with pytest.raises(ValueError, match="load_state_dict|parameter groups"):
+        opt.load_state_dict(broken)
+    assert opt.param_groups[0]["momentum"] == 1 and opt.state[a] == {"history": ["kept"]}

@@ -16,6 +16,8 @@ from afnio.optim import OPRO, TGD, CandidateSearch, GatedOptimizer
 from afnio.optim.tgd import ProposalRejectedWarning
 from afnio.testing import ScriptedModel
 from afnio.trainer import Callback, Trainer
+from afnio.trainer.checkpoint import read_checkpoint, write_checkpoint
+from afnio.trainer.history import read_history
 from afnio.utils.data import DataLoader
 
 BATCH = 3
@@ -109,8 +111,9 @@ def test_gate_steps_rolls_back_harmful_steps_and_counts_them_per_epoch(tmp_path)
     for record in records:  # the training batch's score never drops across a kept step
         if record["verdict"] == "accepted":
             assert record["score_after"] >= record["score_before"]
-        else:
-            assert record["after"] == record["before"]
+        elif record["verdict"] == "rolled_back":
+            assert record["score_after"] < record["score_before"]
+            assert record["after"] != record["before"]  # the proposal that was undone
 
     # Requests, exactly: each batch costs BATCH forward requests, plus BATCH more to re-score a
     # proposal that changed the prompt (the score before is the training step's own), one
@@ -121,6 +124,26 @@ def test_gate_steps_rolls_back_harmful_steps_and_counts_them_per_epoch(tmp_path)
     assert clients["backward"].calls == clients["optimizer"].calls == len(records)
     total = sum(row["requests"] for row in rows)
     assert total == sum(model.calls for model in clients.values())
+    # The run history (what the HTML report shows) has every verdict, and the proposal a
+    # rolled-back step undid.
+    entries = [entry for step in read_history(tmp_path).steps for entry in step["params"]]
+    assert [entry["verdict"] for entry in entries] == verdicts
+    undone = [entry for entry in entries if entry["verdict"] == "rolled_back"]
+    assert all(entry["proposal"] != entry["after"] == entry["before"] for entry in undone)
+
+
+def test_a_checkpoint_with_broken_proposal_counts_is_refused_before_anything_loads(tmp_path):
+    trainer, agent, clients, _ = fit(tmp_path, tgd, epochs=1, gate_steps=True)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    state = read_checkpoint(path)
+    state["proposals"] = {"accepted": -1}
+    write_checkpoint(state, tmp_path / "broken.ckpt")
+    fresh = Router(models(), tgd)
+    before = fresh.prompt.data
+    with pytest.raises(ValueError, match="'proposals' must map"):
+        Trainer(max_epochs=2, enable_progress_bar=False, default_root_dir=tmp_path / "again",
+                gate_steps=True).fit(fresh, loader(), ckpt_path=tmp_path / "broken.ckpt")
+    assert fresh.prompt.data == before
 
 
 def test_the_progress_bar_and_epoch_lines_show_the_counts(tmp_path):

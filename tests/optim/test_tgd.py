@@ -12,7 +12,7 @@ from afnio.cognitive.parameter import Parameter, ParameterType
 from afnio.models.tokens import count_tokens
 from afnio.optim import TGD, ProposalRejectedWarning, tgd
 from afnio.optim import prompts as optim_prompts
-from afnio.testing import ScriptedModel
+from afnio.testing import ScriptedModel, Turnstile
 
 
 def improved(text):
@@ -31,8 +31,9 @@ def feedback(text):
 
 
 def test_one_concurrent_call_per_parameter_with_feedback():
+    gate = Turnstile("reverse", expected=3, timeout=30)  # the 3 requests are in flight at once
     model = ScriptedModel(
-        lambda messages, **kw: improved(current_value(messages) + " v2"), latency=0.05
+        gate.wrap(lambda messages, **kw: improved(current_value(messages) + " v2"))
     )
     a, b, c = (Parameter(f"prompt {n}", role=f"role {n}") for n in "abc")
     no_grad_list = Parameter("untouched", role="no gradients")
@@ -212,7 +213,7 @@ def test_a_failing_request_updates_nothing():
             raise ConnectionError("provider down")
         return improved("new value")
 
-    model = ScriptedModel(reply, latency=0.01)
+    model = ScriptedModel(reply)
     a = Parameter("old a", role="role A")
     b = Parameter("old b", role="role B")
     for p in (a, b):
@@ -276,7 +277,7 @@ def test_updates_are_in_place_and_visible_through_the_owning_module():
     assert agent.instructions.data == "Sort {items} alphabetically."
     assert agent.state_dict()["instructions"].data == "Sort {items} alphabetically."
     assert opt.param_groups[0]["params"][0] is agent.instructions
-    opt.zero_grad()
+    opt.zero_grad(set_to_none=False)
     assert agent.instructions.grad is grad_list and grad_list == []
 
 

@@ -14,20 +14,32 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from afnio.testing import FakeProviderServer
+from afnio.testing import FakeProviderServer, Turnstile
 from afnio.testing.fake_server import FakeReply, Fault
 
 USER = [{"role": "user", "content": "hello there world"}]
+_opened: list = []  # SDK clients made by a test, closed after it (their sockets with them)
+
+
+@pytest.fixture(autouse=True)
+def close_sdk_clients():
+    yield
+    while _opened:
+        _opened.pop().close()
 
 
 def openai_client(server: FakeProviderServer, **kwargs) -> openai.OpenAI:
     kwargs.setdefault("api_key", "test-key")
-    return openai.OpenAI(base_url=server.openai_base_url, max_retries=0, **kwargs)
+    client = openai.OpenAI(base_url=server.openai_base_url, max_retries=0, **kwargs)
+    _opened.append(client)
+    return client
 
 
 def anthropic_client(server: FakeProviderServer, **kwargs) -> anthropic.Anthropic:
     kwargs.setdefault("api_key", "test-key")
-    return anthropic.Anthropic(base_url=server.anthropic_base_url, max_retries=0, **kwargs)
+    client = anthropic.Anthropic(base_url=server.anthropic_base_url, max_retries=0, **kwargs)
+    _opened.append(client)
+    return client
 
 
 def wait_until(condition, timeout: float = 5.0) -> bool:
@@ -185,7 +197,9 @@ def test_timeout_fault_holds_until_the_client_gives_up(fake_server):
         client.chat.completions.create(model="m", messages=USER)
     assert time.monotonic() - started < 10
     assert wait_until(lambda: fake_server.in_flight == 0)
-    assert client.chat.completions.create(model="m", messages=USER).choices[0].message.content
+    # The next request is answered at once; a default timeout keeps a loaded machine out of it.
+    patient = openai_client(fake_server)
+    assert patient.chat.completions.create(model="m", messages=USER).choices[0].message.content
 
 
 def test_api_key_is_checked_when_configured():
@@ -258,7 +272,10 @@ def test_many_requests_are_in_flight_at_once():
                 ]
             )
 
-    with FakeProviderServer(latency=1.0) as server:
+    # The server holds every request until all 64 wait at once: certain, whatever the load.
+    gate = Turnstile("reverse", expected=64, timeout=30)
+    reply = gate.wrap(lambda body: body["messages"][-1]["content"])
+    with FakeProviderServer(reply=reply) as server:
         results = asyncio.run(burst(server))
         assert server.in_flight == 0
     assert sorted(r.choices[0].message.content for r in results) == sorted(
@@ -338,3 +355,56 @@ def test_malformed_http_gets_a_400_and_the_server_keeps_serving(fake_server):
     assert fake_server.requests == [{"_raw": "not json"}]
     assert openai_client(fake_server).chat.completions.create(
         model="m", messages=USER).choices[0].message.content == "hello there world"
+
+
+def _raw_post(server, path, payload):
+    with httpx2.Client(base_url=server.url) as http:
+        return http.post(path, json=payload)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_reply_faults_a_proxy_or_a_broken_server_produces(fake_server, api):
+    path = "/v1/chat/completions" if api == "openai" else "/v1/messages"
+    payload = {"model": "m", "max_tokens": 5, "messages": USER}
+    fake_server.inject("non_utf8", "html", "missing_fields")
+    raw = _raw_post(fake_server, path, payload)
+    assert raw.status_code == 200
+    with pytest.raises(UnicodeDecodeError):
+        raw.content.decode("utf-8")
+    assert json.loads(raw.content.decode("latin-1"))["model"] == "m"  # JSON, just not UTF-8
+    page = _raw_post(fake_server, path, payload)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.startswith("<!DOCTYPE html>")
+    missing = _raw_post(fake_server, path, payload).json()
+    if api == "openai":
+        assert "content" not in missing["choices"][0]["message"]
+    else:
+        assert "content" not in missing and missing["usage"]["output_tokens"] == 3
+    assert _raw_post(fake_server, path, payload).status_code == 200  # faults apply once each
+
+
+def test_status_faults_carry_a_message_or_a_whole_body(fake_server):
+    fake_server.inject({"status": 400, "message": "bad temperature"},
+                       {"status": 422, "body": {"detail": [{"loc": ["body", "x"]}]}})
+    first = _raw_post(fake_server, "/v1/chat/completions", {"model": "m", "messages": USER})
+    assert first.status_code == 400 and first.json()["error"]["message"] == "bad temperature"
+    second = _raw_post(fake_server, "/v1/chat/completions", {"model": "m", "messages": USER})
+    assert second.status_code == 422 and second.json() == {"detail": [{"loc": ["body", "x"]}]}
+
+
+def test_random_faults_follow_the_rate_and_the_seed():
+    def kinds(seed, rate):
+        with FakeProviderServer(fault_rate=rate, seed=seed,
+                                fault_mix=[500, 503, "html", "non_utf8"]) as server:
+            with httpx2.Client(base_url=server.url) as http:
+                for _ in range(60):
+                    http.post("/v1/chat/completions", json={"model": "m", "messages": USER})
+            return [(f.kind, f.status) for f in server.faults_applied]
+
+    first = kinds(seed=3, rate=0.3)
+    assert first == kinds(seed=3, rate=0.3)  # reproducible
+    assert first != kinds(seed=4, rate=0.3)
+    assert 8 <= len(first) <= 30 and {kind for kind, _ in first} == {"status", "html", "non_utf8"}
+    assert kinds(seed=3, rate=0.0) == [] and len(kinds(seed=3, rate=1.0)) == 60
+    with pytest.raises(ValueError, match="fault_rate must be in \\[0, 1\\]"):
+        FakeProviderServer(fault_rate=1.5)

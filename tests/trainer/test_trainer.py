@@ -298,14 +298,12 @@ def test_spent_budget_stops_cleanly_with_a_checkpoint_and_resumes(tmp_path):
     assert checkpoint["reason"] == "budget"
     done = checkpoint["global_step"]
     assert 0 < done < 12
-    assert (
-        agent.client.get_usage()["prompt_tokens"] + agent.client.get_usage()["completion_tokens"]
-        >= 2500
-    )
+    used = agent.client.get_usage()
+    assert 1000 < used["prompt_tokens"] + used["completion_tokens"] <= 2500  # never overshoots
     assert checkpoint["agent"]["prompt"].data == agent.prompt.data
     text = output.getvalue()
     assert "model budget spent" in text and "last.ckpt" in text
-    assert "token budget of 2500 is spent" in text
+    assert "token budget of 2500 would be passed" in text
 
     resumed_trainer = quiet_trainer(run_dir)
     resumed = make_agent(resumed_trainer)  # a client without a budget
@@ -570,7 +568,7 @@ def test_budget_spent_during_validation_resumes_with_the_validation(tmp_path):
 
     run_dir = tmp_path / "val-budget"
     trainer = quiet_trainer(run_dir, max_epochs=1)
-    agent = ValidationCalls(ScriptedModel(["ok"], budget_tokens=1))
+    agent = ValidationCalls(ScriptedModel(["ok"], budget_tokens=20, max_tokens=5))  # one call
     trainer.fit(agent, *loaders())
     assert trainer.stop_reason == "budget"
     checkpoint = read_checkpoint(trainer.last_checkpoint_path)
@@ -613,3 +611,135 @@ def test_a_plain_list_of_batches_works_as_a_loader(tmp_path):
     trainer.fit(agent, batches)
     assert agent.prompt.data == "v0|a1|a1"
     assert [row["train_score"] for row in read_rows(tmp_path)] == [0.5, 0.5]
+
+
+# --------------------------------------------------------------------------- safe resume
+class InterruptAfterWrite(TGD):
+    """A TGD whose step is interrupted (Ctrl-C) right after it wrote the new prompt."""
+
+    interrupt_at: int | None = None
+    steps = 0
+
+    def step(self, closure=None):
+        result = super().step(closure)
+        InterruptAfterWrite.steps += 1
+        if InterruptAfterWrite.steps == InterruptAfterWrite.interrupt_at:
+            raise KeyboardInterrupt  # after the write, before the Trainer counts the batch
+        return result
+
+
+class InterruptibleAgent(Agent):
+    def configure_optimizers(self):
+        return InterruptAfterWrite(self.parameters(), model_client=self.client, momentum=2)
+
+
+def test_ctrl_c_between_the_optimizer_write_and_the_counter_never_applies_an_update_twice(
+    tmp_path,
+):
+    # Issue 14, defect 8: the update of the interrupted batch was re-applied on resume.
+    full_trainer, full_agent = uninterrupted(tmp_path)
+    run_dir = tmp_path / "ctrl-c"
+    trainer = quiet_trainer(run_dir)
+    agent = InterruptibleAgent(ScriptedModel(improve))
+    object.__setattr__(agent, "trainer", trainer)
+    InterruptAfterWrite.steps, InterruptAfterWrite.interrupt_at = 0, 6
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(agent, *loaders())
+    finally:
+        InterruptAfterWrite.interrupt_at = None
+    checkpoint = read_checkpoint(trainer.last_checkpoint_path)
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (1, 1, 5)
+    assert agent.prompt.data != checkpoint["agent"]["prompt"].data  # the write was not saved
+
+    resumed_trainer = quiet_trainer(run_dir)
+    resumed = make_agent(resumed_trainer)
+    resumed_trainer.fit(resumed, *loaders(), ckpt_path=trainer.last_checkpoint_path)
+    assert agent.seen[:5] + resumed.seen == full_agent.seen
+    assert resumed.prompt.data == full_agent.prompt.data  # each update applied exactly once
+    assert resumed.optimizers().state_dict() == full_agent.optimizers().state_dict()
+    rows, full_rows = read_rows(run_dir), read_rows(tmp_path / "full")
+    usage = {"requests", "prompt_tokens", "completion_tokens", "total_tokens"}
+    assert [{k: v for k, v in r.items() if k not in usage} for r in rows] == [
+        {k: v for k, v in r.items() if k not in usage} for r in full_rows
+    ]
+    # The interrupted batch's optimizer request was sent (and paid for), then redone.
+    assert [r["requests"] for r in rows] == [full_rows[0]["requests"],
+                                             full_rows[1]["requests"] + 1,
+                                             full_rows[2]["requests"]]
+
+
+def _damaged_checkpoints():
+    def without(key):
+        return lambda state: {k: v for k, v in state.items() if k != key}
+
+    def setting(key, value):
+        return lambda state: {**state, key: value}
+
+    return [
+        ("epoch 'one'", setting("epoch", "one"), "epoch must be an int >= 0"),
+        ("epoch past max_epochs", setting("epoch", 7), "epoch is 7, more than 3"),
+        ("negative epoch", setting("epoch", -1), "epoch must be an int >= 0"),
+        ("batches_done past the loader", setting("batches_done", 9), "batches_done is 9, more"),
+        ("missing train_metrics", without("train_metrics"), "train_metrics is missing"),
+        ("bad train_metrics", setting("train_metrics", {"sums": {"score": "x"}, "weights": {}}),
+         "train_metrics\\['sums'\\] must map"),
+        ("optimizers not a list", setting("optimizers", {"0": {}}), "optimizers must be a list"),
+        ("optimizer state malformed", setting("optimizers", [{"state": {}, "param_groups": 3}]),
+         "its state of optimizer 0 doesn't load"),
+        ("usage malformed", setting("usage", {"total": {"requests": "many"}}),
+         "usage\\['total'\\] must map"),
+        ("usage unknown counter", setting("usage", {"total": {"dollars": 1}}),
+         "usage\\['total'\\] must map"),
+        ("agent key missing", lambda state: {**state, "agent": {}},
+         "(?s)its state of the agent doesn't load.*Missing key"),
+        ("history malformed", setting("history", ["row"]), "history must be a list of dicts"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "damage", "message"), _damaged_checkpoints(),
+                         ids=[case[0] for case in _damaged_checkpoints()])
+def test_a_bad_checkpoint_is_refused_before_the_agent_is_touched(tmp_path, name, damage, message):
+    # Issue 14, defect 8: the agent was overwritten before a raw ValueError/KeyError/TypeError.
+    trainer, _ = uninterrupted(tmp_path)
+    state = read_checkpoint(trainer.checkpoint_dir / "epoch=0.ckpt")
+    path = tmp_path / "damaged.ckpt"
+    write_checkpoint(damage(state), path)
+    fresh_trainer = quiet_trainer(tmp_path / "fresh")
+    agent = make_agent(fresh_trainer, prompt="live prompt")
+    with pytest.raises(ValueError, match=message) as raised:
+        fresh_trainer.fit(agent, *loaders(), ckpt_path=path)
+    assert str(path) in str(raised.value) and "nothing was changed" in str(raised.value)
+    assert agent.prompt.data == "live prompt" and agent.seen == []
+    assert (fresh_trainer.current_epoch, fresh_trainer.global_step) == (0, 0)
+
+
+def test_a_tampered_checkpoint_can_neither_run_code_nor_redirect_a_key_nor_create_files(
+    tmp_path, monkeypatch
+):
+    # Issue 14, "done when": through Trainer.fit(ckpt_path=...).
+    import sys
+
+    trainer, _ = uninterrupted(tmp_path)
+    state = read_checkpoint(trainer.checkpoint_dir / "epoch=0.ckpt")
+    (tmp_path / "planted_ckpt.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    attacker = {"class": "afnio.models.openai.AsyncOpenAI", "config": {
+        "model": "gpt-4.1-nano", "base_url": "http://attacker.invalid/v1",
+        "cache": {"path": str(tmp_path / "planted" / "cache.sqlite"), "mode": "read_write"}}}
+    state["agent"]["client"] = attacker
+    state["optimizers"][0]["param_groups"][0]["model_client"] = {"__model_client__": {
+        "class": "planted_ckpt.Client", "config": {}}}
+    path = tmp_path / "tampered.ckpt"
+    write_checkpoint(state, path)
+
+    resumed_trainer = quiet_trainer(tmp_path / "resumed")
+    resumed = make_agent(resumed_trainer)
+    live = resumed.client
+    resumed_trainer.fit(resumed, *loaders(), ckpt_path=path)
+    assert resumed.client is live
+    assert resumed.optimizers().param_groups[0]["model_client"] is live
+    assert resumed_trainer.stop_reason == "max_epochs"
+    assert "planted_ckpt" not in sys.modules and not (tmp_path / "RAN").exists()
+    assert not (tmp_path / "planted").exists()

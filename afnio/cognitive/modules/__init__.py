@@ -15,7 +15,12 @@ from afnio.cognitive.modules.grad_component import (
     fun_to_grad_component,
 )
 from afnio.cognitive.modules.lm_ops import ChatCompletion
-from afnio.cognitive.modules.module import IncompatibleKeys, Module
+from afnio.cognitive.modules.module import (
+    IncompatibleKeys,
+    Module,
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 
 __all__ = [
     "Add",
@@ -35,4 +40,6 @@ __all__ = [
     "Split",
     "Sum",
     "fun_to_grad_component",
+    "register_module_forward_hook",
+    "register_module_forward_pre_hook",
 ]

@@ -505,10 +505,13 @@ class GradComponent(Module):
         return _overrides(type(self), "acall")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.training:
-            return self.forward(*args, **kwargs)
-        size = self._batch_size(list(flatten_variables([args, kwargs])))
-        return self._run_calls(args, kwargs, size)
+        def dispatch(*args: Any, **kwargs: Any) -> Any:
+            if self.training:
+                return self.forward(*args, **kwargs)
+            size = self._batch_size(list(flatten_variables([args, kwargs])))
+            return self._run_calls(args, kwargs, size)
+
+        return self._call_with_hooks(dispatch, args, kwargs)  # Module's forward (pre-)hooks
 
     def _batch_size(self, variables: list[Variable]) -> int | None:
         if not self.elementwise:

@@ -7,9 +7,10 @@ functions are registered explicitly. Registered state is what ``parameters()``,
 ``state_dict()`` and ``load_state_dict()`` see.
 
 State-dict keys follow torch: ``"<submodule path>.<attribute name>"``. Model clients are stored
-under their attribute name as ``{"class": ..., "config": ...}`` (never an API key) and re-bound on
-load; completion configs as a copy of their dict; chats as their messages with detached
-Variables. Functions are code, so they are not part of the state dict.
+under their attribute name as ``{"class": ..., "config": ...}`` (never an API key); loading keeps
+the module's live clients unless asked to rebuild them (``load_clients=True``); completion
+configs are stored as a copy of their dict; chats as their messages with detached Variables.
+Functions are code, so they are not part of the state dict.
 
 Example:
     >>> import afnio
@@ -30,16 +31,24 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
+from afnio._hooks import RemovableHandle, add_hook, check_callable
 from afnio._variable import Variable
 from afnio.autodiff.function import flatten_variables
 from afnio.cognitive.parameter import Parameter
 from afnio.models.model import ChatCompletionModel, client_from_config, client_to_config
 
-__all__ = ["IncompatibleKeys", "Module", "is_chat"]
+__all__ = [
+    "IncompatibleKeys",
+    "Module",
+    "is_chat",
+    "register_module_forward_hook",
+    "register_module_forward_pre_hook",
+]
 
 T = TypeVar("T", bound="Module")
 
@@ -54,6 +63,84 @@ _REGISTRIES = (
     "_completion_configs",
     "_functions",
 )
+
+
+class _ForwardHook(NamedTuple):
+    """A registered forward (pre-)hook and how to call it."""
+
+    fn: Callable[..., Any]
+    with_kwargs: bool = False
+    always_call: bool = False
+
+
+# Hooks of every Module call (torch: ``torch.nn.modules.module.register_module_forward_*``).
+_global_forward_pre_hooks: OrderedDict[int, _ForwardHook] = OrderedDict()
+_global_forward_hooks: OrderedDict[int, _ForwardHook] = OrderedDict()
+
+
+def register_module_forward_pre_hook(hook: Callable[..., Any]) -> RemovableHandle:
+    """Register ``hook(module, args) -> None | new args`` before the call of *every* Module.
+
+    Global hooks run before each module's own pre-hooks and behave like
+    :meth:`Module.register_forward_pre_hook`. They suit tracing and logging across a whole
+    program (every LLM op, evaluator and component call), as torch's debugging hooks do.
+
+    Returns:
+        A handle whose ``remove()`` unregisters the hook (also a context manager).
+
+    Raises:
+        TypeError: If ``hook`` is not callable.
+
+    Example:
+        >>> from afnio.cognitive import Module
+        >>> class Echo(Module):
+        ...     def forward(self, text):
+        ...         return text
+        >>> calls = []
+        >>> with register_module_forward_pre_hook(lambda m, args: calls.append(type(m).__name__)):
+        ...     _ = Echo()("hi")
+        >>> calls
+        ['Echo']
+    """
+    check_callable(hook, "register_module_forward_pre_hook")
+    return add_hook(_global_forward_pre_hooks, _ForwardHook(hook))
+
+
+def register_module_forward_hook(
+    hook: Callable[..., Any], *, with_kwargs: bool = False, always_call: bool = False
+) -> RemovableHandle:
+    """Register ``hook(module, args, output) -> None | new output`` after the call of *every*
+    Module.
+
+    Global hooks run before each module's own forward hooks and behave like
+    :meth:`Module.register_forward_hook`.
+
+    Args:
+        hook: The hook (``hook(module, args, kwargs, output)`` with ``with_kwargs=True``).
+        with_kwargs: Also pass the call's keyword arguments.
+        always_call: Also run when the call raises (its output is then ``None``).
+
+    Returns:
+        A handle whose ``remove()`` unregisters the hook (also a context manager).
+
+    Raises:
+        TypeError: If ``hook`` is not callable.
+
+    Example:
+        >>> from afnio.cognitive import Module
+        >>> class Echo(Module):
+        ...     def forward(self, text):
+        ...         return text
+        >>> with register_module_forward_hook(lambda m, args, out: out + "!"):
+        ...     Echo()("hi")
+        'hi!'
+    """
+    check_callable(hook, "register_module_forward_hook")
+    return add_hook(_global_forward_hooks, _ForwardHook(hook, with_kwargs, always_call))
+
+
+def _hook_name(hook: _ForwardHook) -> str:
+    return getattr(hook.fn, "__qualname__", type(hook.fn).__name__)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -159,6 +246,8 @@ class Module:
         for registry in _REGISTRIES:
             object.__setattr__(self, registry, OrderedDict())
         object.__setattr__(self, "_non_persistent_buffers_set", set())
+        object.__setattr__(self, "_forward_pre_hooks", OrderedDict())
+        object.__setattr__(self, "_forward_hooks", OrderedDict())
 
     # ------------------------------------------------------------------ calling
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -172,7 +261,168 @@ class Module:
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
+        return self._call_with_hooks(self.forward, args, kwargs)
+
+    def _call_with_hooks(self, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run ``call(*args, **kwargs)`` between the forward pre-hooks and forward hooks.
+
+        Every Module subclass's ``__call__`` goes through here (``GradComponent`` passes its
+        own training/eval dispatch as ``call``), so hooks see every call, as in torch.
+        """
+        state = self.__dict__
+        if not (
+            state["_forward_pre_hooks"]
+            or state["_forward_hooks"]
+            or _global_forward_pre_hooks
+            or _global_forward_hooks
+        ):
+            return call(*args, **kwargs)
+        forward_hooks = [*_global_forward_hooks.items(), *state["_forward_hooks"].items()]
+        called: set[int] = set()
+        output = None
+        try:
+            args, kwargs = self._run_forward_pre_hooks(args, kwargs)
+            output = call(*args, **kwargs)
+            for hook_id, hook in forward_hooks:
+                called.add(hook_id)
+                output = self._run_forward_hook(hook, args, kwargs, output)
+            return output
+        except Exception:
+            # As in torch: hooks registered with always_call=True still see the failed call.
+            # Their own errors are reported as warnings, and the original error propagates.
+            for hook_id, hook in forward_hooks:
+                if not hook.always_call or hook_id in called:
+                    continue
+                try:
+                    output = self._run_forward_hook(hook, args, kwargs, output)
+                except Exception as exc:  # reported as a warning; the first error is raised
+                    warnings.warn(
+                        f"forward hook {_hook_name(hook)} of {type(self).__name__} (registered "
+                        f"with always_call=True) raised {type(exc).__name__}: {exc}; it ran "
+                        "because the call had already failed, and that first error is the one "
+                        "raised",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            raise
+
+    def _run_forward_pre_hooks(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hooks = [*_global_forward_pre_hooks.values(), *self._forward_pre_hooks.values()]
+        for hook in hooks:
+            if hook.with_kwargs:
+                result = hook.fn(self, args, kwargs)
+                if result is None:
+                    continue
+                if not (
+                    isinstance(result, tuple)
+                    and len(result) == 2
+                    and isinstance(result[0], (tuple, list))
+                    and isinstance(result[1], dict)
+                ):
+                    raise RuntimeError(
+                        f"forward pre-hook {_hook_name(hook)} of {type(self).__name__} "
+                        "(with_kwargs=True) must return None or a tuple (new_args, new_kwargs), "
+                        f"got {result!r:.100}"
+                    )
+                args, kwargs = tuple(result[0]), result[1]
+            else:
+                result = hook.fn(self, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        return args, kwargs
+
+    def _run_forward_hook(self, hook: _ForwardHook, args: tuple, kwargs: dict, output: Any) -> Any:
+        if hook.with_kwargs:
+            result = hook.fn(self, args, kwargs, output)
+        else:
+            result = hook.fn(self, args, output)
+        return output if result is None else result
+
+    def register_forward_pre_hook(
+        self,
+        hook: Callable[..., Any],
+        *,
+        prepend: bool = False,
+        with_kwargs: bool = False,
+    ) -> RemovableHandle:
+        """Register a hook that runs before every call of this module, as in torch.
+
+        The hook is ``hook(module, args) -> None | new args`` (a non-tuple result becomes a
+        one-element tuple), or with ``with_kwargs=True``
+        ``hook(module, args, kwargs) -> None | (new_args, new_kwargs)``. Hooks run in
+        registration order, after the global ones (:func:`register_module_forward_pre_hook`);
+        each sees what the previous one returned. ``args`` are the positional arguments as
+        given to ``__call__`` (Variables, not their data).
+
+        Args:
+            hook: The hook.
+            prepend: Run this hook before the module's already registered pre-hooks.
+            with_kwargs: Pass (and allow replacing) the keyword arguments too.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook (also a context manager).
+
+        Raises:
+            TypeError: If ``hook`` is not callable.
+
+        Example:
+            >>> import afnio
+            >>> class Echo(Module):
+            ...     def forward(self, text):
+            ...         return text
+            >>> echo = Echo()
+            >>> _ = echo.register_forward_pre_hook(lambda module, args: args[0] + " please")
+            >>> echo(afnio.Variable("answer", role="request")).data
+            'answer please'
+        """
+        check_callable(hook, f"{type(self).__name__}.register_forward_pre_hook")
+        return add_hook(self._forward_pre_hooks, _ForwardHook(hook, with_kwargs), prepend)
+
+    def register_forward_hook(
+        self,
+        hook: Callable[..., Any],
+        *,
+        prepend: bool = False,
+        with_kwargs: bool = False,
+        always_call: bool = False,
+    ) -> RemovableHandle:
+        """Register a hook that runs after every call of this module, as in torch.
+
+        The hook is ``hook(module, args, output) -> None | new output``, or with
+        ``with_kwargs=True`` ``hook(module, args, kwargs, output)``; ``args``/``kwargs`` are
+        those the call ran with (after the pre-hooks). Returning a value replaces the output
+        for later hooks and the caller. Hooks run in registration order, after the global ones
+        (:func:`register_module_forward_hook`). A GradComponent in eval mode returns plain
+        values, so its hooks see those.
+
+        Args:
+            hook: The hook.
+            prepend: Run this hook before the module's already registered forward hooks.
+            with_kwargs: Pass the keyword arguments too.
+            always_call: Also run when the call (or a hook before it) raises; ``output`` is
+                then what had been computed so far (``None`` when ``forward`` failed). An error
+                in such a hook becomes a ``RuntimeWarning``; the original error propagates.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook (also a context manager).
+
+        Raises:
+            TypeError: If ``hook`` is not callable.
+
+        Example:
+            >>> class Echo(Module):
+            ...     def forward(self, text):
+            ...         return text
+            >>> echo = Echo()
+            >>> with echo.register_forward_hook(lambda module, args, out: out.upper()):
+            ...     echo("hi")
+            'HI'
+            >>> echo("hi")
+            'hi'
+        """
+        check_callable(hook, f"{type(self).__name__}.register_forward_hook")
+        record = _ForwardHook(hook, with_kwargs, always_call)
+        return add_hook(self._forward_hooks, record, prepend)
 
     # ------------------------------------------------------------------ registration
     def _check_name(self, kind: str, registry: str, name: Any) -> None:
@@ -283,7 +533,8 @@ class Module:
         """Add a model client. Assigning a ChatCompletionModel attribute does the same.
 
         The client is saved in ``state_dict()`` under ``name`` as its class and configuration
-        (never its API key) and rebuilt by ``load_state_dict()`` when the configuration differs.
+        (never its API key). ``load_state_dict()`` keeps the live client, or rebuilds it from a
+        differing saved configuration when called with ``load_clients=True``.
 
         Raises:
             TypeError: If ``model`` is not a ChatCompletionModel or None.
@@ -569,10 +820,36 @@ class Module:
             param.requires_grad_(requires_grad)
         return self
 
-    def zero_grad(self) -> None:
-        """Empty the ``grad`` list of every parameter, in place."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of every parameter, as ``torch.nn.Module.zero_grad``.
+
+        ``grad`` is a list and stays one (everything that reads it keeps working); the two
+        modes differ, as in torch, in what happens to a reference to the old gradients.
+
+        Args:
+            set_to_none: ``True`` (default, torch's default): give each parameter a new empty
+                list (``p.grad = None`` does the same), so a list read before keeps its
+                gradients. ``False``: empty each list in place, so every holder of it sees
+                ``[]`` (torch zeroes the tensor in place).
+
+        Example:
+            >>> import afnio
+            >>> class Agent(Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.prompt = Parameter("Be brief.", role="system prompt")
+            >>> agent = Agent()
+            >>> agent.prompt.append_grad(afnio.Variable("too short"))
+            >>> kept = agent.prompt.grad
+            >>> agent.zero_grad()
+            >>> agent.prompt.grad, len(kept)
+            ([], 1)
+        """
         for param in self.parameters():
-            param.grad.clear()
+            if set_to_none:
+                param.grad = None
+            else:
+                param.grad.clear()
 
     empty_grad = zero_grad
 
@@ -672,6 +949,7 @@ class Module:
         error_msgs: list[str],
         assign: bool,
         actions: list[Callable[[], None]],
+        load_clients: bool = False,
     ) -> None:
         """Check this module's entries of ``state_dict`` and queue the updates in ``actions``.
 
@@ -682,6 +960,12 @@ class Module:
         for name, (kind, current) in local.items():
             key = prefix + name
             if key in state_dict:
+                if kind == "model":
+                    action = self._load_model(name, key, current, state_dict[key], error_msgs,
+                                              load_clients)
+                    if action is not None:
+                        actions.append(action)
+                    continue
                 loader = getattr(self, f"_load_{kind.replace(' ', '_')}")
                 action = loader(name, key, current, state_dict[key], assign, error_msgs)
                 if action is not None:
@@ -781,7 +1065,7 @@ class Module:
 
         return copy_chat
 
-    def _load_model(self, name, key, current, value, assign, error_msgs):
+    def _load_model(self, name, key, current, value, error_msgs, load_clients):
         if not isinstance(value, Mapping) or "class" not in value:
             error_msgs.append(
                 f'While loading the model client named "{key}", expected a '
@@ -789,8 +1073,8 @@ class Module:
                 f"{type(value).__name__}"
             )
             return None
-        if not assign and client_to_config(current) == dict(value):
-            return None
+        if not load_clients or client_to_config(current) == dict(value):
+            return None  # the live client stays, with its endpoint, cache, limits and key
         try:
             client = client_from_config(dict(value))
         except (ValueError, TypeError) as exc:
@@ -809,18 +1093,29 @@ class Module:
         return lambda: self._completion_configs.__setitem__(name, config)
 
     def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+        self,
+        state_dict: Mapping[str, Any],
+        strict: bool = True,
+        assign: bool = False,
+        *,
+        load_clients: bool = False,
     ) -> IncompatibleKeys:
         """Copy state from ``state_dict`` into this module and its descendants.
 
         All entries are checked before anything changes: if the load fails, the module is left
-        exactly as it was.
+        exactly as it was. Only data is taken: prompts, chats, buffers, completion configs. The
+        module's model clients stay as they are unless ``load_clients=True``.
 
         Args:
             state_dict: A mapping as returned by :meth:`state_dict`.
             strict: Require the keys to match this module's keys exactly.
             assign: Replace the module's Variables (and chats) with the loaded objects instead of
-                copying their data in; model clients are always rebuilt from their description.
+                copying their data in.
+            load_clients: Rebuild each model client whose saved description differs from the
+                live one, from that description: its class (afnio's own clients, or ones
+                registered with :func:`~afnio.models.register_client_class`) and its whole
+                config, endpoint (``base_url``), cache path and model file included. Only for
+                state dicts you trust: a file's endpoint receives your API key.
 
         Returns:
             ``IncompatibleKeys(missing_keys, unexpected_keys)``, also when ``strict=False``.
@@ -829,6 +1124,40 @@ class Module:
             TypeError: If ``state_dict`` is not a mapping.
             RuntimeError: With torch's ``Error(s) in loading state_dict for <Class>:`` text when
                 keys don't match under ``strict`` or a value can't be loaded.
+
+        Example:
+            >>> from afnio.cognitive import Module, Parameter
+            >>> class Agent(Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.prompt = Parameter("Be brief.", role="system prompt")
+            >>> agent = Agent()
+            >>> _ = agent.load_state_dict({"prompt": Parameter("Be kind.", role="system prompt")})
+            >>> agent.prompt.data
+            'Be kind.'
+        """
+        keys, actions = self._prepare_load_state_dict(
+            state_dict, strict=strict, assign=assign, load_clients=load_clients
+        )
+        for action in actions:
+            action()
+        return keys
+
+    def _prepare_load_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        strict: bool = True,
+        assign: bool = False,
+        load_clients: bool = False,
+    ) -> tuple[IncompatibleKeys, list[Callable[[], None]]]:
+        """Check a whole state dict and return the updates that load it, changing nothing.
+
+        :meth:`load_state_dict` is this followed by running the updates; the Trainer calls it
+        to check a checkpoint's agent and optimizers before touching either.
+
+        Raises:
+            TypeError, RuntimeError: As :meth:`load_state_dict`.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(
@@ -844,7 +1173,7 @@ class Module:
             # they are errors.
             module._load_from_state_dict(
                 state_dict, prefix, True, missing_keys, unexpected_keys, error_msgs, assign,
-                actions,
+                actions, load_clients,
             )
             for name, child in module._modules.items():
                 if child is not None:
@@ -872,9 +1201,7 @@ class Module:
                     type(self).__name__, "\n\t".join(error_msgs)
                 )
             )
-        for action in actions:
-            action()
-        return IncompatibleKeys(missing_keys, unexpected_keys)
+        return IncompatibleKeys(missing_keys, unexpected_keys), actions
 
     # ------------------------------------------------------------------ printing
     def _get_name(self) -> str:
