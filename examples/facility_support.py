@@ -157,7 +157,7 @@ class SentimentAgent(cognitive.Module):
         if self.optimizer_name == "demos":
             labels = [extract_label(reply) for reply in replies.data]
             passed = [label == gold for label, gold in zip(labels, sentiment.data)]
-            self.optimizers()[0].record(messages.data, labels, passed=passed)
+            self.optimizers().record(messages.data, labels, passed=passed)
         return score, explanation
 
     def validation_step(self, batch, batch_idx):
