@@ -64,6 +64,7 @@ POOL_CACHE_ENDPOINT = "endpoint-pool"
 """What a pool puts in the ``endpoint`` field of its response-cache keys (see the module docs)."""
 
 _RATE_LIMITED = 429
+_PROBE_POLL = 0.01  # seconds between looks at a probe another request is running
 
 
 @dataclass(frozen=True)
@@ -347,13 +348,25 @@ class EndpointPool(ChatCompletionModel):
         return healthy
 
     async def _choose(self, tried: set[int]) -> _Endpoint | None:
-        """Probe what is due, then reserve the best endpoint (``None``: none is left)."""
+        """Probe what is due, then reserve the best endpoint (``None``: none is left).
+
+        With no healthy endpoint left to try, every untried one is probed; one that another
+        request is probing already is waited for (up to the probe timeout)."""
         with self._lock:
             any_healthy = any(e.healthy and e.index not in tried for e in self._endpoints)
         due = self._due_for_probe(tried, everyone=not any_healthy)
         if due:
             await asyncio.gather(*(self._probe(endpoint) for endpoint in due))
-        return self._pick(tried)
+        chosen = self._pick(tried)
+        deadline = time.monotonic() + self.health_check_timeout + 1.0
+        while chosen is None and self._probing(tried) and time.monotonic() < deadline:
+            await asyncio.sleep(_PROBE_POLL)
+            chosen = self._pick(tried)
+        return chosen
+
+    def _probing(self, tried: set[int]) -> bool:
+        with self._lock:
+            return any(e.probing and e.index not in tried for e in self._endpoints)
 
     def _release(self, endpoint: _Endpoint) -> None:
         with self._lock:
