@@ -30,3 +30,18 @@ def fresh_afnio_settings():
     afnio.set_settings(**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(Settings)})
     yield
     afnio.set_settings(**{f.name: getattr(saved, f.name) for f in dataclasses.fields(Settings)})
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) shared by every test that needs Ray, shut down at the end.
+
+    Ray is in the ``dev`` extra, so these tests run (never skip) wherever the suite runs. Worker
+    processes start in this directory, so they import the same afnio as the tests.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
