@@ -79,6 +79,10 @@ class RemoteStepError(RuntimeError):
     """A step failed in a Ray worker with an exception that could not be sent back as it was.
 
     The message holds the original exception's type and text.
+
+    Example:
+        >>> str(RemoteStepError("ValueError: the model refused"))
+        'ValueError: the model refused'
     """
 
 
