@@ -107,3 +107,16 @@ def llama_server(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) shared by every test that needs Ray, shut down at the end.
+
+    Ray is in the ``dev`` extra, so these tests run (never skip) wherever the suite runs. Worker
+    processes start in this directory, so they import the same afnio as the tests.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

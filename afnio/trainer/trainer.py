@@ -75,15 +75,15 @@ from afnio.trainer.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from afnio.trainer.distributed import RayEvaluation, RemoteStepError
 from afnio.trainer.history import RunHistory, json_safe, public_config
 from afnio.trainer.loggers import STEP_STAGE, CSVLogger, JSONLLogger, Logger
 from afnio.trainer.metrics import (
     MetricAccumulator,
     MetricsLog,
     StepOutput,
-    batch_size_of,
     parse_step_output,
-    score_per_sample,
+    step_values,
 )
 from afnio.trainer.progress import ProgressReporter, format_metrics, format_usage
 from afnio.trainer.recorder import StepRecorder
@@ -438,21 +438,40 @@ class Trainer:
             callback.on_fit_end(self, agent)
         self._end_run("interrupted" if self.stop_reason == "budget" else "success")
 
-    def validate(self, agent: Any, dataloader: Iterable[Any]) -> dict[str, float]:
+    def validate(
+        self, agent: Any, dataloader: Iterable[Any], *, distributed: RayEvaluation | None = None
+    ) -> dict[str, float]:
         """Run ``validation_step`` over ``dataloader`` under ``eval()`` and ``no_grad()``.
+
+        Args:
+            agent: The agent.
+            dataloader: The batches.
+            distributed: A :class:`~afnio.trainer.distributed.RayEvaluation` to shard the
+                batches over Ray workers (same metrics, order and usage as here; usage of
+                the workers' clients is labelled ``other`` in the report).
 
         Returns:
             ``{"val_score": ..., "val_<extra>": ...}`` averaged weighted by batch size.
         """
-        return self._evaluate_standalone(agent, dataloader, "validation_step", "val", "validate")
+        return self._evaluate_standalone(agent, dataloader, "validation_step", "val", "validate",
+                                         distributed)
 
-    def test(self, agent: Any, dataloader: Iterable[Any]) -> dict[str, float]:
+    def test(
+        self, agent: Any, dataloader: Iterable[Any], *, distributed: RayEvaluation | None = None
+    ) -> dict[str, float]:
         """Run ``test_step`` over ``dataloader`` under ``eval()`` and ``no_grad()``.
+
+        Args:
+            agent: The agent.
+            dataloader: The batches.
+            distributed: A :class:`~afnio.trainer.distributed.RayEvaluation` to shard the
+                batches over Ray workers (as for :meth:`validate`).
 
         Returns:
             ``{"test_score": ..., "test_<extra>": ...}`` averaged weighted by batch size.
         """
-        return self._evaluate_standalone(agent, dataloader, "test_step", "test", "test")
+        return self._evaluate_standalone(agent, dataloader, "test_step", "test", "test",
+                                         distributed)
 
     def predict(self, agent: Any, dataloader: Iterable[Any]) -> list[Any]:
         """Run ``agent.predict_step(batch, batch_idx)`` (or ``agent(batch)``) on every batch.
@@ -912,10 +931,7 @@ class Trainer:
         Returns:
             The step's values and its batch size.
         """
-        values = dict(parsed.extras)
-        size = batch_size_of(batch, parsed.explanation)
-        if parsed.score is not None:
-            values["score"] = score_per_sample(parsed.score, size, self.score_reduction, hook)
+        values, size = step_values(parsed, batch, hook, self.score_reduction)
         accumulator.add(values, size)
         return values, size
 
@@ -1048,6 +1064,7 @@ class Trainer:
         prefix: str,
         epoch: int | None,
         usage: Callable[[], Usage],
+        distributed: RayEvaluation | None = None,
     ) -> dict[str, float]:
         step = getattr(agent, hook)
         if epoch is not None and callable(getattr(loader, "set_epoch", None)):
@@ -1055,6 +1072,17 @@ class Trainer:
         accumulator = MetricAccumulator()
         title = {"val": "Validation", "test": "Test"}[prefix]
         with self._inference(agent, title, loader):
+            if distributed is not None:  # the same loop, over results computed in Ray workers
+                results = distributed.run(agent, loader, hook, self.score_reduction, self.on_error)
+                for result in results:
+                    if result.error is not None:
+                        error = result.exception or RemoteStepError(result.error)
+                        self._step_failed(error, prefix, epoch, result.batch_idx)
+                        continue
+                    accumulator.add(result.values, result.size)
+                    self.progress.update(result.batch_idx + 1, accumulator.means(prefix + "_"),
+                                         usage())
+                return accumulator.means(prefix + "_")
             for batch_idx, batch in enumerate(loader):
                 try:
                     parsed = parse_step_output(step(batch, batch_idx), hook)
@@ -1082,12 +1110,17 @@ class Trainer:
             agent.train() if was_training else agent.eval()
 
     def _evaluate_standalone(
-        self, agent: Any, loader: Any, hook: str, prefix: str, stage: str
+        self, agent: Any, loader: Any, hook: str, prefix: str, stage: str,
+        distributed: RayEvaluation | None = None,
     ) -> dict[str, float]:
+        if distributed is not None and not isinstance(distributed, RayEvaluation):
+            raise TypeError(f"Trainer.{stage}: distributed must be a RayEvaluation or None, got "
+                            f"{type(distributed).__name__}")
         recorder = StepRecorder(agent, [])
         with track_usage() as used:
             recorder.start_usage(_snapshot(used))
-            metrics = self._evaluate(agent, loader, hook, prefix, None, lambda: _snapshot(used))
+            metrics = self._evaluate(agent, loader, hook, prefix, None, lambda: _snapshot(used),
+                                     distributed)
             usage = recorder.stop_usage(_snapshot(used))
         row: dict[str, Any] = {"stage": stage, **metrics, **used.as_dict()}
         row["cost_usd"] = round(row["cost_usd"], 10)
