@@ -1,11 +1,14 @@
 """Shared test configuration: the Hypothesis profiles, and fresh afnio settings per test."""
 
 import dataclasses
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import httpx2
 import pytest
@@ -120,3 +123,23 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """``load_example(name)`` imports ``examples/<name>.py`` once per session (examples are
+    scripts, not a package)."""
+
+    def load(name: str) -> ModuleType:
+        module_name = f"afnio_example_{name}"
+        if module_name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # dataclasses look their module up while built
+            spec.loader.exec_module(module)
+        return sys.modules[module_name]
+
+    return load

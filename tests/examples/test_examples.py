@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from afnio.testing import FakeProviderServer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` (examples are scripts, not a package)."""
-    module_name = f"afnio_example_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
 
 
 def marked_role(request: tuple[list[dict[str, str]], dict], roles: list[str]) -> str:
@@ -36,7 +22,7 @@ def marked_role(request: tuple[list[dict[str, str]], dict], roles: list[str]) ->
 
 # --------------------------------------------------------------------------- multi-stage
 @pytest.fixture(scope="module")
-def pipeline_run():
+def pipeline_run(load_example):
     example = load_example("multi_stage_pipeline")
     return example, example.optimize("scripted")
 
@@ -94,7 +80,7 @@ def test_multi_stage_feedback_flows_from_judge_through_both_stages(pipeline_run)
     }
 
 
-def test_multi_stage_one_step_then_stop() -> None:
+def test_multi_stage_one_step_then_stop(load_example) -> None:
     example = load_example("multi_stage_pipeline")
     result = example.optimize("scripted", steps=1, samples=(5,))
     assert len(result.steps) == 1 and result.steps[0].updated
@@ -102,7 +88,7 @@ def test_multi_stage_one_step_then_stop() -> None:
     assert result.final_prompts["reply_prompt"] == example.IMPROVED_PROMPTS[example.REPLY_ROLE]
 
 
-def test_multi_stage_main_prints_what_changed(capsys) -> None:
+def test_multi_stage_main_prints_what_changed(load_example, capsys) -> None:
     example = load_example("multi_stage_pipeline")
     assert example.main([]) == 0
     out = capsys.readouterr().out
@@ -113,7 +99,7 @@ def test_multi_stage_main_prints_what_changed(capsys) -> None:
 
 # --------------------------------------------------------------------------- GradComponent
 @pytest.fixture(scope="module")
-def component_run():
+def component_run(load_example):
     example = load_example("grad_component")
     return example, example.run()
 
@@ -154,7 +140,7 @@ def test_grad_component_backward_engine_sees_only_the_failing_sample(component_r
         assert "<SAMPLE 0>" in user and "<SAMPLE 1>" not in user and "<SAMPLE 2>" not in user
 
 
-def test_grad_component_main_prints_what_changed(capsys) -> None:
+def test_grad_component_main_prints_what_changed(load_example, capsys) -> None:
     example = load_example("grad_component")
     assert example.main() == 0
     out = capsys.readouterr().out
@@ -163,7 +149,7 @@ def test_grad_component_main_prints_what_changed(capsys) -> None:
 
 
 # --------------------------------------------------------------------------- testing offline
-def test_testing_offline_tests_pass_when_called() -> None:
+def test_testing_offline_tests_pass_when_called(load_example) -> None:
     example = load_example("testing_offline")
     example.test_forward_sends_one_request_per_ticket()
     example.test_backward_asks_once_for_the_shared_prompt()
@@ -173,7 +159,7 @@ def test_testing_offline_tests_pass_when_called() -> None:
         assert [fault.status for fault in server.faults_applied] == [429]
 
 
-def test_testing_offline_fails_on_a_broken_pipeline(monkeypatch) -> None:
+def test_testing_offline_fails_on_a_broken_pipeline(load_example, monkeypatch) -> None:
     example = load_example("testing_offline")
     monkeypatch.setattr(example, "IMPROVED_PROMPT", "Draft a reply.")  # loses the rule
     with pytest.raises(AssertionError):

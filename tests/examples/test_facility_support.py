@@ -3,24 +3,17 @@ fake provider server (the full run on the embedded model is CI's main-job step).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from afnio.testing import FakeProviderServer
 from afnio.utils.datasets import FacilitySupport
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "facility_support.py"
-
 
 @pytest.fixture(scope="module")
-def facility_support():
-    spec = importlib.util.spec_from_file_location("facility_support_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def facility_support(load_example):
+    return load_example("facility_support")
 
 
 def gold_labels() -> dict[str, str]:

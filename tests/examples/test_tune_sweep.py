@@ -3,7 +3,6 @@ finds for each config, run here without Ray."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,18 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tune_sweep.py"
 
 
-def load_example():
-    """Import ``examples/tune_sweep.py`` (examples are scripts, not a package)."""
-    name = "afnio_example_tune_sweep"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def test_the_sweep_example_runs_on_the_local_cluster(ray_cluster, tmp_path) -> None:
+def test_the_sweep_example_runs_on_the_local_cluster(load_example, ray_cluster, tmp_path) -> None:
     """The example, as a script, joining the session's cluster: four trials, two epochs each,
     the same scores as the Trainer gives each config here, and the best prompt recovered."""
     address = ray_cluster.get_runtime_context().gcs_address
@@ -41,7 +29,7 @@ def test_the_sweep_example_runs_on_the_local_cluster(ray_cluster, tmp_path) -> N
     trials = outcome["trials"]
     assert sorted((t["config"]["optimizer"], t["config"]["momentum"]) for t in trials) == [
         ("tgd", 0), ("tgd", 2), ("tgd-examples", 0), ("tgd-examples", 2)]
-    example = load_example()
+    example = load_example("tune_sweep")
     for number, trial in enumerate(trials):
         assert len(trial["val_scores"]) == 2
         reports: list[dict] = []

@@ -4,29 +4,13 @@ example in ``tests/examples/test_tune_sweep.py`` runs the same code under Tune).
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from afnio.trainer.checkpoint import read_checkpoint
 from afnio.trainer.tune import CHECKPOINT_FILE, BestTrial, TuneJob, best_trial, run_trial, trainable
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "tune_sweep.py"
-
-
-def load_example():
-    name = "afnio_example_tune_sweep"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
 
 CONFIG = {"optimizer": "tgd", "momentum": 2, "batch_size": 2, "seed": 1, "max_epochs": 3}
 
@@ -47,8 +31,8 @@ class Reports:
         self.files.append(kept)
 
 
-def test_each_finished_epoch_is_reported_once_with_its_checkpoint(tmp_path) -> None:
-    example = load_example()
+def test_each_finished_epoch_is_reported_once_with_its_checkpoint(load_example, tmp_path) -> None:
+    example = load_example("tune_sweep")
     reports = Reports(tmp_path)
     trainer = run_trial(example.build, CONFIG, run_dir=tmp_path / "run", report=reports)
     assert [m["epoch"] for m in reports.metrics] == [0, 1, 2]
@@ -62,8 +46,10 @@ def test_each_finished_epoch_is_reported_once_with_its_checkpoint(tmp_path) -> N
     assert read_checkpoint(reports.files[-1])["agent"]["rules"].data == trainer._agent.rules.data
 
 
-def test_a_resumed_trial_reports_only_the_epochs_it_runs_and_ends_the_same(tmp_path) -> None:
-    example = load_example()
+def test_a_resumed_trial_reports_only_the_epochs_it_runs_and_ends_the_same(
+    load_example, tmp_path
+) -> None:
+    example = load_example("tune_sweep")
     whole = Reports(tmp_path / "whole")
     run_trial(example.build, CONFIG, run_dir=tmp_path / "a", report=whole)
     resumed = Reports(tmp_path / "resumed")
@@ -115,8 +101,8 @@ class _Result:
         ]
 
 
-def test_best_trial_prefers_the_best_score_then_the_earliest_epoch(tmp_path) -> None:
-    example = load_example()
+def test_best_trial_prefers_the_best_score_then_the_earliest_epoch(load_example, tmp_path) -> None:
+    example = load_example("tune_sweep")
     results = []
     base = {"momentum": 0, "batch_size": 2, "seed": 0, "max_epochs": 2}
     for number, family in enumerate(["tgd", "tgd-examples"]):
