@@ -36,7 +36,7 @@ import re
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,6 +54,7 @@ __all__ = [
     "FeedbackFormatWarning",
     "ReplyParseError",
     "Unreadable",
+    "as_finished",
     "ask",
     "check_fits",
     "chunk_by_budget",
@@ -491,6 +492,39 @@ async def gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
             if not task.cancelled():
                 # Mark secondary failures as seen; the first one is already propagating.
                 task.exception()
+
+
+async def as_finished(awaitables: Sequence[Awaitable[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Run concurrently and yield ``(index, result)`` as each finishes (several finishing
+    together come in index order); if one fails, or the caller stops early, cancel the others
+    and wait for them, so no request is left running.
+
+    Example:
+        >>> from afnio._runtime import run
+        >>> async def slow_then_fast():
+        ...     async def value(x, delay):
+        ...         await asyncio.sleep(delay)
+        ...         return x
+        ...     return [pair async for pair in as_finished([value("a", 0.05), value("b", 0)])]
+        >>> run(slow_then_fast())
+        [(1, 'b'), (0, 'a')]
+    """
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    index = {task: number for number, task in enumerate(tasks)}
+    pending = set(tasks)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=index.__getitem__):
+                yield index[task], task.result()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # mark secondary failures as seen
 
 
 # --------------------------------------------------------------------------- condense
