@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from afnio.testing.latency import LatencyModel
+
 __all__ = ["DEFAULT_FAULT_MIX", "Fault", "FakeProviderServer", "FakeReply"]
 
 _FAULT_KINDS = (
@@ -172,7 +174,11 @@ class FakeProviderServer:
         reply: ``reply(request_json) -> str | FakeReply`` (may be ``async``), called with the
             parsed request body of every successful request; ``None`` echoes the last user
             message. Exceptions raised by it become a 500 response and are kept in ``errors``.
-        latency: Seconds every request waits before it is answered (concurrently, not in turn).
+        latency: Seconds every request waits before it is answered (concurrently, not in turn),
+            or a :class:`~afnio.testing.LatencyModel` whose duration grows with the request's
+            prompt and reply tokens as ``usage`` counts them (words), like a real provider's
+            prefill and decoding: the model's ``base`` passes before the reply is computed, the
+            rest after (a faulted request waits ``base`` only).
         faults: Faults applied to the next requests, one each, in order (see :class:`Fault`
             for the shorthands); more can be added with :meth:`inject`.
         api_key: If given, requests must carry it (``Authorization: Bearer`` or ``x-api-key``)
@@ -214,8 +220,10 @@ class FakeProviderServer:
         fault_mix: Iterable[Fault | int | str | dict[str, Any]] | None = None,
         seed: int = 0,
     ) -> None:
-        if latency < 0:
-            raise ValueError(f"FakeProviderServer: latency must be >= 0, got {latency}")
+        try:
+            self._latency = LatencyModel.of(latency)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"FakeProviderServer: latency: {error}") from None
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"FakeProviderServer: fault_rate must be in [0, 1], got {fault_rate}")
         self.fault_rate = fault_rate
@@ -225,6 +233,7 @@ class FakeProviderServer:
         self._random = random.Random(seed)
         self.reply = reply
         self.latency = latency
+        self._sleep = asyncio.sleep  # how latency passes (a test may record it instead)
         self._api_key = api_key
         self._faults: deque[Fault] = deque(Fault.parse(f) for f in faults or ())
         self._lock = threading.Lock()
@@ -415,8 +424,8 @@ class FakeProviderServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self.latency:
-                await asyncio.sleep(self.latency)
+            if self._latency.base:
+                await self._sleep(self._latency.base)
             response = await self._response(reader, api, headers, recorded, fault)
         finally:
             # Counted out before the answer is written, so a client that got its answer never
@@ -461,6 +470,8 @@ class FakeProviderServer:
             with self._lock:
                 self.errors.append(exc)
             return _error(api, 500, f"reply function failed: {type(exc).__name__}")
+        if self._latency.per_token:
+            await self._sleep(self._token_latency(api, request_json, payload))
         kind = fault.kind if fault is not None else None
         if kind == "missing_fields":
             if api == "openai":
@@ -478,6 +489,20 @@ class FakeProviderServer:
             page = b"<!DOCTYPE html><html><body><h1>Sign in to the network</h1></body></html>"
             return 200, page, {"content-type": "text/html; charset=utf-8"}
         return 200, body, {}
+
+    def _token_latency(
+        self, api: str, request_json: dict[str, Any], payload: dict[str, Any]
+    ) -> float:
+        """The part of a request's modelled duration that comes after ``base``."""
+        usage = payload["usage"]
+        if api == "openai":
+            prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
+        else:
+            prompt = (usage["input_tokens"] + usage["cache_read_input_tokens"]
+                      + usage["cache_creation_input_tokens"])
+            output = usage["output_tokens"]
+        key = LatencyModel.request_key(_prompt_texts(request_json))
+        return max(self._latency.seconds(prompt, output, key) - self._latency.base, 0.0)
 
     async def _completion(self, api: str, request_json: dict[str, Any]) -> dict[str, Any]:
         if "_raw" in request_json:
