@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import json
 import re
 import threading
@@ -655,7 +656,9 @@ class BackwardModel:
             ContextWindowError: When the request does not fit the model's window (not sent).
         """
         client = self.require(what)
-        check_fits(self.tokens(messages), token_budget(client, self.completion_args), what)
+        window = token_budget(client, self.completion_args)
+        if not client.prompt_fits(messages, window):
+            check_fits(self.tokens(messages), window, what)
         schema = {
             "type": "object",
             "properties": {
@@ -710,6 +713,9 @@ async def merge_feedback(
 ) -> str:
     """Merge pieces of feedback into one with condense requests (``request(rendered parts)``),
     in groups that fit the backward model, round by round."""
+    texts = [text for text in texts if text]
+    if len(texts) <= 1:
+        return texts[0] if texts else ""
     merged = await merge_in_rounds(
         texts,
         render_part=lambda number, text: fill_template(
@@ -777,7 +783,7 @@ async def element_gradient(
     index = 0 if position is None else position
 
     def fits(text: str) -> bool:
-        return backward.tokens(requests.element(position, text)) <= budget
+        return backward.client.prompt_fits(requests.element(position, text), budget)
 
     text = await feedback.fitted(index, fits, what)
     return await backward.feedback(requests.element(position, text), what)
@@ -793,10 +799,10 @@ async def shared_gradient(
     """One gradient for a variable every sample in ``positions`` used: one request over all of
     them, split into chunks only when it would not fit, the chunks' feedback then merged."""
     budget = backward.budget()
-    base = backward.tokens(requests.shared([]))
+    base = functools.cache(lambda: backward.tokens(requests.shared([])))
 
     def fits_alone(position: int) -> Callable[[str], bool]:
-        return lambda text: base + backward.text_tokens(requests.sample(position, text)) + 2 <= (
+        return lambda text: base() + backward.text_tokens(requests.sample(position, text)) + 2 <= (
             budget
         )
 
@@ -804,12 +810,16 @@ async def shared_gradient(
         [feedback.fitted(position, fits_alone(position), what) for position in positions]
     )
     samples = [requests.sample(position, text) for position, text in zip(positions, texts)]
+    whole = requests.shared(samples)
+    if backward.client.prompt_fits(whole, budget):  # the usual case: one request, no counting
+        return await backward.feedback(whole, what)
     # +2 for the blank line joining samples; counting pieces keeps this linear in the batch.
+    base_tokens = base()
     sizes = [backward.text_tokens(sample) + 2 for sample in samples]
-    groups = chunk_by_budget(base, sizes, budget)
+    groups = chunk_by_budget(base_tokens, sizes, budget)
     window = token_budget(backward.client, backward.completion_args)
     for group in groups:  # a sample too long even alone: refuse before any chunk is sent
-        check_fits(base + sum(sizes[i] for i in group), window, what)
+        check_fits(base_tokens + sum(sizes[i] for i in group), window, what)
     answers = await gather_all(
         [backward.feedback(requests.shared([samples[i] for i in group]), what) for group in groups]
     )

@@ -618,6 +618,8 @@ def check_forward_fits(
     """
     budget = token_budget(client, completion_args)
     for position, request in zip(bound.positions, requests):
+        if client.prompt_fits(request, budget):
+            continue
         needed = client.count_message_tokens(request)
         if needed > budget:
             element = "" if position is None else f" for batch element {position}"

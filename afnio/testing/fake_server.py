@@ -177,8 +177,8 @@ class FakeProviderServer:
         latency: Seconds every request waits before it is answered (concurrently, not in turn),
             or a :class:`~afnio.testing.LatencyModel` whose duration grows with the request's
             prompt and reply tokens as ``usage`` counts them (words), like a real provider's
-            prefill and decoding: the model's ``base`` passes before the reply is computed, the
-            rest after (a faulted request waits ``base`` only).
+            prefill and decoding: the reply is computed first, then the whole duration passes
+            (a faulted request waits ``base`` only).
         faults: Faults applied to the next requests, one each, in order (see :class:`Fault`
             for the shorthands); more can be added with :meth:`inject`.
         api_key: If given, requests must carry it (``Authorization: Bearer`` or ``x-api-key``)
@@ -424,7 +424,7 @@ class FakeProviderServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self._latency.base:
+            if self._latency.base and (fault is not None or not self._latency.per_token):
                 await self._sleep(self._latency.base)
             response = await self._response(reader, api, headers, recorded, fault)
         finally:
@@ -470,8 +470,8 @@ class FakeProviderServer:
             with self._lock:
                 self.errors.append(exc)
             return _error(api, 500, f"reply function failed: {type(exc).__name__}")
-        if self._latency.per_token:
-            await self._sleep(self._token_latency(api, request_json, payload))
+        if self._latency.per_token and fault is None:
+            await self._sleep(self._modelled_latency(api, request_json, payload))
         kind = fault.kind if fault is not None else None
         if kind == "missing_fields":
             if api == "openai":
@@ -490,10 +490,10 @@ class FakeProviderServer:
             return 200, page, {"content-type": "text/html; charset=utf-8"}
         return 200, body, {}
 
-    def _token_latency(
+    def _modelled_latency(
         self, api: str, request_json: dict[str, Any], payload: dict[str, Any]
     ) -> float:
-        """The part of a request's modelled duration that comes after ``base``."""
+        """A request's duration under a token-dependent latency model."""
         usage = payload["usage"]
         if api == "openai":
             prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
@@ -502,7 +502,7 @@ class FakeProviderServer:
                       + usage["cache_creation_input_tokens"])
             output = usage["output_tokens"]
         key = LatencyModel.request_key(_prompt_texts(request_json))
-        return max(self._latency.seconds(prompt, output, key) - self._latency.base, 0.0)
+        return self._latency.seconds(prompt, output, key)
 
     async def _completion(self, api: str, request_json: dict[str, Any]) -> dict[str, Any]:
         if "_raw" in request_json:

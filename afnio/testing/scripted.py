@@ -37,8 +37,9 @@ class ScriptedModel(ChatCompletionModel):
             to echo the last user message.
         latency: Seconds each request takes (an ``asyncio.sleep``, so requests overlap), or a
             :class:`~afnio.testing.LatencyModel` whose duration grows with the request's
-            prompt and reply tokens (counted as :meth:`count_message_tokens` counts them), or
-            that model's fields as a dict.
+            prompt and reply tokens (counted as :meth:`count_message_tokens` counts them; the
+            reply is computed first, then the whole duration passes), or that model's fields
+            as a dict.
         model: The model name to report.
         max_tokens: Tokens a request reserves for its reply when it gives no ``max_tokens``
             (see :meth:`~afnio.models.model.ChatCompletionModel.output_reserve`).
@@ -118,7 +119,7 @@ class ScriptedModel(ChatCompletionModel):
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         latency = self._latency
         try:
-            if latency.base:
+            if latency.base and not latency.per_token:
                 await self._sleep(latency.base)
             reply = self._next_reply(messages, completion_args)
             if inspect.isawaitable(reply):
@@ -131,11 +132,11 @@ class ScriptedModel(ChatCompletionModel):
                 completion_tokens=count_tokens(reply, self.model),
             )
             if latency.per_token:
-                # The rest of the modelled duration, now that the reply's length is known.
+                # The whole modelled duration, now that the reply's length is known.
                 key = LatencyModel.request_key(str(m.get("content", "")) for m in messages)
                 await self._sleep(latency.seconds(
                     completion.prompt_tokens, completion.completion_tokens, key
-                ) - latency.base)
+                ))
         finally:
             self.in_flight -= 1
         return completion

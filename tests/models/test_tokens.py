@@ -36,9 +36,9 @@ def cold_tiktoken(monkeypatch, tmp_path):
     """A process state where no encoding is loaded and tiktoken's download cache is empty."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    tokens._load_encoding.cache_clear()
+    monkeypatch.setattr(tokens, "_encodings", {})
+    monkeypatch.setattr(tokens, "_preloading", set())
     yield tmp_path / "tiktoken-cache"
-    tokens._load_encoding.cache_clear()
 
 
 def test_counts_known_text():
