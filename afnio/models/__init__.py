@@ -2,13 +2,15 @@
 
 Build a client from a path with :func:`get_client` (``"openai/gpt-4.1-nano"``,
 ``"anthropic/claude-haiku-4-5"``, ``"local/smollm2"``,
-``"openai-compatible/<model>@<base_url>"``) or from its class. Every client shares the request
+``"openai-compatible/<model>@<base_url>"``; several comma-separated URLs make an
+:class:`EndpointPool`) or from its class. Every client shares the request
 pipeline of :class:`ChatCompletionModel`: response cache, budget, concurrency and rate limits,
 retries, usage/cost accounting (:func:`get_usage`, :func:`track_usage`), and a check that each
 request fits the model's context window (:class:`ContextWindowError`).
 
 The SDK client classes (``OpenAI``, ``AsyncOpenAI``, ``Anthropic``, ``AsyncAnthropic``,
-``LocalModel``) are imported on first access, so ``import afnio`` doesn't load the SDKs.
+``LocalModel``, ``EndpointPool``) are imported on first access, so ``import afnio`` doesn't load
+the SDKs.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _LAZY_CLIENTS = {
     "Anthropic": "afnio.models.anthropic",
     "AsyncAnthropic": "afnio.models.anthropic",
     "LocalModel": "afnio.models.local",
+    "EndpointPool": "afnio.models.pool",
+    "PoolEndpoint": "afnio.models.pool",
 }
 
 __all__ = [

@@ -636,6 +636,7 @@ _KNOWN_CLIENTS = {
     "afnio.models.anthropic.AsyncAnthropic": "afnio.models.anthropic",
     "afnio.models.anthropic.Anthropic": "afnio.models.anthropic",
     "afnio.models.local.LocalModel": "afnio.models.local",
+    "afnio.models.pool.EndpointPool": "afnio.models.pool",
     "afnio.testing.scripted.ScriptedModel": "afnio.testing.scripted",
 }
 _registered_clients: dict[str, type[ChatCompletionModel]] = {}
@@ -691,12 +692,12 @@ def client_to_config(client: ChatCompletionModel) -> dict[str, Any]:
 def client_from_config(description: Mapping[str, Any]) -> ChatCompletionModel:
     """Rebuild a client from :func:`client_to_config` output.
 
-    The class must be one of afnio's own clients (``AsyncOpenAI``, ``OpenAI``,
-    ``AsyncAnthropic``, ``Anthropic``, ``LocalModel``, ``ScriptedModel``) or registered with
-    :func:`register_client_class`: nothing else is imported or constructed, whatever the
-    description names. The config is used whole — endpoint (``base_url``), cache path, model
-    file — so rebuild only descriptions you trust; ``afnio.load``, ``load_state_dict`` and the
-    Trainer's resume call this only when asked to (``load_clients=True``).
+    The class must be one of afnio's own clients (``AsyncOpenAI``, ``OpenAI``, ``AsyncAnthropic``,
+    ``Anthropic``, ``LocalModel``, ``EndpointPool``, ``ScriptedModel``) or registered with
+    :func:`register_client_class`: nothing else is imported or constructed, whatever the description
+    names. The config is used whole — endpoint (``base_url``), cache path, model file — so rebuild
+    only descriptions you trust; ``afnio.load``, ``load_state_dict`` and the Trainer's resume call
+    this only when asked to (``load_clients=True``).
 
     Raises:
         ValueError: If the description is malformed or names a class afnio doesn't know.

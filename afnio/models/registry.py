@@ -10,6 +10,8 @@ Paths:
 - ``"openai-compatible/<model>@<base_url>"``: :class:`afnio.models.openai.AsyncOpenAI` talking to
   any OpenAI-compatible server (vLLM, Ollama, ``llama_cpp.server``), e.g.
   ``"openai-compatible/llama3@http://127.0.0.1:8000/v1"``.
+- ``"openai-compatible/<model>@<url1>,<url2>,..."``: an :class:`afnio.models.pool.EndpointPool`
+  spreading requests over replicas serving the same model.
 
 Client classes are imported only when a path asks for them, so a missing optional dependency
 (``llama-cpp-python``) only matters to the paths that need it.
@@ -51,8 +53,8 @@ def parse_model_path(model_path: str) -> tuple[str, str, dict[str, Any]]:
 
     Returns:
         ``(provider, model, client_args)``; ``client_args`` holds ``base_url`` for
-        ``openai-compatible`` paths, ``model_path`` for a local GGUF file, and is empty
-        otherwise.
+        ``openai-compatible`` paths (``endpoints``, a list of URLs, when the path names several,
+        comma-separated), ``model_path`` for a local GGUF file, and is empty otherwise.
 
     Raises:
         TypeError: If ``model_path`` is not a str.
@@ -64,6 +66,8 @@ def parse_model_path(model_path: str) -> tuple[str, str, dict[str, Any]]:
         ('openai', 'gpt-4.1-nano', {})
         >>> parse_model_path("openai-compatible/llama3@http://127.0.0.1:8000/v1")
         ('openai-compatible', 'llama3', {'base_url': 'http://127.0.0.1:8000/v1'})
+        >>> parse_model_path("openai-compatible/llama3@http://a:8000/v1,http://b:8000/v1")
+        ('openai-compatible', 'llama3', {'endpoints': ['http://a:8000/v1', 'http://b:8000/v1']})
     """
     if not isinstance(model_path, str):
         raise TypeError(
@@ -94,6 +98,15 @@ def parse_model_path(model_path: str) -> tuple[str, str, dict[str, Any]]:
             f"server's URL: 'openai-compatible/<model>@<base_url>', "
             f"e.g. 'openai-compatible/llama3@http://127.0.0.1:8000/v1'."
         )
+    if "," in base_url:
+        urls = [url.strip() for url in base_url.split(",")]
+        if not all(urls):
+            raise ValueError(
+                f"Invalid model path format: {model_path!r}. An endpoint pool path lists its "
+                f"servers' URLs separated by single commas: "
+                f"'openai-compatible/<model>@<url1>,<url2>'."
+            )
+        return provider, name, {"endpoints": urls}
     return provider, name, {"base_url": base_url}
 
 
@@ -108,7 +121,8 @@ def get_client(model_path: str, **client_args: Any) -> ChatCompletionModel:
 
     Args:
         model_path: ``"openai/<model>"``, ``"anthropic/<model>"``, ``"local/smollm2"``,
-            ``"local/<path.gguf>"`` or ``"openai-compatible/<model>@<base_url>"``.
+            ``"local/<path.gguf>"``, ``"openai-compatible/<model>@<base_url>"`` or
+            ``"openai-compatible/<model>@<url1>,<url2>,..."`` (an endpoint pool).
         **client_args: Constructor arguments of the client (``api_key``, ``max_concurrency``,
             ``budget_usd``, ``cache``, ...).
 
@@ -132,6 +146,10 @@ def get_client(model_path: str, **client_args: Any) -> ChatCompletionModel:
         )
     if provider == "local":
         return _client_class(provider)(**path_args, **client_args)
+    if "endpoints" in path_args:
+        from afnio.models.pool import EndpointPool
+
+        return EndpointPool(model=model, **path_args, **client_args)
     return _client_class(provider)(model=model, **path_args, **client_args)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "batch_size_of",
     "parse_step_output",
     "score_per_sample",
+    "step_values",
 ]
 
 
@@ -150,6 +151,30 @@ def score_per_sample(score: Any, batch_size: int, reduction: str, hook: str) -> 
     if isinstance(data, list) or reduction != "sum":
         return value
     return value / batch_size
+
+
+def step_values(
+    parsed: StepOutput, batch: Any, hook: str, reduction: str
+) -> tuple[dict[str, float], int]:
+    """A step's metric values (its per-sample ``score`` and extras) and its batch size.
+
+    Args:
+        parsed: What :func:`parse_step_output` read from the hook.
+        batch: The batch the hook ran on (for its size).
+        hook: The hook's name, quoted in errors.
+        reduction: How the evaluator reduced the batch: ``"sum"`` or ``"mean"``.
+
+    Example:
+        >>> import afnio
+        >>> step = parse_step_output((3, afnio.Variable(["", "", "", ""])), "validation_step")
+        >>> step_values(step, None, "validation_step", "sum")
+        ({'score': 0.75}, 4)
+    """
+    values = dict(parsed.extras)
+    size = batch_size_of(batch, parsed.explanation)
+    if parsed.score is not None:
+        values["score"] = score_per_sample(parsed.score, size, reduction, hook)
+    return values, size
 
 
 class MetricAccumulator:
