@@ -177,6 +177,7 @@ class ChatCompletionModel(abc.ABC):
         self._structured_output_on = True
         self._usage = Usage()
         self._usage_lock = threading.Lock()
+        tokens.preload(self.model)  # in the background, so that no request waits for it
 
     @property
     def context_window(self) -> int:

@@ -113,13 +113,32 @@ def _encoding_name_for(model: str | None) -> str:
 
 
 _encodings: dict[str, tiktoken.Encoding | None] = {}
+_unreported: dict[str, str] = {}  # why an encoding could not be loaded, until warned once
 
 
 def _load_encoding(encoding_name: str) -> tiktoken.Encoding | None:
-    """The encoding to count with, loaded from local files only; None if none can be loaded.
+    """The encoding to count with, loaded from local files only; None if none can be loaded
+    (with a warning, once).
 
     Loaded once per process: a caller that arrives while another thread (see :func:`preload`)
     is loading it waits for that load instead of starting its own."""
+    encoding = _loaded(encoding_name)
+    if encoding is None:
+        with _lock:
+            reason = _unreported.pop(encoding_name, None)
+        if reason is not None:
+            warnings.warn(
+                f"count_tokens: no local tokenizer for {encoding_name!r} and the bundled "
+                f"{_OFFLINE_ENCODING!r} could not be loaded ({reason}); token counts are "
+                f"estimated as one token per {CHARS_PER_TOKEN} characters.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return encoding
+
+
+def _loaded(encoding_name: str) -> tiktoken.Encoding | None:
+    """The encoding, read on the first call (in whichever thread makes it)."""
     if encoding_name in _encodings:
         return _encodings[encoding_name]
     with _lock:
@@ -134,13 +153,7 @@ def _read_encoding(encoding_name: str) -> tiktoken.Encoding | None:
     try:
         return tiktoken.get_encoding(_OFFLINE_ENCODING)
     except (ValueError, OSError) as exc:
-        warnings.warn(
-            f"count_tokens: no local tokenizer for {encoding_name!r} and the bundled "
-            f"{_OFFLINE_ENCODING!r} could not be loaded ({exc}); token counts are estimated "
-            f"as one token per {CHARS_PER_TOKEN} characters.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _unreported[encoding_name] = str(exc)
         return None
 
 
@@ -163,7 +176,7 @@ def preload(model: str | None = None) -> None:
             return
         _preloading.add(name)
     threading.Thread(
-        target=_load_encoding, args=(name,), name=f"afnio-tokenizer-{name}", daemon=True
+        target=_loaded, args=(name,), name=f"afnio-tokenizer-{name}", daemon=True
     ).start()
 
 

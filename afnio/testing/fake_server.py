@@ -196,6 +196,7 @@ class FakeProviderServer:
         faults_applied: The faults that have been applied, in order.
         in_flight: Requests currently being handled.
         max_in_flight: The largest number of requests handled at once.
+        connections_opened: TCP connections clients have opened to the server.
         errors: Exceptions raised by ``reply``.
 
     Example:
@@ -243,6 +244,7 @@ class FakeProviderServer:
         self.errors: list[BaseException] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.connections_opened = 0
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -350,6 +352,7 @@ class FakeProviderServer:
             self.errors.clear()
             self._faults.clear()
             self.max_in_flight = self.in_flight
+            self.connections_opened = 0
 
     @staticmethod
     def count_tokens(text: str) -> int:
@@ -359,6 +362,8 @@ class FakeProviderServer:
     # ----------------------------------------------------------------- HTTP
 
     def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self.connections_opened += 1
         task = asyncio.ensure_future(self._serve_connection(reader, writer))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)

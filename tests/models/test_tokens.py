@@ -38,6 +38,7 @@ def cold_tiktoken(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     monkeypatch.setattr(tokens, "_encodings", {})
     monkeypatch.setattr(tokens, "_preloading", set())
+    monkeypatch.setattr(tokens, "_unreported", {})
     yield tmp_path / "tiktoken-cache"
 
 
