@@ -897,11 +897,8 @@ class Trainer:
     ) -> ModuleScorer:
         """The closure of a scoring optimizer: ``training_step`` again on this batch, starting
         from the score the training step just gave (so the score before costs nothing)."""
-        size = batch_size_of(batch, parsed.explanation)
-        baseline = (
-            None if parsed.score is None
-            else score_per_sample(parsed.score, size, self.score_reduction, "training_step")
-        )
+        values, _size = step_values(parsed, batch, "training_step", self.score_reduction)
+        baseline = values.get("score")
         return ModuleScorer(
             agent, batch, batch_idx=batch_idx, score_reduction=self.score_reduction,
             baseline=baseline,
