@@ -15,7 +15,7 @@ The requests form this DAG (each group waits only for the groups its inputs come
                                    1 shared request for its prompt
     G3x -> G2x, G2p                stage 2 needs only the gradient of its output (G3x)
     G2x -> G1p                     stage 1's inputs are data: only its prompt's request
-    Gkp -> Ok                      the optimizer's request for prompt k needs its gradient
+    G1p, G2p, G3p -> Ok            optimizer.step() starts once backward() has returned
 
 A Variable is one batch, so a group starts when all requests of the groups it waits for have
 been answered. The **critical-path limit** is the longest path through the DAG with every
@@ -76,8 +76,10 @@ MODEL = "gpt-4.1-nano"
 GROUPS = ["F1", "F2", "F3", "J", "G3x", "G3p", "G2x", "G2p", "G1p", "O3", "O2", "O1"]
 WAITS_FOR = {
     "F1": [], "F2": ["F1"], "F3": ["F2"], "J": ["F3"], "G3x": ["J"], "G3p": ["J"],
-    "G2x": ["G3x"], "G2p": ["G3x"], "G1p": ["G2x"], "O3": ["G3p"], "O2": ["G2p"],
-    "O1": ["G1p"],
+    "G2x": ["G3x"], "G2p": ["G3x"], "G1p": ["G2x"],
+    # optimizer.step() runs once backward() has returned: every prompt's request waits for all
+    # of the backward pass.
+    **dict.fromkeys(["O3", "O2", "O1"], ["G3p", "G2p", "G1p"]),
 }
 _STAGE = re.compile(r"Stage (\d)")
 _GRADIENT_SYSTEM = autodiff_prompts.GRADIENT_SYSTEM_PROMPT[:40]
@@ -368,6 +370,7 @@ def cold(batch: int, latency: LatencyModel, repeat: int) -> None:
               f"process replaying that step's requests; median of {repeat} processes")
         print(f"{'step':>6} {'wall ms':>9} {'floor ms':>9} {'ratio':>6} {'CPU ms':>8}")
         sdk_floor(sdk, *_warm_bodies(server, batch))  # warm the floor's own client
+        server.take_requests()
         results: list[list[tuple[float, float, float]]] = [[], []]
         for _ in range(repeat):
             here, there = multiprocessing.Pipe()

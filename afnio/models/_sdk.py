@@ -44,6 +44,7 @@ __all__ = [
     "SharedConnections",
     "check_model_and_timeout",
     "check_one_whole_reply",
+    "default_ssl_context",
     "create_arguments",
     "json_schema_of",
     "redact",
@@ -246,6 +247,34 @@ class SharedConnections:
 
 CONNECTIONS = SharedConnections()
 """The connection pools of every :class:`SdkChatModel` in the process."""
+
+_ssl_lock = threading.Lock()
+_ssl_contexts: list[Any] = []  # the process's one default TLS context, once built
+
+
+def default_ssl_context() -> Any:
+    """The TLS context the SDKs' HTTP clients would each build by default (system or certifi
+    roots, ``SSL_CERT_FILE``), built once per process and shared by every connection pool.
+
+    Building one reads every trusted root certificate, which takes a noticeable time; afnio's
+    clients start it in the background when they are created (see :class:`SdkChatModel`).
+
+    Example:
+        >>> default_ssl_context() is default_ssl_context()
+        True
+    """
+    with _ssl_lock:
+        if not _ssl_contexts:
+            import httpx2  # the HTTP library of both SDKs
+
+            _ssl_contexts.append(httpx2.create_ssl_context())
+        return _ssl_contexts[0]
+
+
+def _prepare_ssl_context() -> None:
+    """Build :func:`default_ssl_context` in a background thread, unless it is built."""
+    if not _ssl_contexts:
+        threading.Thread(target=default_ssl_context, name="afnio-tls-context", daemon=True).start()
 
 
 async def _release_sdk_client(key: Any, client: Any) -> None:
@@ -613,6 +642,7 @@ class SdkChatModel(ChatCompletionModel):
             self._new_sdk_client,
             close=functools.partial(_release_sdk_client, self._connections_key),
         )
+        _prepare_ssl_context()
 
     @abc.abstractmethod
     def _new_sdk_template(self, api_key: str) -> Any:
@@ -629,7 +659,9 @@ class SdkChatModel(ChatCompletionModel):
     def _new_sdk_client(self) -> Any:
         pool = CONNECTIONS.acquire(
             self._connections_key,
-            lambda: self._sdk.DefaultAsyncHttpxClient(timeout=self.timeout),
+            lambda: self._sdk.DefaultAsyncHttpxClient(
+                timeout=self.timeout, verify=default_ssl_context()
+            ),
         )
         return self._template.copy(http_client=pool)
 
@@ -697,22 +729,25 @@ class SdkChatModel(ChatCompletionModel):
                 f"{where} with a body that is not UTF-8 ({error.reason} at byte {error.start})",
                 status=status, endpoint=url,
             ) from None
-        snippet = self._safe(" ".join(text.split())[:120])
+
+        def snippet() -> str:  # only for an error: a well-formed reply costs no redaction
+            return self._safe(" ".join(text[:2000].split())[:120])
+
         if "html" in content_type.lower() or text.lstrip()[:1] == "<":
             raise MalformedReplyError(
                 f"{where} with an HTML page instead of JSON (a proxy or a wrong base_url?): "
-                f"{snippet!r}", status=status, endpoint=url,
+                f"{snippet()!r}", status=status, endpoint=url,
             )
         try:
             data = json.loads(text)
         except ValueError as error:
             raise MalformedReplyError(
-                f"{where} with a body that is not valid JSON ({error}): {snippet!r}",
+                f"{where} with a body that is not valid JSON ({error}): {snippet()!r}",
                 status=status, endpoint=url,
             ) from None
         if not isinstance(data, dict):
             raise MalformedReplyError(
-                f"{where} with JSON that is not an object: {snippet!r}", status=status,
+                f"{where} with JSON that is not an object: {snippet()!r}", status=status,
                 endpoint=url,
             )
         return data
