@@ -40,7 +40,8 @@ in the numbers) and that every prompt was updated. The server runs in a child pr
 provider does not share our GIL).
 
 Run:
-    python benchmarks/step_latency.py [--batches 1 8 32 64] [--repeat 5] [--only a b c v]
+    python benchmarks/step_latency.py [--batches 1 8 32 64] [--repeat 5] [--repeat-large 3]
+        [--only a b c v]
         [--latency 0.05] [--per-prompt-token 0.00004] [--per-output-token 0.001] [--jitter 0]
         [--cold-batch 32] [--validation 1000]
 """
@@ -226,16 +227,22 @@ def validation_pass(model: ChatCompletionModel, samples: int) -> tuple[float, fl
 
 
 # --------------------------------------------------------------------------- (a) scripted
-def scripted(batches: list[int], latency: LatencyModel, repeat: int) -> None:
+def repeats(batch: int, repeat: int, repeat_large: int) -> int:
+    """How many times B is measured: ``repeat_large`` times above B = 256."""
+    return repeat if batch <= 256 else repeat_large
+
+
+def scripted(batches: list[int], latency: LatencyModel, repeat: int,
+             repeat_large: int) -> None:
     print(f"(a) ScriptedModel({describe(latency)}), in process; wall against the critical-path "
-          f"limit of the request DAG; median of {repeat}")
+          f"limit of the request DAG; median of {repeat} ({repeat_large} above B = 256)")
     print(f"{'B':>5} {'LLM calls':>10} {'prompt tok':>11} {'wall ms':>9} {'limit ms':>9} "
           f"{'ratio':>6} {'CPU ms':>8}")
     model = ScriptedModel(reply, latency=latency, model=MODEL)
     training_step(model, max(batches))  # warm-up: imports, the runtime loop, tokenizer tables
     for batch in batches:
         runs = []
-        for _ in range(repeat):
+        for _ in range(repeats(batch, repeat, repeat_large)):
             model.reset()
             wall, cpu, calls, tokens = training_step(model, batch)
             requests = [messages for messages, _ in model.requests]
@@ -308,7 +315,8 @@ async def _make_sdk(base_url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url, api_key="benchmark", max_retries=0)
 
 
-def through_server(batches: list[int], latency: LatencyModel, repeat: int) -> None:
+def through_server(batches: list[int], latency: LatencyModel, repeat: int,
+                   repeat_large: int) -> None:
     server = _ProcessServer(latency)
     try:
         model = AsyncOpenAI(MODEL, base_url=server.base_url, api_key="benchmark")
@@ -317,7 +325,7 @@ def through_server(batches: list[int], latency: LatencyModel, repeat: int) -> No
         sdk: openai.AsyncOpenAI = run(_make_sdk(server.base_url))
         print(f"(b) FakeProviderServer({describe(latency)}) in a child process, afnio "
               "AsyncOpenAI vs the bare openai SDK replaying the same requests through the same "
-              f"DAG; median of {repeat}")
+              f"DAG; median of {repeat} ({repeat_large} above B = 256)")
         print(f"{'B':>5} {'LLM calls':>10} {'prompt tok':>11} {'wall ms':>9} {'floor ms':>9} "
               f"{'ratio':>6} {'limit ms':>9} {'CPU ms':>8} {'floor CPU':>10}")
 
@@ -337,7 +345,7 @@ def through_server(batches: list[int], latency: LatencyModel, repeat: int) -> No
 
         step_and_floor(min(max(batches), 64))  # warm-up: opens the connections of both clients
         for batch in batches:
-            runs = [step_and_floor(batch) for _ in range(repeat)]
+            runs = [step_and_floor(batch) for _ in range(repeats(batch, repeat, repeat_large))]
             wall, floor, limit, cpu, floor_cpu = (statistics.median(r[i] for r in runs)
                                                   for i in range(5))
             calls, tokens = runs[0][5], runs[0][6]
@@ -453,6 +461,7 @@ def main() -> None:
     parser.add_argument("--per-output-token", type=float, default=0.001)
     parser.add_argument("--jitter", type=float, default=0.0)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat-large", type=int, default=3, help="repeats above B = 256")
     parser.add_argument("--cold-batch", type=int, default=32)
     parser.add_argument("--validation", type=int, default=1000, help="samples of part (v)")
     parser.add_argument("--only", nargs="+", choices=["a", "b", "c", "v"])
@@ -462,8 +471,8 @@ def main() -> None:
     print(f"one training step of a {STAGES}-stage chain: 6B + 6 LLM calls; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     runners: dict[str, Callable[[], None]] = {
-        "a": lambda: scripted(args.batches, latency, args.repeat),
-        "b": lambda: through_server(args.batches, latency, args.repeat),
+        "a": lambda: scripted(args.batches, latency, args.repeat, args.repeat_large),
+        "b": lambda: through_server(args.batches, latency, args.repeat, args.repeat_large),
         "c": lambda: cold(args.cold_batch, latency, args.repeat),
         "v": lambda: validation(args.validation, latency, args.repeat),
     }
