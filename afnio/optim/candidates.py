@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import random
 import warnings
@@ -60,6 +59,7 @@ from afnio.autodiff.grad_mode import no_grad
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
+from afnio.optim.options import GroupOptions
 from afnio.optim.scoring import Scorer
 from afnio.optim.tgd import (
     ProposalCheck,
@@ -86,7 +86,7 @@ _SELECTIONS = ("halving", "ucb")
 
 
 @dataclass(frozen=True)
-class SearchOptions:
+class SearchOptions(GroupOptions):
     """The search options of one candidate-search parameter group (besides TGD's own).
 
     Attributes:
@@ -105,6 +105,8 @@ class SearchOptions:
     Raises:
         ValueError: For an invalid option.
     """
+
+    owner = "CandidateSearch"
 
     num_proposals: int = 4
     num_paraphrases: int = 1
@@ -146,40 +148,6 @@ class SearchOptions:
     def max_candidates(self) -> int:
         """The most candidates one step can have: the beam, the proposals, the paraphrases."""
         return self.beam_width + self.num_proposals + self.num_paraphrases
-
-    @classmethod
-    def names(cls) -> list[str]:
-        """The option names."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Every option with its default."""
-        return {f.name: f.default for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def split(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(search options, everything else)``; a near-miss of a search option is refused.
-
-        Raises:
-            TypeError: For a keyword one letter or two away from a search option name.
-        """
-        names = cls.names()
-        chosen = {key: value for key, value in kwargs.items() if key in names}
-        rest = {key: value for key, value in kwargs.items() if key not in names}
-        for key in rest:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
-            if close:
-                raise TypeError(
-                    f"CandidateSearch: unknown option {key!r}; did you mean {close[0]!r}?"
-                )
-        return chosen, rest
-
-    @classmethod
-    def from_group(cls, group: Mapping[str, Any]) -> SearchOptions:
-        """The search options of a parameter group dict."""
-        return cls(**{name: group[name] for name in cls.names() if name in group})
-
 
 # --------------------------------------------------------------------------- proposals
 def _variant(opts: TGDOptions, attempt: int, total: int) -> TGDOptions:

@@ -47,6 +47,7 @@ from afnio.autodiff.grad_mode import is_grad_enabled, no_grad
 from afnio.cognitive.parameter import Parameter, ParameterType
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
+from afnio.optim.options import GroupOptions
 from afnio.optim.scoring import Scorer, read_score
 
 __all__ = ["DemoOptimizer", "DemoOptions", "demos_parameter", "render_demos"]
@@ -88,7 +89,7 @@ def demos_parameter(role: str = "few-shot demonstrations", data: str = "") -> Pa
 
 
 @dataclass(frozen=True)
-class DemoOptions:
+class DemoOptions(GroupOptions):
     """The options of one demonstration parameter group.
 
     Attributes:
@@ -105,6 +106,8 @@ class DemoOptions:
     Raises:
         TypeError, ValueError: For an invalid option.
     """
+
+    owner = "DemoOptimizer"
 
     max_demos: int = 4
     num_candidates: int = 8
@@ -132,17 +135,6 @@ class DemoOptions:
                 "DemoOptimizer: template must use exactly the placeholders {input} and {output}, "
                 f"got {sorted(names)}"
             )
-
-    @classmethod
-    def names(cls) -> list[str]:
-        """The option names."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_group(cls, group: Mapping[str, Any]) -> DemoOptions:
-        """The options of a parameter group dict."""
-        return cls(**{name: group[name] for name in cls.names() if name in group})
-
 
 def _texts(value: Any, what: str) -> list[str]:
     data = value.data if isinstance(value, Variable) else value

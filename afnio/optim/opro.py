@@ -23,10 +23,8 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +44,7 @@ from afnio.autodiff.grad_mode import no_grad
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
+from afnio.optim.options import GroupOptions
 from afnio.optim.scoring import read_score
 from afnio.optim.tgd import (
     ProposalCheck,
@@ -73,7 +72,7 @@ BUILTIN_PLACEHOLDERS = frozenset(
 
 
 @dataclass(frozen=True)
-class OPROOptions:
+class OPROOptions(GroupOptions):
     """The options of one OPRO parameter group.
 
     Attributes:
@@ -92,6 +91,9 @@ class OPROOptions:
     Raises:
         TypeError, ValueError: For an invalid option.
     """
+
+    owner = "OPRO"
+    collects_completion_args = True
 
     model_client: ChatCompletionModel
     messages: list[dict[str, Any]] | None = None
@@ -146,39 +148,6 @@ class OPROOptions:
         """The options TGD's feedback condensing runs with."""
         return TGDOptions(model_client=self.model_client, max_retries=self.max_retries,
                           completion_args=dict(self.completion_args))
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Every option with a default."""
-        return {
-            f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING
-            else f.default
-            for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        }
-
-    @classmethod
-    def split(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Split keyword arguments into options and completion arguments.
-
-        Raises:
-            TypeError: For a completion argument one letter or two away from an option name.
-        """
-        names = [f.name for f in dataclasses.fields(cls)]
-        options = {key: value for key, value in kwargs.items() if key in names}
-        extra = {key: value for key, value in kwargs.items() if key not in names}
-        for key in extra:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
-            if close:
-                raise TypeError(f"OPRO: unknown option {key!r}; did you mean {close[0]!r}?")
-        completion_args = {**options.pop("completion_args", {}), **extra}
-        return options, {"completion_args": completion_args} if completion_args else {}
-
-    @classmethod
-    def from_group(cls, group: Mapping[str, Any]) -> OPROOptions:
-        """The options of a parameter group dict."""
-        return cls(**{f.name: group[f.name] for f in dataclasses.fields(cls) if f.name in group})
-
 
 # --------------------------------------------------------------------------- history
 def _remember(history: list[dict[str, Any]], value: Any, score: float, limit: int) -> None:

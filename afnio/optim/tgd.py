@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -67,6 +66,7 @@ from afnio.cognitive.parameter import ParameterType
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
+from afnio.optim.options import GroupOptions
 
 __all__ = ["TGD", "ProposalRejectedWarning", "TGDOptions", "tgd"]
 
@@ -107,7 +107,7 @@ def _content_text(content: Any, where: str) -> str:
 
 
 @dataclass(frozen=True)
-class TGDOptions:
+class TGDOptions(GroupOptions):
     """The options of one TGD parameter group, each declared (with its default) once, here.
 
     Attributes:
@@ -126,6 +126,9 @@ class TGDOptions:
     Raises:
         TypeError, ValueError: For an invalid option (raised before anything changes).
     """
+
+    owner = "TGD"
+    collects_completion_args = True
 
     model_client: ChatCompletionModel
     messages: list[dict[str, Any]] | None = None
@@ -191,40 +194,6 @@ class TGDOptions:
     def templates(self) -> list[dict[str, Any]]:
         """The request templates in use."""
         return prompts.TGD_MESSAGES if self.messages is None else list(self.messages)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Every option with a default, as a torch-style ``defaults`` dict."""
-        return {
-            f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING
-            else f.default
-            for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        }
-
-    @classmethod
-    def split(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Split keyword arguments into options and completion arguments; a name that looks
-        like a misspelled option is refused.
-
-        Raises:
-            TypeError: For a completion argument one letter or two away from an option name.
-        """
-        names = [f.name for f in dataclasses.fields(cls)]
-        options = {key: value for key, value in kwargs.items() if key in names}
-        extra = {key: value for key, value in kwargs.items() if key not in names}
-        for key in extra:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
-            if close:
-                raise TypeError(f"TGD: unknown option {key!r}; did you mean {close[0]!r}?")
-        completion_args = {**options.pop("completion_args", {}), **extra}
-        return options, {"completion_args": completion_args} if completion_args else {}
-
-    @classmethod
-    def from_group(cls, group: Mapping[str, Any]) -> TGDOptions:
-        """The options of a parameter group dict."""
-        return cls(**{f.name: group[f.name] for f in dataclasses.fields(cls) if f.name in group})
-
 
 # --------------------------------------------------------------------------- rendering
 def _describe(param: Variable) -> str:
