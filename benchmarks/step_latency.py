@@ -312,7 +312,10 @@ def sdk_floor(
 
 
 async def _make_sdk(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url, api_key="benchmark", max_retries=0)
+    # The timeout of afnio's client (60 s, connecting included), so that both wait alike when
+    # a thousand connections open at once.
+    return openai.AsyncOpenAI(base_url=base_url, api_key="benchmark", max_retries=0,
+                              timeout=60.0)
 
 
 def through_server(batches: list[int], latency: LatencyModel, repeat: int,
