@@ -193,13 +193,17 @@ def message_bytes_bound(messages: Sequence[dict[str, Any]]) -> int:
     """
     total = _TOKENS_REPLY_PRIMER
     for message in messages:
-        total += _TOKENS_PER_MESSAGE + len(str(message.get("role", "")).encode())
+        total += _TOKENS_PER_MESSAGE + _utf8_length(str(message.get("role", "")))
         content = message.get("content", "")
-        text = content if isinstance(content, str) else _content_text(content)
-        total += len(text.encode())
+        total += _utf8_length(content if isinstance(content, str) else _content_text(content))
         if message.get("name"):
-            total += _TOKENS_PER_NAME + len(str(message["name"]).encode())
+            total += _TOKENS_PER_NAME + _utf8_length(str(message["name"]))
     return total
+
+
+def _utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (one byte a char)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def is_exact(model: str | None) -> bool:
