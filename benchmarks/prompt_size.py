@@ -21,7 +21,9 @@ Run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import tempfile
 from typing import Any
 
 from _chain import stage_prompts
@@ -41,7 +43,9 @@ def afnio_step(batch: int) -> tuple[int, int]:
 
 def textgrad_step(batch: int) -> tuple[int, int]:
     """(requests, prompt characters) of the same step in TextGrad."""
-    import textgrad as tg
+    # Importing TextGrad opens a log file under ./logs: let it write in a scratch directory.
+    with contextlib.chdir(tempfile.mkdtemp(prefix="textgrad-logs-")):
+        import textgrad as tg
 
     sent: list[int] = []
 
