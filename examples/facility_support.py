@@ -225,6 +225,8 @@ def build_client(path: str, args: argparse.Namespace, cache: ResponseCache) -> C
         options["base_url"] = args.base_url
     if args.context_window:
         options["context_window"] = args.context_window
+    if args.max_concurrency:
+        options["max_concurrency"] = args.max_concurrency
     if args.base_url and args.structured_output:
         options["structured_output"] = (
             None if args.structured_output == "none" else args.structured_output
@@ -250,6 +252,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--context-window", type=int, default=None,
         help="the model's context window in tokens, when afnio does not know it",
+    )
+    parser.add_argument(
+        "--max-concurrency", type=int, default=None,
+        help="requests in flight at once (default: no cap); a server that answers one request "
+        "at a time queues the rest, so cap it there rather than let queued requests time out",
     )
     parser.add_argument("--optimizer", choices=["tgd", "demos"], default="tgd")
     parser.add_argument(

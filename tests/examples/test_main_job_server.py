@@ -34,7 +34,7 @@ def test_the_main_job_runs_a_full_epoch_through_llama_cpp_server(llama_server, t
                        PYTHONPATH=str(EXAMPLE.parents[1]))
     done = subprocess.run(
         [sys.executable, str(EXAMPLE), "--model", "openai/smollm2", "--subset", "4",
-         "--batch-size", "2", "--context-window", "2048", "--no-progress",
+         "--batch-size", "2", "--context-window", "2048", "--max-concurrency", "1", "--no-progress",
          "--run-dir", str(tmp_path / "run")],
         env=environment, capture_output=True, text=True, timeout=900,
     )
