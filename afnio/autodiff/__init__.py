@@ -16,7 +16,7 @@ from afnio.autodiff.feedback import (
     reset_feedback_stats,
     set_gradient_token_budget,
 )
-from afnio.autodiff.function import Function, FunctionCtx
+from afnio.autodiff.function import Function, FunctionCtx, variable_paths
 from afnio.autodiff.grad_mode import (
     enable_grad,
     inference_mode,
@@ -60,4 +60,5 @@ __all__ = [
     "is_grad_enabled",
     "no_grad",
     "set_grad_enabled",
+    "variable_paths",
 ]

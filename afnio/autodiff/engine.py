@@ -5,7 +5,9 @@
    descending sequence order of their producers (so arrival order never matters).
 3. Ready async nodes become tasks on the loop and synchronous ones that may block run in worker
    threads, so independent branches (and the LLM calls inside them) overlap; quick pure-Python
-   nodes (``inline``) run directly.
+   nodes (``inline``) run directly. A *streaming* node (``streams = True``) hands over each
+   input's gradient the moment it has it, so the nodes upstream of that input start while its
+   slower gradients are still being computed.
 4. Gradients for leaves are collected and appended at the end in the order a sequential engine
    (highest sequence number first) would produce them. If any node fails, no leaf is touched.
 
@@ -17,6 +19,7 @@ node runs, and on each leaf gradient, in that final order, just before it is app
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import Sequence
@@ -192,23 +195,30 @@ class _GraphTask:
     def should_run(self, node: Node) -> bool:
         return self.needed is None or node in self.runnable
 
+    def deliver(self, node: Node, position: int, gradient: Variable | None) -> None:
+        """Hand ``node``'s gradient for input ``position`` (``None``: none) to that input's
+        producer, and queue the producer if it has now heard from every consumer."""
+        edge = node.next_functions[position]
+        target = edge.node
+        if target is None:
+            return
+        if gradient is not None:
+            _check_delivery(node, edge, gradient)
+            self._deliver_to(edge, (node.sequence_nr, position, gradient))
+        remaining = self.dependencies[target] - 1
+        self.dependencies[target] = remaining
+        if remaining == 0 and not isinstance(target, AccumulateGrad):
+            self.ready.append(target)
+
     def complete(self, node: Node, results: Sequence[Variable | None], ran: bool = True) -> None:
-        """Deliver ``node``'s input gradients and queue the nodes that became ready."""
+        """Deliver all of ``node``'s input gradients at once (a node that returns them)."""
         if len(results) != len(node.next_functions):
             raise RuntimeError(
                 f"{node.name()} returned {len(results)} gradients for "
                 f"{len(node.next_functions)} inputs"
             )
-        for position, (edge, gradient) in enumerate(zip(node.next_functions, results)):
-            if edge.node is None:
-                continue
-            if gradient is not None:
-                _check_delivery(node, edge, gradient)
-                self._deliver_to(edge, (node.sequence_nr, position, gradient))
-            remaining = self.dependencies[edge.node] - 1
-            self.dependencies[edge.node] = remaining
-            if remaining == 0 and not isinstance(edge.node, AccumulateGrad):
-                self.ready.append(edge.node)
+        for position, gradient in enumerate(results):
+            self.deliver(node, position, gradient)
         if ran and not self.retain_graph:
             node.release()
 
@@ -238,33 +248,86 @@ class _GraphTask:
             sink.variable.grad.extend(d[2] for d in deliveries)
 
 
+class _Run:
+    """Runs a graph task's nodes as they become ready, until all are done or one fails."""
+
+    def __init__(self, task: _GraphTask) -> None:
+        self.task = task
+        self.running: set[asyncio.Future] = set()
+        self.finished = asyncio.get_running_loop().create_future()
+
+    async def __call__(self) -> None:
+        try:
+            self.launch()
+            await self.finished
+        finally:
+            for job in self.running:
+                job.cancel()
+            if self.running:
+                await asyncio.gather(*self.running, return_exceptions=True)
+
+    def launch(self) -> None:
+        """Start every ready node (inline ones run at once, and may make more nodes ready)."""
+        task = self.task
+        while task.ready and not self.finished.done():
+            node = task.ready.pop()
+            grads = task.gradients_for(node)
+            if not task.should_run(node):
+                task.complete(node, [None] * len(node.next_functions), ran=False)
+                continue
+            if node.freed:
+                raise RuntimeError(FREED_GRAPH_MESSAGE)
+            if node.inline:
+                task.complete(node, node.apply(grads))
+                continue
+            if node.streams:
+                job = asyncio.ensure_future(self.stream(node, grads))
+            elif node.is_async:
+                job = asyncio.ensure_future(node.aapply(grads))
+            else:
+                job = _off_loop(node, grads)
+            self.running.add(job)
+            job.add_done_callback(functools.partial(self.done, node))
+        if not self.running and not self.finished.done():
+            self.finished.set_result(None)
+
+    async def stream(self, node: Node, grads: list[Variable | None]) -> None:
+        """Deliver each gradient a streaming node yields as soon as it comes."""
+        waiting = set(range(len(node.next_functions)))
+        async with contextlib.aclosing(node.astream(grads)) as gradients:
+            async for position, gradient in gradients:
+                if position not in waiting:
+                    raise RuntimeError(
+                        f"{node.name()} delivered a gradient for input {position} "
+                        + ("twice" if 0 <= position < len(node.next_functions) else
+                           f"but has {len(node.next_functions)} inputs")
+                    )
+                waiting.discard(position)
+                self.task.deliver(node, position, gradient)
+                self.launch()
+        for position in sorted(waiting):
+            self.task.deliver(node, position, None)
+        if not self.task.retain_graph:
+            node.release()
+
+    def done(self, node: Node, job: asyncio.Future) -> None:
+        self.running.discard(job)
+        if self.finished.done():
+            return
+        if job.cancelled():
+            self.finished.cancel()
+            return
+        try:
+            result = job.result()
+            if not node.streams:
+                self.task.complete(node, result)
+            self.launch()
+        except Exception as error:  # the first failure ends the run (the rest are cancelled)
+            self.finished.set_exception(error)
+
+
 async def _execute(task: _GraphTask) -> None:
-    running: dict[asyncio.Task, Node] = {}
-    try:
-        while task.ready or running:
-            while task.ready:
-                node = task.ready.pop()
-                grads = task.gradients_for(node)
-                if not task.should_run(node):
-                    task.complete(node, [None] * len(node.next_functions), ran=False)
-                    continue
-                if node.freed:
-                    raise RuntimeError(FREED_GRAPH_MESSAGE)
-                if node.inline:
-                    task.complete(node, node.apply(grads))
-                elif node.is_async:
-                    running[asyncio.ensure_future(node.aapply(grads))] = node
-                else:
-                    running[_off_loop(node, grads)] = node
-            if running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for finished in sorted(done, key=lambda t: -running[t].sequence_nr):
-                    task.complete(running.pop(finished), finished.result())
-    finally:
-        for pending in running:
-            pending.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+    await _Run(task)()
 
 
 def pair_roots_with_gradients(

@@ -22,10 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from afnio._variable import Variable
@@ -424,7 +425,10 @@ class LMJudgeEvaluator(Function):
             arguments["target"] = _TARGET_ARG
         all_inputs.update(inputs or {})
         arguments.update({name: _INPUTS_ARG for name in inputs or {}})
-        bound = BoundMessages(_JUDGE, messages, all_inputs, _MESSAGES_ARG, arguments)
+        bound = BoundMessages(
+            _JUDGE, messages, all_inputs, _MESSAGES_ARG, arguments,
+            input_paths={"prediction": (_PREDICTION_ARG,), "target": (_TARGET_ARG,)},
+        )
         requests = [_with_format_instruction(bound.render(p)) for p in bound.positions]
         check_forward_fits(bound, forward_model_client, requests, completion_args)
         repair = fill_prompt(prompts.JUDGE_FORMAT_CORRECTION)
@@ -467,34 +471,28 @@ class LMJudgeEvaluator(Function):
     @staticmethod
     async def backward(
         ctx: FunctionCtx, score_grad: Variable, explanation_grad: Variable
-    ) -> tuple[Any, ...]:
+    ) -> AsyncIterator[tuple[tuple, Variable | None]]:
+        # Streams: the prediction's feedback (no LLM call) leaves at once; with eval_mode=False
+        # each judge Variable's gradient follows as soon as its requests are answered.
         bound: BoundMessages = ctx.bound
         feedback = _filtered_feedback(explanation_grad, ctx.successes)
         batched = bound.batch_size is not None
-        grads: list[Variable | None] = [None] * len(bound.slots)
-        for index, slot in enumerate(bound.slots):
-            if slot.argument == _PREDICTION_ARG and ctx.needs_input_grad[_PREDICTION_ARG]:
-                grads[index] = _slot_feedback(slot, feedback, batched)
-        if not ctx.eval_mode:
-            wanted = [
-                slot.argument in (_MESSAGES_ARG, _INPUTS_ARG)
-                and ctx.needs_input_grad[slot.argument]
-                and slot.variable.requires_grad
-                for slot in bound.slots
-            ]
-            request = GradientRequest(
-                bound, ctx.replies, ctx.explanation_role, feedback, ctx.backward
-            )
-            for index, grad in enumerate(await request.gradients(wanted)):
-                if wanted[index]:
-                    grads[index] = grad
-        prediction_grad = bound.input_gradient("prediction", grads)
-        inputs_grad = {
-            name: bound.input_gradient(name, grads)
-            for name, item in bound.inputs.items()
-            if item.argument == _INPUTS_ARG
-        }
-        return None, bound.messages_gradient(grads), prediction_grad, None, inputs_grad or None
+        if ctx.needs_input_grad[_PREDICTION_ARG]:
+            for slot in bound.slots:
+                if slot.argument == _PREDICTION_ARG:
+                    yield slot.path, _slot_feedback(slot, feedback, batched)
+        if ctx.eval_mode:
+            return
+        wanted = [
+            slot.argument in (_MESSAGES_ARG, _INPUTS_ARG)
+            and ctx.needs_input_grad[slot.argument]
+            and slot.variable.requires_grad
+            for slot in bound.slots
+        ]
+        request = GradientRequest(bound, ctx.replies, ctx.explanation_role, feedback, ctx.backward)
+        async with contextlib.aclosing(request.stream(wanted)) as gradients:
+            async for slot, gradient in gradients:
+                yield slot.path, gradient
 
 
 def _slot_feedback(slot: Slot, feedback: Sequence[str], batched: bool) -> Variable | None:

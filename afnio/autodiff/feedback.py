@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import json
 import re
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,6 +55,7 @@ __all__ = [
     "FeedbackFormatWarning",
     "ReplyParseError",
     "Unreadable",
+    "as_finished",
     "ask",
     "check_fits",
     "chunk_by_budget",
@@ -509,6 +511,39 @@ async def gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
                 task.exception()
 
 
+async def as_finished(awaitables: Sequence[Awaitable[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Run concurrently and yield ``(index, result)`` as each finishes (several finishing
+    together come in index order); if one fails, or the caller stops early, cancel the others
+    and wait for them, so no request is left running.
+
+    Example:
+        >>> from afnio._runtime import run
+        >>> async def slow_then_fast():
+        ...     async def value(x, delay):
+        ...         await asyncio.sleep(delay)
+        ...         return x
+        ...     return [pair async for pair in as_finished([value("a", 0.05), value("b", 0)])]
+        >>> run(slow_then_fast())
+        [(1, 'b'), (0, 'a')]
+    """
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    index = {task: number for number, task in enumerate(tasks)}
+    pending = set(tasks)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=index.__getitem__):
+                yield index[task], task.result()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # mark secondary failures as seen
+
+
 # --------------------------------------------------------------------------- condense
 async def _ready(value: T) -> T:
     return value
@@ -637,7 +672,9 @@ class BackwardModel:
             ContextWindowError: When the request does not fit the model's window (not sent).
         """
         client = self.require(what)
-        check_fits(self.tokens(messages), token_budget(client, self.completion_args), what)
+        window = token_budget(client, self.completion_args)
+        if not client.prompt_fits(messages, window):
+            check_fits(self.tokens(messages), window, what)
         length = text_fitting(
             client.output_reserve(self.completion_args),
             150 * get_settings().max_feedback_sentences,
@@ -691,6 +728,9 @@ async def merge_feedback(
 ) -> str:
     """Merge pieces of feedback into one with condense requests (``request(rendered parts)``),
     in groups that fit the backward model, round by round."""
+    texts = [text for text in texts if text]
+    if len(texts) <= 1:
+        return texts[0] if texts else ""
     merged = await merge_in_rounds(
         texts,
         render_part=lambda number, text: fill_template(
@@ -758,7 +798,7 @@ async def element_gradient(
     index = 0 if position is None else position
 
     def fits(text: str) -> bool:
-        return backward.tokens(requests.element(position, text)) <= budget
+        return backward.client.prompt_fits(requests.element(position, text), budget)
 
     text = await feedback.fitted(index, fits, what)
     return await backward.feedback(requests.element(position, text), what)
@@ -774,10 +814,10 @@ async def shared_gradient(
     """One gradient for a variable every sample in ``positions`` used: one request over all of
     them, split into chunks only when it would not fit, the chunks' feedback then merged."""
     budget = backward.budget()
-    base = backward.tokens(requests.shared([]))
+    base = functools.cache(lambda: backward.tokens(requests.shared([])))
 
     def fits_alone(position: int) -> Callable[[str], bool]:
-        return lambda text: base + backward.text_tokens(requests.sample(position, text)) + 2 <= (
+        return lambda text: base() + backward.text_tokens(requests.sample(position, text)) + 2 <= (
             budget
         )
 
@@ -785,12 +825,16 @@ async def shared_gradient(
         [feedback.fitted(position, fits_alone(position), what) for position in positions]
     )
     samples = [requests.sample(position, text) for position, text in zip(positions, texts)]
+    whole = requests.shared(samples)
+    if backward.client.prompt_fits(whole, budget):  # the usual case: one request, no counting
+        return await backward.feedback(whole, what)
     # +2 for the blank line joining samples; counting pieces keeps this linear in the batch.
+    base_tokens = base()
     sizes = [backward.text_tokens(sample) + 2 for sample in samples]
-    groups = chunk_by_budget(base, sizes, budget)
+    groups = chunk_by_budget(base_tokens, sizes, budget)
     window = token_budget(backward.client, backward.completion_args)
     for group in groups:  # a sample too long even alone: refuse before any chunk is sent
-        check_fits(base + sum(sizes[i] for i in group), window, what)
+        check_fits(base_tokens + sum(sizes[i] for i in group), window, what)
     answers = await gather_all(
         [backward.feedback(requests.shared([samples[i] for i in group]), what) for group in groups]
     )

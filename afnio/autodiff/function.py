@@ -21,9 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from afnio._runtime import run
@@ -37,7 +38,7 @@ from afnio.autodiff.graph import (
     gradient_edge,
 )
 
-__all__ = ["Function", "FunctionCtx", "BackwardFunction", "flatten_variables"]
+__all__ = ["Function", "FunctionCtx", "BackwardFunction", "flatten_variables", "variable_paths"]
 
 
 def flatten_variables(value: Any) -> Iterator[Variable]:
@@ -56,6 +57,27 @@ def flatten_variables(value: Any) -> Iterator[Variable]:
     elif isinstance(value, dict):
         for item in value.values():
             yield from flatten_variables(item)
+
+
+def variable_paths(value: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Variable]]:
+    """Yield ``(path, variable)`` for the Variables inside ``value``, in the flat order of
+    :func:`flatten_variables`; a path is ``prefix`` followed by the list positions and dict keys
+    that lead to the Variable (what a streaming ``backward`` yields to address it).
+
+    Example:
+        >>> a, b = Variable("a"), Variable("b")
+        >>> messages = [{"role": "system", "content": [a, "text", b]}]
+        >>> [(path, v.data) for path, v in variable_paths(messages, prefix=(1,))]
+        [((1, 0, 'content', 0), 'a'), ((1, 0, 'content', 2), 'b')]
+    """
+    if isinstance(value, Variable):
+        yield prefix, value
+    elif isinstance(value, (list, tuple)):
+        for position, item in enumerate(value):
+            yield from variable_paths(item, (*prefix, position))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from variable_paths(item, (*prefix, key))
 
 
 class FunctionCtx:
@@ -175,16 +197,88 @@ class BackwardFunction(Node):
         return self._forward_cls.backward(self.ctx, *grad_outputs)
 
     def apply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
+        if self.streams:
+            return run(self.aapply(grad_outputs))
         result = self._call_backward(grad_outputs)
         if inspect.isawaitable(result):
             result = run(result)
         return self._flatten_result(result)
 
     async def aapply(self, grad_outputs: list[Variable | None]) -> list[Variable | None]:
+        if self.streams:
+            flat: list[Variable | None] = [None] * len(self.next_functions)
+            async for position, gradient in self.astream(grad_outputs):
+                flat[position] = gradient
+            return flat
         result = self._call_backward(grad_outputs)
         if inspect.isawaitable(result):
             result = await result
         return self._flatten_result(result)
+
+    async def astream(
+        self, grad_outputs: list[Variable | None]
+    ) -> AsyncIterator[tuple[int, Variable | None]]:
+        """The flat ``(position, gradient)`` pairs of what a streaming backward yields (an
+        ``async def backward`` with ``yield``), each checked against the input it addresses."""
+        if not self.streams:
+            async for pair in super().astream(grad_outputs):
+                yield pair
+            return
+        delivered: set[int] = set()
+        async with contextlib.aclosing(self._call_backward(grad_outputs)) as items:
+            async for item in items:
+                if not (isinstance(item, tuple) and len(item) == 2):
+                    raise RuntimeError(
+                        f"function {self.name()} yielded {item!r:.80}; a streaming backward "
+                        "yields (index, gradient) pairs"
+                    )
+                start, shape, where = self._locate(item[0])
+                flat: list[Variable | None] = []
+                _flatten_gradient(self.name(), item[0], shape, item[1], flat)
+                for position, gradient in enumerate(flat, start):
+                    if position in delivered:
+                        raise RuntimeError(
+                            f"function {self.name()} yielded a second gradient for the input at "
+                            f"{where}"
+                        )
+                    delivered.add(position)
+                    yield position, gradient
+
+    def _locate(self, index: Any) -> tuple[int, Any, str]:
+        """The first flat position, the shape and a description of the argument (an ``int``)
+        or the place inside a container argument (a path ``(argument, key, ...)``) that
+        ``index`` addresses."""
+        path = index if isinstance(index, tuple) else (index,)
+        where = f"index {index!r}"
+
+        def fail(problem: str) -> RuntimeError:
+            return RuntimeError(f"function {self.name()} yielded a gradient for {where}: {problem}")
+
+        shapes = self._argument_shapes
+        first = path[0] if path else None
+        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < len(shapes):
+            raise fail(f"a streaming backward addresses an input as an argument index (0 to "
+                       f"{len(shapes) - 1}) or a path (argument, key, ...) into a container "
+                       "argument")
+        start = sum(_count_variables(shape) for shape in shapes[:first])
+        shape = shapes[first]
+        for key in path[1:]:
+            if isinstance(shape, list):
+                if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(shape):
+                    raise fail(f"{key!r} is not a position of a sequence of length {len(shape)}")
+                start += sum(_count_variables(item) for item in shape[:key])
+                shape = shape[key]
+            elif isinstance(shape, dict):
+                if key not in shape:
+                    raise fail(f"{key!r} is not a key of the dict (keys {list(shape)!r:.80})")
+                for other, item in shape.items():
+                    if other == key:
+                        break
+                    start += _count_variables(item)
+                shape = shape[key]
+            else:
+                raise fail(f"the path goes on past {'a Variable' if shape else 'a plain value'}")
+        return start, shape, where
 
     def _flatten_result(self, result: Any) -> list[Variable | None]:
         """Check backward's return value against the inputs and flatten it to edge order."""
@@ -224,7 +318,7 @@ def _has_variable(shape: Any) -> bool:
     return isinstance(shape, tuple) or next(_iter_variable_shapes(shape), None) is not None
 
 
-def _flatten_gradient(name: str, index: int, shape: Any, value: Any, out: list) -> None:
+def _flatten_gradient(name: str, index: Any, shape: Any, value: Any, out: list) -> None:
     def fail(problem: str) -> RuntimeError:
         return RuntimeError(
             f"function {name} returned an invalid gradient at index {index}: {problem}"
@@ -263,6 +357,10 @@ def _flatten_gradient(name: str, index: int, shape: Any, value: Any, out: list) 
         raise fail(f"the input holds no Variable, so its gradient must be None, got {value!r:.60}")
 
 
+def _count_variables(shape: Any) -> int:
+    return sum(1 for _ in _iter_variable_shapes(shape))
+
+
 def _iter_variable_shapes(shape: Any) -> Iterator[tuple]:
     if isinstance(shape, tuple):
         yield shape
@@ -282,10 +380,13 @@ class _FunctionMeta(type):
         cls._backward_cls = type(
             f"{name}Backward",
             (BackwardFunction,),
-            # An async backward makes an async node, so the engine runs it concurrently.
+            # An async backward makes an async node, so the engine runs it concurrently; one
+            # that yields (an async generator) streams its inputs' gradients.
             {
                 "_forward_cls": cls,
-                "is_async": inspect.iscoroutinefunction(cls.backward),
+                "is_async": inspect.iscoroutinefunction(cls.backward)
+                or inspect.isasyncgenfunction(cls.backward),
+                "streams": inspect.isasyncgenfunction(cls.backward),
                 "inline": bool(getattr(cls, "inline_backward", False)),
             },
         )
@@ -306,9 +407,17 @@ class Function(metaclass=_FunctionMeta):
       were.
 
     Either may be ``async def``; :meth:`apply` is synchronous regardless (use :meth:`aapply` from
-    async code). A synchronous ``backward`` may block (call a model, read a file): the engine runs
-    it in a worker thread so other branches go on; set ``inline_backward = True`` on a Function
-    whose backward is quick pure Python to have it run directly on the engine's loop.
+    async code). An ``async def backward`` may also *stream*: instead of returning, it yields
+    ``(index, gradient)`` pairs as each gradient is ready, and the engine passes each one on at
+    once (so a fast input's gradient does not wait for a slow one). ``index`` is an argument
+    index, with the gradient shaped as ``backward`` would return it, or a path
+    ``(argument, key, ...)`` to a place inside a container argument (list positions, dict keys;
+    :func:`variable_paths` lists them). Each Variable gets at most one gradient; the ones never
+    addressed get none.
+
+    A synchronous ``backward`` may block (call a model, read a file): the engine runs it in a
+    worker thread so other branches go on; set ``inline_backward = True`` on a Function whose
+    backward is quick pure Python to have it run directly on the engine's loop.
 
     Keyword arguments are bound to ``forward``'s parameters, so "input argument" means each
     parameter of ``forward`` in declaration order (after ``ctx``), one per element of a

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple
 
 from afnio._hooks import RemovableHandle, add_hook, check_callable
@@ -62,7 +62,10 @@ class Node:
     Subclasses implement :meth:`apply` (synchronous) or set ``is_async = True`` and implement
     :meth:`aapply`. Both receive one gradient (or ``None``) per output of the forward operation
     and return one gradient (or ``None``) per entry of ``next_functions``. A synchronous node
-    runs in a worker thread (it may block) unless it sets ``inline = True``.
+    runs in a worker thread (it may block) unless it sets ``inline = True``. A node that sets
+    ``streams = True`` (and ``is_async = True``) implements :meth:`astream` instead, yielding
+    ``(position, gradient)`` pairs as each input's gradient is ready, so the engine can pass
+    each one on at once.
 
     Args:
         next_functions: Edges to the producers of this operation's inputs, in flat order.
@@ -72,6 +75,7 @@ class Node:
 
     is_async = False
     inline = False
+    streams = False
     # Hooks of non-leaf outputs (``Variable.register_hook``): {output_nr: {handle id: hook}}.
     variable_hooks: dict[int, OrderedDict[int, Callable]] | None = None
 
@@ -160,6 +164,27 @@ class Node:
     async def aapply(self, grad_outputs: list[Variable | None]) -> Sequence[Variable | None]:
         """Async twin of :meth:`apply`; the default calls :meth:`apply`."""
         return self.apply(grad_outputs)
+
+    async def astream(
+        self, grad_outputs: list[Variable | None]
+    ) -> AsyncIterator[tuple[int, Variable | None]]:
+        """Yield ``(position, gradient)`` for entries of ``next_functions`` as each is ready.
+
+        Each position at most once; positions never yielded get no gradient. The engine calls
+        it for nodes with ``streams = True``; the default yields :meth:`aapply`'s results in
+        order, once all are computed.
+
+        Example:
+            >>> import asyncio
+            >>> x = Variable("hi", requires_grad=True)
+            >>> node = (x + "!").grad_fn
+            >>> async def pairs():
+            ...     return [(i, g.data) async for i, g in node.astream([Variable("louder")])]
+            >>> asyncio.run(pairs())
+            [(0, 'louder')]
+        """
+        for position, gradient in enumerate(await self.aapply(grad_outputs)):
+            yield position, gradient
 
     def __call__(self, *grad_outputs: Variable | None) -> Sequence[Variable | None]:
         return self.apply(list(grad_outputs))

@@ -51,7 +51,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ from afnio.autodiff.feedback import (
     GradientPrompts,
     OutputFeedback,
     ReplyParseError,
+    as_finished,
     check_fits,
     element_gradient,
     fill_prompt,
@@ -138,7 +140,11 @@ class _Input:
 
 @dataclass(frozen=True)
 class Slot:
-    """One occurrence of a Variable in the messages or inputs of a call, in flat order."""
+    """One occurrence of a Variable in the messages or inputs of a call, in flat order.
+
+    ``path`` addresses it among the op's arguments, as a streaming backward yields it
+    (``(1, 0, "content", 2)``: part 2 of message 0 of argument 1).
+    """
 
     variable: Variable
     argument: int
@@ -146,6 +152,7 @@ class Slot:
     part: int | None = None
     name: str | None = None
     element: int | None = None
+    path: tuple = ()
 
 
 class BoundMessages:
@@ -158,6 +165,9 @@ class BoundMessages:
         messages_argument: Index of the op's ``messages`` argument (for ``needs_input_grad``).
         input_arguments: Index of the op's argument holding each input (default
             ``messages_argument + 1``).
+        input_paths: Where each input is among the op's arguments (default ``(argument,
+            name)``: under its name in a dict argument); ``(argument,)`` for an input that is
+            an argument of its own.
 
     Raises:
         TypeError: For a malformed message or an input of an unsupported type.
@@ -171,10 +181,12 @@ class BoundMessages:
         inputs: Mapping[str, Any] | None,
         messages_argument: int = 1,
         input_arguments: Mapping[str, int] | None = None,
+        input_paths: Mapping[str, tuple] | None = None,
     ) -> None:
         self.op = op
         self.messages = self._parse_messages(messages)
         input_arguments = dict(input_arguments or {})
+        self._input_paths = dict(input_paths or {})
         self.inputs: dict[str, _Input] = {}
         if inputs is not None and not isinstance(inputs, Mapping):
             raise TypeError(
@@ -297,13 +309,18 @@ class BoundMessages:
         for m, message in enumerate(self.messages):
             for j, part in enumerate(message.parts):
                 if isinstance(part, Variable):
-                    slots.append(Slot(part, messages_argument, message=m, part=j))
+                    where = (messages_argument, m, "content")
+                    path = (*where, j) if message.content_is_list else where
+                    slots.append(Slot(part, messages_argument, message=m, part=j, path=path))
         for name, item in self.inputs.items():
+            prefix = self._input_paths.get(name, (item.argument, name))
             if item.kind == _VARIABLE:
-                slots.append(Slot(item.value, item.argument, name=name))
+                slots.append(Slot(item.value, item.argument, name=name, path=prefix))
             elif item.kind == _VARIABLES:
                 for k, variable in enumerate(item.value):
-                    slots.append(Slot(variable, item.argument, name=name, element=k))
+                    slots.append(
+                        Slot(variable, item.argument, name=name, element=k, path=(*prefix, k))
+                    )
         return slots
 
     # ------------------------------------------------------------------ rendering
@@ -428,32 +445,6 @@ class BoundMessages:
                 if isinstance(part, Variable) and part.role and part.role not in roles:
                     roles.append(part.role)
         return "response of the language model to " + (", ".join(roles) or "the messages")
-
-    # ------------------------------------------------------------------ gradient structure
-    def messages_gradient(self, grads: Sequence[Variable | None]) -> list[dict[str, Any]]:
-        """The gradient of the ``messages`` argument, shaped like it."""
-        by_place = {
-            (slot.message, slot.part): grad
-            for slot, grad in zip(self.slots, grads)
-            if slot.message is not None
-        }
-        result = []
-        for m, message in enumerate(self.messages):
-            content = [by_place.get((m, j)) for j in range(len(message.parts))]
-            result.append(
-                {"role": None, "content": content if message.content_is_list else content[0]}
-            )
-        return result
-
-    def input_gradient(self, name: str, grads: Sequence[Variable | None]) -> Any:
-        """The gradient of input ``name``, shaped like the value given for it."""
-        item = self.inputs[name]
-        mine = [grad for slot, grad in zip(self.slots, grads) if slot.name == name]
-        if item.kind == _VARIABLE:
-            return mine[0]
-        if item.kind == _VARIABLES:
-            return mine
-        return None
 
 
 def _describe(op: str, slot: Slot) -> str:
@@ -599,21 +590,18 @@ class GradientRequest:
             await shared_gradient(backward, requests, feedback, feedback.live, what), role=role
         )
 
-    async def gradients(self, wanted: Sequence[bool]) -> list[Variable | None]:
-        """Gradients of every slot (``None`` where not wanted), all requests concurrently."""
-
-        async def nothing() -> None:
-            return None
-
-        for slot, want in zip(self.bound.slots, wanted):
-            if want and self._has_feedback(slot):
+    async def stream(self, wanted: Sequence[bool]) -> AsyncIterator[tuple[Slot, Variable | None]]:
+        """``(slot, gradient)`` for every wanted slot, each as soon as its requests are answered
+        (all requests run concurrently)."""
+        slots = [slot for slot, want in zip(self.bound.slots, wanted) if want]
+        for slot in slots:
+            if self._has_feedback(slot):
                 self.backward.require(_describe(self.bound.op, slot))
-        return await gather_all(
-            [
-                self.gradient(slot) if want else nothing()
-                for slot, want in zip(self.bound.slots, wanted)
-            ]
-        )
+        async with contextlib.aclosing(
+            as_finished([self.gradient(slot) for slot in slots])
+        ) as finished:
+            async for index, gradient in finished:
+                yield slots[index], gradient
 
 
 def check_forward_fits(
@@ -630,6 +618,8 @@ def check_forward_fits(
     """
     budget = token_budget(client, completion_args)
     for position, request in zip(bound.positions, requests):
+        if client.prompt_fits(request, budget):
+            continue
         needed = client.count_message_tokens(request)
         if needed > budget:
             element = "" if position is None else f" for batch element {position}"
@@ -731,7 +721,11 @@ class ChatCompletion(Function):
         return Variable(data, role=output_role)
 
     @staticmethod
-    async def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple[Any, ...]:
+    async def backward(
+        ctx: FunctionCtx, grad_output: Variable
+    ) -> AsyncIterator[tuple[tuple, Variable | None]]:
+        # Streams: each Variable's gradient leaves as soon as its requests are answered, so the
+        # op that produced a per-sample input goes on while a shared prompt's request runs.
         bound: BoundMessages = ctx.bound
         wanted = [
             ctx.needs_input_grad[slot.argument] and slot.variable.requires_grad
@@ -744,6 +738,6 @@ class ChatCompletion(Function):
             feedback_texts(grad_output, len(bound.positions)),
             ctx.backward,
         )
-        grads = await request.gradients(wanted)
-        inputs_grad = {name: bound.input_gradient(name, grads) for name in bound.inputs}
-        return None, bound.messages_gradient(grads), inputs_grad or None
+        async with contextlib.aclosing(request.stream(wanted)) as gradients:
+            async for slot, gradient in gradients:
+                yield slot.path, gradient

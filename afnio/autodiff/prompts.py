@@ -32,13 +32,13 @@ __all__ = [
 # --------------------------------------------------------------------------- gradients
 GRADIENT_SYSTEM_PROMPT = (
     "You review one variable of a program built from language-model calls. You see the messages "
-    "sent to a language model, with the variable under review marked as "
-    "<VARIABLE>...</VARIABLE>, the model's output, and feedback on that output. Say how the "
-    "marked variable should change so that the output would earn better feedback. Give "
-    "feedback, not a rewritten variable, and only about the marked variable. Use at most "
-    "{max_sentences} sentences. Answer between <FEEDBACK> and </FEEDBACK>; if the variable "
-    "needs no change, answer <FEEDBACK></FEEDBACK>."
+    "sent to a model, with that variable marked <VARIABLE>...</VARIABLE>, the model's output and "
+    "feedback on it. Say how the marked variable should change for the output to earn better "
+    "feedback: feedback on that variable only, not a rewrite of it. If it needs no change, "
+    "answer <FEEDBACK></FEEDBACK>."
 )
+"""The system message of every gradient request; each request's own prompt bounds the answer
+(``{max_sentences}``) and names its tags."""
 
 MARKED_VARIABLE = "<VARIABLE>{text}</VARIABLE>"
 """How the variable under review is marked inside the rendered conversation."""
@@ -58,9 +58,9 @@ ELEMENT_GRADIENT_PROMPT = (
     "<CONVERSATION>\n{conversation}\n</CONVERSATION>\n\n"
     '<OUTPUT role="{output_role}">\n{output}\n</OUTPUT>\n\n'
     "<OUTPUT_FEEDBACK>\n{feedback}\n</OUTPUT_FEEDBACK>\n\n"
-    "The marked variable is the {variable_role}; it is {location}. Based on the feedback on the "
-    "output, how should this variable change? Answer in at most {max_sentences} sentences "
-    "between <FEEDBACK> and </FEEDBACK>."
+    "The marked variable is the {variable_role}; it is {location}. How should it change, given "
+    "the feedback on the output? Answer in at most {max_sentences} sentences between <FEEDBACK> "
+    "and </FEEDBACK>."
 )
 
 SHARED_SAMPLE_VALUE = '<VALUE of="{label}">\n{text}\n</VALUE>'
@@ -72,13 +72,13 @@ SHARED_SAMPLE = (
 )
 
 SHARED_GRADIENT_PROMPT = (
-    "The same conversation template was sent once per sample of a batch of {batch_size}. Parts "
-    "that differ between samples are shown in square brackets.\n\n"
+    "This conversation was sent once per sample of a batch of {batch_size}; parts that differ "
+    "per sample are in square brackets.\n\n"
     "<CONVERSATION>\n{conversation}\n</CONVERSATION>\n\n"
     "The marked variable is the {variable_role}; it is {location}. It is shared by every sample. "
     'Below are the {count} samples whose output ("{output_role}") received feedback.\n\n'
     "{samples}\n\n"
-    "Based on this feedback, how should the shared variable change? Address the problems that "
+    "How should the shared variable change, given this feedback? Address the problems that "
     "matter across samples, not one sample at a time. Answer in at most {max_sentences} "
     "sentences between <FEEDBACK> and </FEEDBACK>."
 )

@@ -37,11 +37,14 @@ from afnio.models.model import ChatCompletionModel
 
 __all__ = [
     "COMPATIBLE_SERVER_ARGUMENTS",
+    "CONNECTIONS",
     "MIN_SECRET_SLICE",
     "PerLoop",
     "SdkChatModel",
+    "SharedConnections",
     "check_model_and_timeout",
     "check_one_whole_reply",
+    "default_ssl_context",
     "create_arguments",
     "json_schema_of",
     "redact",
@@ -184,8 +187,100 @@ def _close_task(
     task.add_done_callback(_closing.discard)
 
 
-async def _close_sdk_client(client: Any) -> None:
-    await client.close()
+class SharedConnections:
+    """HTTP connection pools shared by afnio's SDK clients: one per event loop and endpoint.
+
+    Three clients of one endpoint (say the forward, backward and optimizer clients) then reuse
+    the same open connections instead of each opening its own. A pool is counted: each
+    :meth:`acquire` on a loop is matched by one :meth:`release` on that loop, and the last
+    release closes the pool there. Pools of loops closed some other way are dropped.
+
+    Example:
+        >>> class Pool:
+        ...     async def aclose(self):
+        ...         print("closed")
+        >>> shared = SharedConnections()
+        >>> async def two_users():
+        ...     first = shared.acquire("endpoint", Pool)
+        ...     assert shared.acquire("endpoint", Pool) is first
+        ...     await shared.release("endpoint")
+        ...     await shared.release("endpoint")
+        >>> asyncio.run(two_users())
+        closed
+    """
+
+    def __init__(self) -> None:
+        # (loop, key) -> [pool, users]
+        self._pools: dict[tuple[asyncio.AbstractEventLoop, Any], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: Any, factory: Callable[[], Any]) -> Any:
+        """The running loop's pool for ``key`` (built by ``factory`` if there is none yet),
+        counted as one more user."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for stale in [pair for pair in self._pools if pair[0].is_closed()]:
+                del self._pools[stale]
+            entry = self._pools.get((loop, key))
+            if entry is None:
+                entry = self._pools[(loop, key)] = [factory(), 0]
+            entry[1] += 1
+            return entry[0]
+
+    async def release(self, key: Any) -> None:
+        """One user of the running loop's pool for ``key`` is done; the last one closes it."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._pools.get((loop, key))
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._pools[(loop, key)]
+        await entry[0].aclose()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(not loop.is_closed() for loop, _ in self._pools)
+
+
+CONNECTIONS = SharedConnections()
+"""The connection pools of every :class:`SdkChatModel` in the process."""
+
+_ssl_lock = threading.Lock()
+_ssl_contexts: list[Any] = []  # the process's one default TLS context, once built
+
+
+def default_ssl_context() -> Any:
+    """The TLS context the SDKs' HTTP clients would each build by default (system or certifi
+    roots, ``SSL_CERT_FILE``), built once per process and shared by every connection pool.
+
+    Building one reads every trusted root certificate, which takes a noticeable time; afnio's
+    clients start it in the background when they are created (see :class:`SdkChatModel`).
+
+    Example:
+        >>> default_ssl_context() is default_ssl_context()
+        True
+    """
+    with _ssl_lock:
+        if not _ssl_contexts:
+            import httpx2  # the HTTP library of both SDKs
+
+            _ssl_contexts.append(httpx2.create_ssl_context())
+        return _ssl_contexts[0]
+
+
+def _prepare_ssl_context() -> None:
+    """Build :func:`default_ssl_context` in a background thread, unless it is built."""
+    if not _ssl_contexts:
+        threading.Thread(target=default_ssl_context, name="afnio-tls-context", daemon=True).start()
+
+
+async def _release_sdk_client(key: Any, client: Any) -> None:
+    """An SDK client's copy is done: release its share of the connection pool (closing the SDK
+    client itself would close the pool under the other clients)."""
+    await CONNECTIONS.release(key)
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -541,7 +636,13 @@ class SdkChatModel(ChatCompletionModel):
         self.timeout = float(timeout)
         # The key lives only in this SDK object; per-loop clients are copies of it.
         self._template = self._new_sdk_template(key)
-        self._clients: PerLoop[Any] = PerLoop(self._new_sdk_client, close=_close_sdk_client)
+        # Clients of one endpoint share its connections (per loop; see SharedConnections).
+        self._connections_key = (self._sdk.__name__, self.endpoint, self.timeout)
+        self._clients: PerLoop[Any] = PerLoop(
+            self._new_sdk_client,
+            close=functools.partial(_release_sdk_client, self._connections_key),
+        )
+        _prepare_ssl_context()
 
     @abc.abstractmethod
     def _new_sdk_template(self, api_key: str) -> Any:
@@ -556,19 +657,24 @@ class SdkChatModel(ChatCompletionModel):
         return ""
 
     def _new_sdk_client(self) -> Any:
-        return self._template.copy(
-            http_client=self._sdk.DefaultAsyncHttpxClient(timeout=self.timeout)
+        pool = CONNECTIONS.acquire(
+            self._connections_key,
+            lambda: self._sdk.DefaultAsyncHttpxClient(
+                timeout=self.timeout, verify=default_ssl_context()
+            ),
         )
+        return self._template.copy(http_client=pool)
 
     async def aclose(self) -> None:
-        """Close the connections this client opened on the running event loop.
+        """Release this client's share of the running event loop's connections to its endpoint
+        (closed once no other afnio client of that endpoint uses them).
 
         Optional: call it before a loop you created (e.g. with ``asyncio.run``) ends, to release
-        its connections at once instead of when they are garbage-collected.
+        its connections at once instead of when the loop shuts down or they are
+        garbage-collected.
         """
-        sdk_client = self._clients.pop()
-        if sdk_client is not None:
-            await sdk_client.close()
+        if self._clients.pop() is not None:
+            await CONNECTIONS.release(self._connections_key)
 
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments without the API key (it comes from the environment again)."""
@@ -623,22 +729,25 @@ class SdkChatModel(ChatCompletionModel):
                 f"{where} with a body that is not UTF-8 ({error.reason} at byte {error.start})",
                 status=status, endpoint=url,
             ) from None
-        snippet = self._safe(" ".join(text.split())[:120])
+
+        def snippet() -> str:  # only for an error: a well-formed reply costs no redaction
+            return self._safe(" ".join(text[:2000].split())[:120])
+
         if "html" in content_type.lower() or text.lstrip()[:1] == "<":
             raise MalformedReplyError(
                 f"{where} with an HTML page instead of JSON (a proxy or a wrong base_url?): "
-                f"{snippet!r}", status=status, endpoint=url,
+                f"{snippet()!r}", status=status, endpoint=url,
             )
         try:
             data = json.loads(text)
         except ValueError as error:
             raise MalformedReplyError(
-                f"{where} with a body that is not valid JSON ({error}): {snippet!r}",
+                f"{where} with a body that is not valid JSON ({error}): {snippet()!r}",
                 status=status, endpoint=url,
             ) from None
         if not isinstance(data, dict):
             raise MalformedReplyError(
-                f"{where} with JSON that is not an object: {snippet!r}", status=status,
+                f"{where} with JSON that is not an object: {snippet()!r}", status=status,
                 endpoint=url,
             )
         return data

@@ -177,6 +177,7 @@ class ChatCompletionModel(abc.ABC):
         self._structured_output_on = True
         self._usage = Usage()
         self._usage_lock = threading.Lock()
+        tokens.preload(self.model)  # in the background, so that no request waits for it
 
     @property
     def context_window(self) -> int:
@@ -247,6 +248,24 @@ class ChatCompletionModel(abc.ABC):
         """
         count = tokens.count_message_tokens(messages, self.model)
         return count if self._counts_exactly() else tokens.with_margin(count)
+
+    def prompt_fits(self, messages: Sequence[Mapping[str, Any]], limit: int) -> bool:
+        """Whether the prompt of ``messages`` holds at most ``limit`` tokens.
+
+        Decided without the tokenizer when even one token per UTF-8 byte (with the estimate
+        margin) would fit — most prompts are far below a context window — and by
+        :meth:`count_message_tokens` otherwise.
+
+        Example:
+            >>> from afnio.testing import ScriptedModel
+            >>> ScriptedModel().prompt_fits([{"role": "user", "content": "hello world"}], 10)
+            True
+        """
+        if type(self).count_message_tokens is ChatCompletionModel.count_message_tokens and (
+            tokens.with_margin(tokens.message_bytes_bound(messages)) <= limit
+        ):
+            return True
+        return self.count_message_tokens(messages) <= limit
 
     def structured_output_args(self, schema: Mapping[str, Any], name: str) -> dict[str, Any] | None:
         """Completion arguments that constrain a reply to ``schema`` on this backend, or ``None``.
@@ -351,10 +370,18 @@ class ChatCompletionModel(abc.ABC):
             raise ValueError(f"{who}: completion argument {name} must be >= 1, got {cap!r}")
         return cap
 
-    def _check_fits(self, messages: list[dict[str, Any]], reserve: int) -> int:
-        """The request's prompt tokens, or ContextWindowError if it can't fit the window."""
-        prompt = self.count_message_tokens(messages)
+    def _check_fits(self, messages: list[dict[str, Any]], reserve: int) -> int | None:
+        """The request's prompt tokens, or ContextWindowError if it can't fit the window.
+
+        ``None`` when nothing needs the count (no budget, no token rate) and the prompt surely
+        fits: a request then never waits for a tokenizer."""
         window = self.context_window
+        limits = self.limits
+        if not (limits.budget.capped or limits.token_rate is not None) and self.prompt_fits(
+            messages, window - reserve
+        ):
+            return None
+        prompt = self.count_message_tokens(messages)
         if prompt + reserve > window:
             raise ContextWindowError(
                 f"{self!r}: the request needs {prompt + reserve} tokens ({prompt} of prompt + "
@@ -421,16 +448,18 @@ class ChatCompletionModel(abc.ABC):
                 return hit.text
 
         token_rate = self.limits.token_rate
-        estimated = prompt_tokens if token_rate is not None else 0
-        estimate = Estimate(prompt_tokens, reserve, self._estimated_cost(prompt_tokens, reserve))
+        counted = prompt_tokens or 0  # None (not counted) only without a budget or token rate
+        estimated = counted if token_rate is not None else 0
+        estimate = Estimate(counted, reserve, self._estimated_cost(counted, reserve))
 
         async def send() -> Completion:
             try:
                 return await self._send(messages, **completion_args)
             except asyncio.CancelledError:
                 # Cancelled in flight: the provider may have received (and billed) the prompt.
-                self._record(Usage(requests=1, prompt_tokens=prompt_tokens,
-                                   cost_usd=self._estimated_cost(prompt_tokens, 0)))
+                sent = self.count_message_tokens(messages) if prompt_tokens is None else counted
+                self._record(Usage(requests=1, prompt_tokens=sent,
+                                   cost_usd=self._estimated_cost(sent, 0)))
                 raise
 
         with self.limits.reserved(estimate, spent=self._spent, client=self):

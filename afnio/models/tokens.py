@@ -39,6 +39,8 @@ __all__ = [
     "count_message_tokens",
     "count_tokens",
     "is_exact",
+    "message_bytes_bound",
+    "preload",
     "with_margin",
 ]
 
@@ -110,23 +112,98 @@ def _encoding_name_for(model: str | None) -> str:
         return _DEFAULT_ENCODING
 
 
-@functools.cache
+_encodings: dict[str, tiktoken.Encoding | None] = {}
+_unreported: dict[str, str] = {}  # why an encoding could not be loaded, until warned once
+
+
 def _load_encoding(encoding_name: str) -> tiktoken.Encoding | None:
-    """The encoding to count with, loaded from local files only; None if none can be loaded."""
-    with _lock:
-        if _is_cached_by_tiktoken(encoding_name):
-            return tiktoken.get_encoding(encoding_name)
-        try:
-            return tiktoken.get_encoding(_OFFLINE_ENCODING)
-        except (ValueError, OSError) as exc:
+    """The encoding to count with, loaded from local files only; None if none can be loaded
+    (with a warning, once).
+
+    Loaded once per process: a caller that arrives while another thread (see :func:`preload`)
+    is loading it waits for that load instead of starting its own."""
+    encoding = _loaded(encoding_name)
+    if encoding is None:
+        with _lock:
+            reason = _unreported.pop(encoding_name, None)
+        if reason is not None:
             warnings.warn(
                 f"count_tokens: no local tokenizer for {encoding_name!r} and the bundled "
-                f"{_OFFLINE_ENCODING!r} could not be loaded ({exc}); token counts are estimated "
-                f"as one token per {CHARS_PER_TOKEN} characters.",
+                f"{_OFFLINE_ENCODING!r} could not be loaded ({reason}); token counts are "
+                f"estimated as one token per {CHARS_PER_TOKEN} characters.",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return None
+    return encoding
+
+
+def _loaded(encoding_name: str) -> tiktoken.Encoding | None:
+    """The encoding, read on the first call (in whichever thread makes it)."""
+    if encoding_name in _encodings:
+        return _encodings[encoding_name]
+    with _lock:
+        if encoding_name not in _encodings:
+            _encodings[encoding_name] = _read_encoding(encoding_name)
+        return _encodings[encoding_name]
+
+
+def _read_encoding(encoding_name: str) -> tiktoken.Encoding | None:
+    if _is_cached_by_tiktoken(encoding_name):
+        return tiktoken.get_encoding(encoding_name)
+    try:
+        return tiktoken.get_encoding(_OFFLINE_ENCODING)
+    except (ValueError, OSError) as exc:
+        _unreported[encoding_name] = str(exc)
+        return None
+
+
+_preloading: set[str] = set()
+
+
+def preload(model: str | None = None) -> None:
+    """Start loading ``model``'s encoding in a background thread, so the first count does not
+    wait for it (afnio's clients call this when they are created). Returns at once; does
+    nothing when the encoding is loaded or loading already.
+
+    Example:
+        >>> preload("gpt-4.1-nano")
+        >>> count_tokens("ready when needed", "gpt-4.1-nano")
+        3
+    """
+    name = _encoding_name_for(model)
+    with _preload_lock:
+        if name in _encodings or name in _preloading:
+            return
+        _preloading.add(name)
+    threading.Thread(
+        target=_loaded, args=(name,), name=f"afnio-tokenizer-{name}", daemon=True
+    ).start()
+
+
+_preload_lock = threading.Lock()
+
+
+def message_bytes_bound(messages: Sequence[dict[str, Any]]) -> int:
+    """An upper bound of :func:`count_message_tokens` for any model, without a tokenizer: a
+    token of a byte-level tokenizer covers at least one UTF-8 byte.
+
+    Example:
+        >>> message_bytes_bound([{"role": "user", "content": "hello world"}])
+        21
+    """
+    total = _TOKENS_REPLY_PRIMER
+    for message in messages:
+        total += _TOKENS_PER_MESSAGE + _utf8_length(str(message.get("role", "")))
+        content = message.get("content", "")
+        total += _utf8_length(content if isinstance(content, str) else _content_text(content))
+        if message.get("name"):
+            total += _TOKENS_PER_NAME + _utf8_length(str(message["name"]))
+    return total
+
+
+def _utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (one byte a char)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def is_exact(model: str | None) -> bool:

@@ -5,6 +5,7 @@ API key.
 """
 
 from afnio.testing.fake_server import FakeProviderServer, FakeReply, Fault
+from afnio.testing.latency import LatencyModel
 from afnio.testing.reference_engine import reference_backward
 from afnio.testing.scripted import ScriptedModel
 from afnio.testing.turnstile import Turnstile, TurnstileTimeout, completion_orders
@@ -13,6 +14,7 @@ __all__ = [
     "FakeProviderServer",
     "FakeReply",
     "Fault",
+    "LatencyModel",
     "ScriptedModel",
     "Turnstile",
     "TurnstileTimeout",

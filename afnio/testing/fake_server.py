@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from afnio.testing.latency import LatencyModel
+
 __all__ = ["DEFAULT_FAULT_MIX", "Fault", "FakeProviderServer", "FakeReply"]
 
 _FAULT_KINDS = (
@@ -172,7 +174,11 @@ class FakeProviderServer:
         reply: ``reply(request_json) -> str | FakeReply`` (may be ``async``), called with the
             parsed request body of every successful request; ``None`` echoes the last user
             message. Exceptions raised by it become a 500 response and are kept in ``errors``.
-        latency: Seconds every request waits before it is answered (concurrently, not in turn).
+        latency: Seconds every request waits before it is answered (concurrently, not in turn),
+            or a :class:`~afnio.testing.LatencyModel` whose duration grows with the request's
+            prompt and reply tokens as ``usage`` counts them (words), like a real provider's
+            prefill and decoding: the reply is computed first, then the whole duration passes
+            (a faulted request waits ``base`` only).
         faults: Faults applied to the next requests, one each, in order (see :class:`Fault`
             for the shorthands); more can be added with :meth:`inject`.
         api_key: If given, requests must carry it (``Authorization: Bearer`` or ``x-api-key``)
@@ -190,6 +196,7 @@ class FakeProviderServer:
         faults_applied: The faults that have been applied, in order.
         in_flight: Requests currently being handled.
         max_in_flight: The largest number of requests handled at once.
+        connections_opened: TCP connections clients have opened to the server.
         errors: Exceptions raised by ``reply``.
 
     Example:
@@ -214,8 +221,10 @@ class FakeProviderServer:
         fault_mix: Iterable[Fault | int | str | dict[str, Any]] | None = None,
         seed: int = 0,
     ) -> None:
-        if latency < 0:
-            raise ValueError(f"FakeProviderServer: latency must be >= 0, got {latency}")
+        try:
+            self._latency = LatencyModel.of(latency)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"FakeProviderServer: latency: {error}") from None
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"FakeProviderServer: fault_rate must be in [0, 1], got {fault_rate}")
         self.fault_rate = fault_rate
@@ -225,6 +234,7 @@ class FakeProviderServer:
         self._random = random.Random(seed)
         self.reply = reply
         self.latency = latency
+        self._sleep = asyncio.sleep  # how latency passes (a test may record it instead)
         self._api_key = api_key
         self._faults: deque[Fault] = deque(Fault.parse(f) for f in faults or ())
         self._lock = threading.Lock()
@@ -234,6 +244,7 @@ class FakeProviderServer:
         self.errors: list[BaseException] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.connections_opened = 0
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -341,6 +352,7 @@ class FakeProviderServer:
             self.errors.clear()
             self._faults.clear()
             self.max_in_flight = self.in_flight
+            self.connections_opened = 0
 
     @staticmethod
     def count_tokens(text: str) -> int:
@@ -350,6 +362,8 @@ class FakeProviderServer:
     # ----------------------------------------------------------------- HTTP
 
     def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self.connections_opened += 1
         task = asyncio.ensure_future(self._serve_connection(reader, writer))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
@@ -415,8 +429,8 @@ class FakeProviderServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self.latency:
-                await asyncio.sleep(self.latency)
+            if self._latency.base and (fault is not None or not self._latency.per_token):
+                await self._sleep(self._latency.base)
             response = await self._response(reader, api, headers, recorded, fault)
         finally:
             # Counted out before the answer is written, so a client that got its answer never
@@ -461,6 +475,8 @@ class FakeProviderServer:
             with self._lock:
                 self.errors.append(exc)
             return _error(api, 500, f"reply function failed: {type(exc).__name__}")
+        if self._latency.per_token and fault is None:
+            await self._sleep(self._modelled_latency(api, request_json, payload))
         kind = fault.kind if fault is not None else None
         if kind == "missing_fields":
             if api == "openai":
@@ -478,6 +494,20 @@ class FakeProviderServer:
             page = b"<!DOCTYPE html><html><body><h1>Sign in to the network</h1></body></html>"
             return 200, page, {"content-type": "text/html; charset=utf-8"}
         return 200, body, {}
+
+    def _modelled_latency(
+        self, api: str, request_json: dict[str, Any], payload: dict[str, Any]
+    ) -> float:
+        """A request's duration under a token-dependent latency model."""
+        usage = payload["usage"]
+        if api == "openai":
+            prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
+        else:
+            prompt = (usage["input_tokens"] + usage["cache_read_input_tokens"]
+                      + usage["cache_creation_input_tokens"])
+            output = usage["output_tokens"]
+        key = LatencyModel.request_key(_prompt_texts(request_json))
+        return self._latency.seconds(prompt, output, key)
 
     async def _completion(self, api: str, request_json: dict[str, Any]) -> dict[str, Any]:
         if "_raw" in request_json:

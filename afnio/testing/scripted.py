@@ -9,6 +9,7 @@ from typing import Any
 
 from afnio.models.model import ChatCompletionModel, Completion, openai_json_schema
 from afnio.models.tokens import count_message_tokens, count_tokens
+from afnio.testing.latency import LatencyModel
 
 __all__ = ["SCRIPTED_CONTEXT_WINDOW", "ScriptedModel"]
 
@@ -34,7 +35,11 @@ class ScriptedModel(ChatCompletionModel):
             raise :class:`~afnio.models.errors.TransientError` to simulate a failure that gets
             retried), or a list of strings returned in turn (cycled when exhausted), or ``None``
             to echo the last user message.
-        latency: Seconds each request takes (an ``asyncio.sleep``, so requests overlap).
+        latency: Seconds each request takes (an ``asyncio.sleep``, so requests overlap), or a
+            :class:`~afnio.testing.LatencyModel` whose duration grows with the request's
+            prompt and reply tokens (counted as :meth:`count_message_tokens` counts them; the
+            reply is computed first, then the whole duration passes), or that model's fields
+            as a dict.
         model: The model name to report.
         max_tokens: Tokens a request reserves for its reply when it gives no ``max_tokens``
             (see :meth:`~afnio.models.model.ChatCompletionModel.output_reserve`).
@@ -89,6 +94,8 @@ class ScriptedModel(ChatCompletionModel):
                 f"ScriptedModel: replies must be a function, a list of str or None, "
                 f"got {replies!r:.80}"
             )
+        self._latency = LatencyModel.of(latency)
+        self._sleep = asyncio.sleep  # how latency passes (a test may record it instead)
         self.latency = latency
         self._replies = replies
         self._index = 0
@@ -110,21 +117,29 @@ class ScriptedModel(ChatCompletionModel):
         self.requests.append(([dict(m) for m in messages], dict(completion_args)))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        latency = self._latency
         try:
-            if self.latency:
-                await asyncio.sleep(self.latency)
+            if latency.base and not latency.per_token:
+                await self._sleep(latency.base)
             reply = self._next_reply(messages, completion_args)
             if inspect.isawaitable(reply):
                 reply = await reply
+            if not isinstance(reply, str):
+                raise TypeError(f"ScriptedModel reply must be a str, got {type(reply).__name__}")
+            completion = Completion(
+                text=reply,
+                prompt_tokens=count_message_tokens(messages, self.model),
+                completion_tokens=count_tokens(reply, self.model),
+            )
+            if latency.per_token:
+                # The whole modelled duration, now that the reply's length is known.
+                key = LatencyModel.request_key(str(m.get("content", "")) for m in messages)
+                await self._sleep(latency.seconds(
+                    completion.prompt_tokens, completion.completion_tokens, key
+                ))
         finally:
             self.in_flight -= 1
-        if not isinstance(reply, str):
-            raise TypeError(f"ScriptedModel reply must be a str, got {type(reply).__name__}")
-        return Completion(
-            text=reply,
-            prompt_tokens=count_message_tokens(messages, self.model),
-            completion_tokens=count_tokens(reply, self.model),
-        )
+        return completion
 
     def _next_reply(self, messages: list[dict[str, Any]], completion_args: dict[str, Any]) -> Any:
         if self._replies is None:
@@ -154,7 +169,9 @@ class ScriptedModel(ChatCompletionModel):
         return self.max_tokens
 
     def get_config(self) -> dict[str, Any]:
-        config = {**super().get_config(), "latency": self.latency}
+        latency = self.latency
+        config = {**super().get_config(),
+                  "latency": latency.as_dict() if isinstance(latency, LatencyModel) else latency}
         if self.max_tokens != _DEFAULT_MAX_TOKENS:
             config["max_tokens"] = self.max_tokens
         if self.structured_output:

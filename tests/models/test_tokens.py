@@ -8,7 +8,7 @@ import warnings
 import pytest
 import tiktoken
 import tiktoken.registry
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from afnio.models import tokens
@@ -36,9 +36,10 @@ def cold_tiktoken(monkeypatch, tmp_path):
     """A process state where no encoding is loaded and tiktoken's download cache is empty."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    tokens._load_encoding.cache_clear()
+    monkeypatch.setattr(tokens, "_encodings", {})
+    monkeypatch.setattr(tokens, "_preloading", set())
+    monkeypatch.setattr(tokens, "_unreported", {})
     yield tmp_path / "tiktoken-cache"
-    tokens._load_encoding.cache_clear()
 
 
 def test_counts_known_text():
@@ -123,3 +124,32 @@ def test_message_tokens_reject_bad_messages():
 @given(st.text(min_size=1, max_size=200))
 def test_count_is_between_one_and_the_byte_length(text):
     assert 1 <= count_tokens(text) <= len(text.encode("utf-8"))
+
+
+_MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text()},
+        optional={"name": st.text(alphabet="abcxyz_", min_size=1, max_size=8)},
+    ),
+    min_size=1, max_size=4,
+)
+
+
+@given(_MESSAGES)
+@example([{"role": "user", "content": "😀🎉🧪 ✓ ñ 日本語"}])
+def test_the_byte_bound_is_never_below_the_token_count(messages):
+    for model in ("gpt-4.1-nano", "gpt-4", None):
+        assert tokens.message_bytes_bound(messages) >= count_message_tokens(messages, model)
+
+
+@given(_MESSAGES, st.integers(min_value=-2, max_value=2))
+@example([{"role": "user", "content": "😀🎉🧪 ✓ ñ 日本語"}], 0)
+def test_prompt_fits_agrees_with_the_count_around_the_limit(messages, offset):
+    from afnio.models.openai import AsyncOpenAI
+    from afnio.testing import ScriptedModel
+
+    for client in (ScriptedModel(model="gpt-4.1-nano"),
+                   AsyncOpenAI("claude-like", base_url="http://127.0.0.1:9/v1")):
+        count = client.count_message_tokens(messages)
+        for limit in (count + offset, tokens.with_margin(tokens.message_bytes_bound(messages))):
+            assert client.prompt_fits(messages, limit) == (count <= limit)

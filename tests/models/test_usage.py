@@ -1,6 +1,7 @@
 """Usage accounting: per client, run-wide, and per block."""
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -33,6 +34,15 @@ def test_usage_adds_up():
     a += b
     assert a == Usage(3, 11, 3, 4, 0.75)
     assert a.total_tokens == 14
+
+
+def test_every_counter_is_added():
+    # Addition is spelled out field by field (it runs per request): none may be left out.
+    for field in dataclasses.fields(Usage):
+        one = Usage(**{field.name: 1})
+        total = Usage(**{field.name: 2})
+        total += one
+        assert (one + one, total) == (Usage(**{field.name: 2}), Usage(**{field.name: 3}))
 
 
 def test_client_usage_counts_requests_and_tokens():

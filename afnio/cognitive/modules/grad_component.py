@@ -39,10 +39,11 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from afnio._runtime import run
@@ -53,13 +54,14 @@ from afnio.autodiff.feedback import (
     BackwardModel,
     GradientPrompts,
     OutputFeedback,
+    as_finished,
     element_gradient,
     fill_prompt,
     fill_template,
     gather_all,
     shared_gradient,
 )
-from afnio.autodiff.function import Function, FunctionCtx, flatten_variables
+from afnio.autodiff.function import Function, FunctionCtx, flatten_variables, variable_paths
 from afnio.autodiff.grad_mode import no_grad
 from afnio.autodiff.graph import combine_gradients, gradient_role, reduce_to_scalar
 from afnio.cognitive import prompts
@@ -346,21 +348,37 @@ class _ComponentCall(Function):
 
 
 class _AsyncComponentCall(_ComponentCall):
-    """A traced component call whose backward is awaited on the event loop."""
+    """A traced component call whose backward is awaited on the event loop. With the default
+    ``abackward`` asking a backward engine, it streams: each input's gradient leaves as soon as
+    its requests are answered."""
 
     @staticmethod
-    async def backward(ctx: FunctionCtx, grad_output: Variable) -> tuple:
+    async def backward(
+        ctx: FunctionCtx, grad_output: Variable
+    ) -> AsyncIterator[tuple[Any, Any]]:
         component, response = ctx.component, _response(ctx, grad_output)
+        engine = response.backward_model
+        own = type(component)
+        if not (_overrides(own, "backward") or _overrides(own, "abackward") or engine is None
+                or component.backward_engine_disabled):
+            paths = [path for path, _ in variable_paths([ctx.args, ctx.kwargs])]
+            async with contextlib.aclosing(
+                component._engine_gradients(engine, response)
+            ) as gradients:
+                async for index, gradient in gradients:
+                    # paths[index] is (0 or 1, ...) inside [args, kwargs]: arguments 1 and 2.
+                    yield (paths[index][0] + 1, *paths[index][1:]), gradient
+            return
         method = component.abackward
-        if _overrides(type(component), "backward") and not _overrides(
-            type(component), "abackward"
-        ):
+        if _overrides(own, "backward") and not _overrides(own, "abackward"):
             method = component.backward  # an ``async def backward`` override
         result = await method(
             response=response, id=ctx.kwargs.get("id"),
             disable_backward_engine=component.backward_engine_disabled,
         )
-        return _input_gradients(ctx, response, result)
+        for index, gradient in enumerate(_input_gradients(ctx, response, result)):
+            if gradient is not None:
+                yield index, gradient
 
 
 _CALL_FUNCTIONS: weakref.WeakKeyDictionary[type, type[Function]] = weakref.WeakKeyDictionary()
@@ -601,8 +619,19 @@ class GradComponent(Module):
         engine = response.backward_model
         if disable_backward_engine or self._disable_backward_engine or engine is None:
             return self.backward_with_pass_through_gradients(response=response, id=id, **kwargs)
+        async with contextlib.aclosing(self._engine_gradients(engine, response)) as gradients:
+            async for index, gradient in gradients:
+                if gradient is not None:
+                    response.predecessors[index].grad.append(gradient)
+        return None
+
+    async def _engine_gradients(
+        self, engine: BackwardModel, response: ComponentResponse
+    ) -> AsyncIterator[tuple[int, Variable | None]]:
+        """``(predecessor index, gradient)`` for every predecessor that requires grad, each as
+        soon as the engine's answers about it are in (all requests run concurrently)."""
         if not response.grad:
-            return None
+            return
         combined = combine_gradients(response.grad, response.role, response.batch_size)
         feedback = OutputFeedback(
             engine,
@@ -612,16 +641,16 @@ class GradComponent(Module):
                 {"output_role": response.role, "parts": parts},
             )),
         )
-        wanted = [p for p in response.predecessors if p.requires_grad]
+        wanted = [i for i, p in enumerate(response.predecessors) if p.requires_grad]
         if wanted and feedback.live:
             engine.require(f"{self.name} backward")
-        gradients = await gather_all(
-            [self._engine_gradient(engine, response, feedback, p) for p in wanted]
-        )
-        for predecessor, gradient in zip(wanted, gradients):
-            if gradient is not None:
-                predecessor.grad.append(gradient)
-        return None
+        requests = [
+            self._engine_gradient(engine, response, feedback, response.predecessors[i])
+            for i in wanted
+        ]
+        async with contextlib.aclosing(as_finished(requests)) as finished:
+            async for position, gradient in finished:
+                yield wanted[position], gradient
 
     def backward(
         self,
