@@ -72,6 +72,7 @@ __all__ = [
     "salvage_feedback",
     "set_gradient_token_budget",
     "shared_gradient",
+    "text_fitting",
     "token_budget",
 ]
 
@@ -161,6 +162,18 @@ def set_gradient_token_budget(tokens: int | None) -> None:
 def get_gradient_token_budget() -> int | None:
     """The gradient prompt cap in force (``None``: the backward model's window is the limit)."""
     return get_settings().gradient_token_budget
+
+
+def text_fitting(output_tokens: int, wanted: int) -> int:
+    """The longest string (in characters) a structured reply may hold so that the whole JSON
+    object still closes within ``output_tokens`` (at a cautious 3 characters per token, with
+    room for the braces and key), and at most ``wanted``.
+
+    Example:
+        >>> text_fitting(48, 600), text_fitting(512, 600)
+        (96, 600)
+    """
+    return max(16, min(wanted, 3 * (output_tokens - 16)))
 
 
 def check_fits(needed: int, budget: int, what: str) -> None:
@@ -292,7 +305,10 @@ def salvage_feedback(reply: str) -> str | None:
         'The prompt should name the three labels.'
         >>> salvage_feedback("```\\n<FEEDBACK>\\n```") is None
         True
+        >>> salvage_feedback('{ "feedback" : "Name the three labels and say what each')
+        'Name the three labels and say what each'
     """
+    reply = re.sub(r'^\s*\{\s*"\w+"\s*:\s*"?', "", reply)  # a cut-off {"feedback": "...
     text = re.sub(r"</?[A-Za-z_][\w ]*>|```\w*", " ", reply)
     text = " ".join(text.split())
     words = re.findall(r"[^\W\d_]+", text)
@@ -622,14 +638,13 @@ class BackwardModel:
         """
         client = self.require(what)
         check_fits(self.tokens(messages), token_budget(client, self.completion_args), what)
+        length = text_fitting(
+            client.output_reserve(self.completion_args),
+            150 * get_settings().max_feedback_sentences,
+        )
         schema = {
             "type": "object",
-            "properties": {
-                "feedback": {
-                    "type": "string",
-                    "maxLength": 150 * get_settings().max_feedback_sentences,
-                }
-            },
+            "properties": {"feedback": {"type": "string", "maxLength": length}},
             "required": ["feedback"],
         }
         return await ask(

@@ -133,6 +133,14 @@ class Optimizer(abc.ABC):
         defaults: The default options.
         param_groups: The parameter groups, each a dict with ``"params"`` and every option.
         state: Per-parameter state (a ``defaultdict(dict)`` keyed by the parameter itself).
+        last_step: What the last :meth:`step` did, one JSON-safe dict per parameter it
+            considered: ``{"index", "role", "before", "after", "feedback", "verdict",
+            "reason"}`` (``index`` as in :meth:`state_dict`; ``verdict`` is ``"accepted"``,
+            ``"rejected"`` or ``"rolled_back"``). Optimizers may add fields.
+        needs_closure: Class attribute: ``True`` when :meth:`step` compares scores and so
+            needs a closure (see :mod:`afnio.optim.scoring`); the Trainer then builds one.
+        uses_gradients: Class attribute: ``False`` when the optimizer ignores textual
+            gradients (the Trainer then skips ``backward()`` if no optimizer uses them).
 
     Raises:
         TypeError: If ``params`` is a single Variable or a set, or holds something other than
@@ -141,8 +149,12 @@ class Optimizer(abc.ABC):
             more than one group, or a group misses a required option.
     """
 
+    needs_closure: bool = False
+    uses_gradients: bool = True
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
+        self.last_step: list[dict[str, Any]] = []
         if isinstance(params, Variable):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Variables or "
@@ -269,6 +281,14 @@ class Optimizer(abc.ABC):
             return None
         with enable_grad():
             return closure()
+
+    def _param_indices(self) -> dict[int, int]:
+        """``id(parameter) -> index`` across all groups, as :meth:`state_dict` numbers them."""
+        index_of: dict[int, int] = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                index_of.setdefault(id(param), len(index_of))
+        return index_of
 
     # ----------------------------------------------------------------- saving
     def state_dict(self) -> dict[str, Any]:

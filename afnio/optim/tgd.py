@@ -59,6 +59,7 @@ from afnio.autodiff.feedback import (
     gather_all,
     merge_in_rounds,
     placeholders,
+    text_fitting,
     token_budget,
 )
 from afnio.autodiff.grad_mode import no_grad
@@ -394,15 +395,17 @@ def _parse_proposal(reply: str, old: Any, instruction_lines: Sequence[str]) -> A
     return new
 
 
-def _proposal_schema(old: Any) -> dict[str, Any]:
-    """The JSON schema of a proposal for a parameter holding ``old`` (for structured outputs)."""
+def _proposal_schema(old: Any, output_tokens: int) -> dict[str, Any]:
+    """The JSON schema of a proposal for a parameter holding ``old`` (for structured outputs),
+    short enough to close within the request's ``output_tokens``."""
     if isinstance(old, (int, float)):
         value: dict[str, Any] = {"type": "number"}
     elif isinstance(old, list):
         kind = "string" if any(isinstance(item, str) for item in old) else "number"
         value = {"type": "array", "items": {"type": kind}}
     else:
-        value = {"type": "string", "minLength": 1, "maxLength": max(400, 4 * len(old))}
+        length = text_fitting(output_tokens, max(400, 4 * len(old)))
+        value = {"type": "string", "minLength": 1, "maxLength": length}
     return {
         "type": "object",
         "properties": {prompts.PROPOSAL_TAG.lower(): value},
@@ -537,7 +540,9 @@ async def _propose(
             what=f"TGD (parameter with role {param.role!r})",
             repair=fill_template(prompts.RETRY_MESSAGE, {"tag": prompts.PROPOSAL_TAG}),
             completion_args=opts.completion_args,
-            schema=("proposal", _proposal_schema(old)),
+            schema=("proposal", _proposal_schema(
+                old, opts.model_client.output_reserve(opts.completion_args)
+            )),
             retries=opts.max_retries,
         )
     except ReplyParseError as error:

@@ -77,11 +77,24 @@ class ProgressReporter:
         self._task = self._progress.add_task(description, total=total, completed=completed, info="")
         self._progress.start()
 
-    def update(self, completed: int, metrics: Mapping[str, float], usage: Usage) -> None:
-        """Show ``completed`` batches, the running metrics and the run's usage so far."""
+    def update(
+        self,
+        completed: int,
+        metrics: Mapping[str, float],
+        usage: Usage,
+        proposals: Mapping[str, int] | None = None,
+    ) -> None:
+        """Show ``completed`` batches, the running metrics, the epoch's ``accepted`` and
+        ``rejected`` proposals (when given) and the run's usage so far."""
         if self._progress is None or self._task is None:
             return
-        info = " · ".join(part for part in (format_metrics(metrics), format_usage(usage)) if part)
+        counts = (
+            f"accepted {proposals['accepted']} · rejected {proposals['rejected']}"
+            if proposals else ""
+        )
+        info = " · ".join(
+            part for part in (format_metrics(metrics), counts, format_usage(usage)) if part
+        )
         self._progress.update(self._task, completed=completed, info=info)
 
     def stop(self) -> None:

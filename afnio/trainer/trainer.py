@@ -10,6 +10,16 @@ The agent is an :class:`afnio.cognitive.Module` (or anything with the same hooks
 - With ``agent.automatic_optimization`` True (the default) each training batch runs
   ``zero_grad()`` → ``training_step`` → ``explanation.backward()`` → ``step()`` on every
   optimizer; with False, ``training_step`` does all of that itself (and may return ``None``).
+  An optimizer that compares scores (``needs_closure``: a
+  :class:`~afnio.optim.GatedOptimizer`, candidate search, scored history) gets
+  ``step(closure)``, the closure being a :class:`~afnio.optim.ModuleScorer` that re-runs
+  ``training_step`` on the same batch under ``no_grad`` (it knows the training step's own score,
+  so the score before the step costs nothing). ``backward()`` is skipped when no optimizer uses
+  textual gradients (the demonstration optimizer). ``Trainer(gate_steps=True)`` wraps every
+  optimizer in a :class:`~afnio.optim.GatedOptimizer`.
+- Each fit row counts the epoch's proposals from the optimizers' ``last_step``:
+  ``accepted``, ``rejected`` (refused or rolled back) and ``rolled_back``; the progress bar
+  shows them too.
 
 How scores become metrics is described in :mod:`afnio.trainer.metrics`.
 
@@ -56,6 +66,8 @@ from rich.console import Console
 from afnio.autodiff.grad_mode import no_grad
 from afnio.models.errors import BudgetExceededError
 from afnio.models.usage import Usage, track_usage
+from afnio.optim.gated import GatedOptimizer
+from afnio.optim.scoring import ModuleScorer
 from afnio.trainer.callbacks import Callback
 from afnio.trainer.checkpoint import (
     ResumePoint,
@@ -82,6 +94,7 @@ __all__ = ["Trainer"]
 logger = logging.getLogger(__name__)
 
 _ON_ERROR = ("raise", "skip")
+_VERDICTS = ("accepted", "rejected", "rolled_back")
 _REDUCTIONS = ("sum", "mean")
 _MODES = ("max", "min")
 
@@ -143,6 +156,24 @@ def _loggers(logger: Any) -> list[Logger]:
     return list(loggers)
 
 
+def _saved_proposals(state: Any, path: Path) -> dict[str, int]:
+    """The epoch's proposal counts a checkpoint holds (none in older checkpoints).
+
+    Raises:
+        ValueError: Naming the file, when they are not counts.
+    """
+    saved = state.get("proposals", {}) if isinstance(state, dict) else {}
+    if not isinstance(saved, dict) or any(
+        isinstance(saved.get(name, 0), bool) or not isinstance(saved.get(name, 0), int)
+        or saved.get(name, 0) < 0 for name in _VERDICTS
+    ):
+        raise ValueError(
+            f"Trainer: checkpoint {str(path)!r} can't be resumed: 'proposals' must map "
+            f"{list(_VERDICTS)} to counts, got {saved!r:.200}; nothing was changed"
+        )
+    return {name: int(saved.get(name, 0)) for name in _VERDICTS}
+
+
 def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note"):  # Python >= 3.11
         error.add_note(note)
@@ -181,6 +212,8 @@ class Trainer:
             many training steps (``None``: epoch rows only). The default file loggers skip
             these rows unless built with ``include_steps=True``.
         console: The rich console to print to (stdout by default).
+        gate_steps: Wrap every optimizer in a :class:`~afnio.optim.GatedOptimizer`, so a step
+            that lowers the training batch's score is rolled back.
 
     Attributes:
         current_epoch: The epoch being run (after a fit: ``max_epochs`` unless stopped early).
@@ -242,6 +275,7 @@ class Trainer:
         console: Console | None = None,
         enable_report: bool = True,
         log_every_n_steps: int | None = 1,
+        gate_steps: bool = False,
     ) -> None:
         _check_count("max_epochs", max_epochs)
         for name, value, allowed in (
@@ -269,6 +303,7 @@ class Trainer:
         self.monitor = monitor
         self.mode = mode
         self.checkpoint_every_n_batches = checkpoint_every_n_batches
+        self.gate_steps = bool(gate_steps)
         self.callbacks = callbacks
         self.progress = ProgressReporter(enable_progress_bar, console)
         self.enable_report = bool(enable_report)
@@ -297,6 +332,7 @@ class Trainer:
         self._train_loader: Any = None
         self._train_metrics = MetricAccumulator()
         self._skipped_in_epoch = 0
+        self._proposals = dict.fromkeys(_VERDICTS, 0)  # this epoch's, from last_step
         self._tracker: Usage | None = None
         self._usage_before = Usage()  # spent in earlier sessions of this fit (resume)
         self._epoch_usage_before = Usage()  # spent in the current epoch in earlier sessions
@@ -601,6 +637,10 @@ class Trainer:
             optimizers = list(configured)
         else:
             optimizers = [configured]
+        if self.gate_steps:
+            optimizers = [
+                o if isinstance(o, GatedOptimizer) else GatedOptimizer(o) for o in optimizers
+            ]
         for index, optimizer in enumerate(optimizers):
             for method in ("zero_grad", "step", "state_dict", "load_state_dict"):
                 if not callable(getattr(optimizer, method, None)):
@@ -630,6 +670,7 @@ class Trainer:
         self._epoch_usage_before = Usage()
         self._train_metrics = MetricAccumulator()
         self._skipped_in_epoch = 0
+        self._proposals = dict.fromkeys(_VERDICTS, 0)
         self.metrics_log.replace([])
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
@@ -646,11 +687,13 @@ class Trainer:
             self._prepared_load(optimizer, saved, f"optimizer {index}", path)
             for index, (optimizer, saved) in enumerate(zip(self._optimizers, point.optimizers))
         ]
+        proposals = _saved_proposals(state, path)
         # Everything is checked: from here on nothing can fail half-way (afnio modules and
         # optimizers; another agent or optimizer class loads with its own load_state_dict).
         for update in updates:
             update()
         self._apply_resume_point(point, metrics, usage_total, usage_epoch)
+        self._proposals = proposals
         self._check_loader(point.loader, path)
 
     @staticmethod
@@ -706,6 +749,7 @@ class Trainer:
             "optimizers": [optimizer.state_dict() for optimizer in self._optimizers],
             "train_metrics": self._train_metrics.state_dict(),
             "skipped_in_epoch": self._skipped_in_epoch,
+            "proposals": dict(self._proposals),
         }
 
     def _check_loader(self, saved: dict[str, Any], path: Path) -> None:
@@ -773,7 +817,10 @@ class Trainer:
             self.global_step += 1
             self._commit()  # the batch's update and the counter, together
             self._sync_usage()
-            self.progress.update(self.batches_done, self._train_metrics.means("train_"), self.usage)
+            self.progress.update(
+                self.batches_done, self._train_metrics.means("train_"), self.usage,
+                self._proposal_counts() if any(self._proposals.values()) else None,
+            )
             for callback in self.callbacks:
                 callback.on_train_batch_end(self, agent, outputs, batch, batch_idx)
             every = self.checkpoint_every_n_batches
@@ -796,10 +843,18 @@ class Trainer:
                 outputs = agent.training_step(batch, batch_idx)
                 parsed = parse_step_output(outputs, "training_step")
                 self._capture_graph(parsed.explanation)
-                parsed.explanation.backward()
+                if any(getattr(o, "uses_gradients", True) for o in self._optimizers):
+                    parsed.explanation.backward()
                 recorder.before_update()
+                closure = None
                 for optimizer in self._optimizers:
-                    optimizer.step()
+                    if getattr(optimizer, "needs_closure", False):
+                        if closure is None:
+                            closure = self._step_closure(agent, batch, batch_idx, parsed)
+                        optimizer.step(closure)
+                    else:
+                        optimizer.step()
+                self._count_proposals()
             else:
                 recorder.before_update()
                 outputs = agent.training_step(batch, batch_idx)
@@ -817,6 +872,37 @@ class Trainer:
         usage = recorder.stop_usage(self._current_usage())
         self._record_step(batch_idx, values, size, params, usage, None)
         return outputs
+
+    def _step_closure(
+        self, agent: Any, batch: Any, batch_idx: int, parsed: StepOutput
+    ) -> ModuleScorer:
+        """The closure of a scoring optimizer: ``training_step`` again on this batch, starting
+        from the score the training step just gave (so the score before costs nothing)."""
+        size = batch_size_of(batch, parsed.explanation)
+        baseline = (
+            None if parsed.score is None
+            else score_per_sample(parsed.score, size, self.score_reduction, "training_step")
+        )
+        return ModuleScorer(
+            agent, batch, batch_idx=batch_idx, score_reduction=self.score_reduction,
+            baseline=baseline,
+        )
+
+    def _count_proposals(self) -> None:
+        """Add the verdicts of the step every optimizer just took to the epoch's counts."""
+        for optimizer in self._optimizers:
+            for record in getattr(optimizer, "last_step", None) or []:
+                verdict = record.get("verdict") if isinstance(record, dict) else None
+                if verdict in self._proposals:
+                    self._proposals[verdict] += 1
+
+    def _proposal_counts(self) -> dict[str, int]:
+        counts = self._proposals
+        return {
+            "accepted": counts["accepted"],
+            "rejected": counts["rejected"] + counts["rolled_back"],
+            "rolled_back": counts["rolled_back"],
+        }
 
     def _accumulate(
         self, accumulator: MetricAccumulator, parsed: StepOutput, batch: Any, hook: str
@@ -865,6 +951,7 @@ class Trainer:
         row["total_tokens"] = self.usage.total_tokens
         row["total_cost_usd"] = round(self.usage.cost_usd, 10)
         row["skipped_batches"] = self._skipped_in_epoch
+        row.update(self._proposal_counts())
         self.callback_metrics = row
         val_usage = recorder.stop_usage(self._current_usage())
         self.history.append(
@@ -880,6 +967,7 @@ class Trainer:
         self.progress.print(
             f"Epoch {epoch}/{self.max_epochs - 1}: "
             f"{format_metrics({k: v for k, v in row.items() if _is_metric(k, v)})} · "
+            f"proposals accepted {row['accepted']}, rejected {row['rejected']} · "
             f"epoch {format_usage(self._epoch_usage())} · total {format_usage(self.usage)}"
         )
         for callback in self.callbacks:
@@ -891,6 +979,7 @@ class Trainer:
         self.current_epoch = epoch + 1
         self.batches_done = 0
         self._skipped_in_epoch = 0
+        self._proposals = dict.fromkeys(_VERDICTS, 0)
         self._train_metrics = MetricAccumulator()
         self._epoch_usage_before = Usage()
         if self._tracker is not None:

@@ -7,6 +7,7 @@ import pickle
 import signal
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -328,21 +329,26 @@ def test_two_processes_write_at_once(tmp_path):
     assert cache.get("w1-299") == CachedResponse("from 1", 299, 1)
 
 
-def _write_forever(path, written):
+def _write_until_killed(path, written, parent):
+    """Write rows until killed; bounded (at most 2,000 rows of 20 kB, then idle) and gone once
+    the test process is, so an interrupted test can never fill the disk."""
     cache = ResponseCache(path)
     i = 0
-    while True:
-        cache.put(f"k{i}", CachedResponse("x" * 20_000, i, 1), provider="p", model="m")
-        with written.get_lock():
-            written.value = i + 1
-        i += 1
+    while os.getppid() == parent:
+        if i < 2_000:
+            cache.put(f"k{i}", CachedResponse("x" * 20_000, i, 1), provider="p", model="m")
+            with written.get_lock():
+                written.value = i + 1
+            i += 1
+        else:
+            time.sleep(0.05)
 
 
 def test_killed_writer_leaves_a_readable_cache(tmp_path):
     path = str(tmp_path / "c.sqlite")
     context = multiprocessing.get_context("spawn")
     written = context.Value("i", 0)
-    writer = context.Process(target=_write_forever, args=(path, written))
+    writer = context.Process(target=_write_until_killed, args=(path, written, os.getpid()))
     writer.start()
     try:
         while written.value < 200 and writer.is_alive():

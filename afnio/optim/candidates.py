@@ -1,0 +1,627 @@
+"""Candidate search (ProTeGi/APO-style): several proposals per step, scored, a beam kept.
+
+Each :meth:`CandidateSearch.step` asks the optimizer model for ``num_proposals`` rewrites of
+every parameter that has feedback (TGD's request, each marked "proposal i of k" so they
+differ) and ``num_paraphrases`` paraphrases of its current value (the best one so far), all at
+once. The candidates — the current values, the rest of the beam kept from the last step, the
+proposals and the paraphrases — are scored on the minibatch by a
+:class:`~afnio.optim.scoring.Scorer`, concurrently, under a budget of sample evaluations,
+selected by **successive halving** or **UCB**; the best ``beam_width`` survive, and the
+parameters take the best one. The current values are always a candidate: with halving, a step
+only moves to values that scored at least as well on the same samples.
+
+With several parameters, candidate *j* combines proposal *j* of each parameter (and beam
+entry *j* of each), and they are scored together.
+
+Example:
+    >>> import afnio
+    >>> from afnio.optim import CandidateSearch, FunctionScorer
+    >>> from afnio.testing import ScriptedModel
+    >>> prompt = afnio.Parameter("Answer.", role="system prompt")
+    >>> def rewrite(messages, **_):   # proposal 1 helps, proposal 2 does not
+    ...     good = "proposal 1 of 2" in messages[-1]["content"]
+    ...     value = "Answer in French." if good else "Hm."
+    ...     return f"<IMPROVED_VARIABLE>{value}</IMPROVED_VARIABLE>"
+    >>> search = CandidateSearch([prompt], model_client=ScriptedModel(rewrite),
+    ...                          num_proposals=2, num_paraphrases=0, beam_width=2)
+    >>> scorer = FunctionScorer(lambda values, idx: float("French" in values[prompt]),
+    ...                         [prompt], num_samples=4)
+    >>> prompt.append_grad(afnio.Variable("answer in French"))
+    >>> search.step(scorer)
+    1.0
+    >>> prompt.data, [entry["value"] for entry in search.state[prompt]["beam"]]
+    ('Answer in French.', ['Answer in French.', 'Answer.'])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import random
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from afnio._runtime import run
+from afnio._variable import Variable
+from afnio.autodiff.feedback import (
+    ReplyParseError,
+    Unreadable,
+    ask,
+    check_fits,
+    fill_template,
+    gather_all,
+    token_budget,
+)
+from afnio.autodiff.grad_mode import no_grad
+from afnio.models.model import ChatCompletionModel
+from afnio.optim import prompts
+from afnio.optim.optimizer import Optimizer, ParamsT
+from afnio.optim.scoring import Scorer
+from afnio.optim.tgd import (
+    ProposalCheck,
+    ProposalRejectedWarning,
+    TGDOptions,
+    _check_minimal_fits,
+    _content_text,
+    _describe,
+    _feedback_texts,
+    _format_value,
+    _instruction_lines,
+    _numbered,
+    _Outcome,
+    _parse_proposal,
+    _proposal_schema,
+    _propose,
+    _section,
+    _text_of,
+)
+
+__all__ = ["CandidateSearch", "SearchOptions"]
+
+_SELECTIONS = ("halving", "ucb")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The search options of one candidate-search parameter group (besides TGD's own).
+
+    Attributes:
+        num_proposals: Rewrites asked for per parameter and step (*k*).
+        num_paraphrases: Paraphrases of the current value asked for per parameter and step.
+        beam_width: Candidates kept for the next step, the best first (*b*).
+        selection: ``"halving"`` (successive halving: every survivor scored on the same
+            samples, the worse half dropped each round) or ``"ucb"`` (upper confidence bound:
+            the candidates with the highest bound are scored on further samples).
+        budget: Sample evaluations one step may spend on scoring (a candidate scored on one
+            sample is one evaluation; for a program that sends one request per sample, one
+            request). ``None``: enough to score every candidate on every sample.
+        ucb_exploration: UCB's exploration weight *c* in ``mean + c * sqrt(2 ln t / n)``.
+        seed: Seeds the order in which the minibatch's samples are used.
+
+    Raises:
+        ValueError: For an invalid option.
+    """
+
+    num_proposals: int = 4
+    num_paraphrases: int = 1
+    beam_width: int = 2
+    selection: str = "halving"
+    budget: int | None = None
+    ucb_exploration: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_proposals", 1), ("num_paraphrases", 0), ("beam_width", 1),
+                          ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"CandidateSearch: {name} must be an int >= {low}, got {value!r}")
+        if self.selection not in _SELECTIONS:
+            raise ValueError(
+                f"CandidateSearch: selection must be one of {_SELECTIONS}, got {self.selection!r}"
+            )
+        exploration = self.ucb_exploration
+        if isinstance(exploration, bool) or not isinstance(exploration, (int, float)) or not (
+            exploration >= 0
+        ):
+            raise ValueError(
+                f"CandidateSearch: ucb_exploration must be a number >= 0, got {exploration!r}"
+            )
+        if self.budget is not None:
+            most = self.max_candidates
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int) or (
+                self.budget < most
+            ):
+                raise ValueError(
+                    f"CandidateSearch: budget must be None or an int >= {most} (one sample "
+                    f"evaluation for each of up to {most} candidates: beam_width + "
+                    f"num_proposals + num_paraphrases), got {self.budget!r}"
+                )
+
+    @property
+    def max_candidates(self) -> int:
+        """The most candidates one step can have: the beam, the proposals, the paraphrases."""
+        return self.beam_width + self.num_proposals + self.num_paraphrases
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every option with its default."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def split(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(search options, everything else)``; a near-miss of a search option is refused.
+
+        Raises:
+            TypeError: For a keyword one letter or two away from a search option name.
+        """
+        names = cls.names()
+        chosen = {key: value for key, value in kwargs.items() if key in names}
+        rest = {key: value for key, value in kwargs.items() if key not in names}
+        for key in rest:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+            if close:
+                raise TypeError(
+                    f"CandidateSearch: unknown option {key!r}; did you mean {close[0]!r}?"
+                )
+        return chosen, rest
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> SearchOptions:
+        """The search options of a parameter group dict."""
+        return cls(**{name: group[name] for name in cls.names() if name in group})
+
+
+# --------------------------------------------------------------------------- proposals
+def _variant(opts: TGDOptions, attempt: int, total: int) -> TGDOptions:
+    """TGD's request with the "proposal i of k" line added to its last user message."""
+    line = fill_template(prompts.CANDIDATE_ATTEMPT, {"attempt": str(attempt), "total": str(total)})
+    templates = [dict(message) for message in opts.templates()]
+    last_user = max(i for i, m in enumerate(templates) if m["role"] == "user") if any(
+        m["role"] == "user" for m in templates
+    ) else len(templates) - 1
+    content = _content_text(templates[last_user]["content"], "CandidateSearch")
+    templates[last_user]["content"] = content + "\n\n" + line
+    return dataclasses.replace(opts, messages=templates)
+
+
+async def _paraphrase(
+    param: Variable,
+    opts: TGDOptions,
+    attempt: int,
+    total: int,
+    proposal_check: ProposalCheck | None,
+) -> Any | None:
+    """One paraphrase of the parameter's value, or ``None`` when no reply was usable."""
+    old = copy.deepcopy(param.data)
+    values = {
+        "variable_role": _describe(param),
+        "variable": _section("VARIABLE", _format_value(old)),
+        "constraints": (
+            _section("CONSTRAINTS", _numbered([_text_of(c) for c in opts.constraints])) + "\n\n"
+            if opts.constraints else ""
+        ),
+        "attempt": str(attempt),
+        "total": str(total),
+    }
+    messages = [
+        {"role": m["role"], "content": fill_template(m["content"], values)}
+        for m in prompts.PARAPHRASE_MESSAGES
+    ]
+    what = f"CandidateSearch paraphrasing the parameter with role {param.role!r}"
+    client = opts.model_client
+    check_fits(client.count_message_tokens(messages), token_budget(client, opts.completion_args),
+               what)
+    lines = _instruction_lines(prompts.PARAPHRASE_MESSAGES)
+
+    def accept(reply: str) -> Any:
+        new = _parse_proposal(reply, old, lines)
+        problem = proposal_check(new) if proposal_check is not None else None
+        if problem:
+            raise Unreadable(f"the proposal fails the user's check: {problem}")
+        return new
+
+    try:
+        return await ask(
+            client, messages, accept, what=what,
+            repair=fill_template(prompts.RETRY_MESSAGE, {"tag": prompts.PROPOSAL_TAG}),
+            completion_args=opts.completion_args, schema=("proposal", _proposal_schema(
+                old, client.output_reserve(opts.completion_args)
+            )),
+            retries=opts.max_retries,
+        )
+    except ReplyParseError:
+        return None
+
+
+@dataclass
+class _Proposals:
+    """What the optimizer model wrote for one parameter this step."""
+
+    outcomes: list[_Outcome]
+    paraphrases: list[Any | None]
+
+    @property
+    def feedback(self) -> list[str]:
+        for outcome in self.outcomes:
+            if outcome.feedback is not None:
+                return list(outcome.feedback)
+        return []
+
+    @property
+    def notes(self) -> list[str]:
+        return [note for outcome in self.outcomes for note in outcome.notes]
+
+
+# --------------------------------------------------------------------------- selection
+@dataclass
+class _Arm:
+    """One candidate: a value per parameter, and the scores it got this step."""
+
+    values: dict[int, Any]  # id(param) -> value
+    origin: str
+    total: float = 0.0
+    samples: int = 0
+    seen: int = 0  # position reached in the sample order
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.samples if self.samples else -math.inf
+
+
+async def _pull(
+    scorer: Scorer, arm: _Arm, params: Mapping[int, Variable], indices: list[int]
+) -> None:
+    values = {params[key]: value for key, value in arm.values.items()}
+    score = await scorer.ascore(values, indices)
+    arm.total += score * len(indices)
+    arm.samples += len(indices)
+
+
+def _ranked(arms: Sequence[_Arm]) -> list[int]:
+    """Arm positions, best mean first; ties go to the arm that was scored on more samples,
+    then to the earlier arm (the current values come first)."""
+    return sorted(range(len(arms)), key=lambda i: (-arms[i].mean, -arms[i].samples, i))
+
+
+def halving_plan(num_candidates: int, num_samples: int, budget: int) -> list[tuple[int, int]]:
+    """Successive halving's schedule: per round, ``(survivors, samples each has seen by the
+    end of the round)``. The number of sample evaluations is
+    ``sum(survivors * (seen - previous seen))`` over the rounds, at most ``budget``.
+
+    Example:
+        >>> halving_plan(8, 12, 96)      # 8 x 4 + 4 x 8 = 64 sample evaluations
+        [(8, 4), (4, 12)]
+        >>> halving_plan(5, 12, 10)      # a tight budget: 5 x 1 + 3 x 1 + 2 x 1
+        [(5, 1), (3, 2), (2, 3)]
+    """
+    plan: list[tuple[int, int]] = []
+    survivors, seen, left = num_candidates, 0, budget
+    rounds = max(1, math.ceil(math.log2(num_candidates))) if num_candidates > 1 else 0
+    for number in range(rounds):
+        share = left // (survivors * (rounds - number))
+        target = min(num_samples, seen + max(1, share))
+        if (target - seen) * survivors > left:
+            target = seen + left // survivors
+        if target <= seen:
+            break
+        left -= (target - seen) * survivors
+        seen = target
+        plan.append((survivors, seen))
+        survivors = max(1, math.ceil(survivors / 2))
+        if seen >= num_samples:
+            break
+    return plan
+
+
+async def _halving(scorer: Scorer, arms: list[_Arm], params: Mapping[int, Variable],
+                   order: list[int], budget: int) -> list[int]:
+    """Successive halving; returns the ranking: the last round's survivors by mean, then the
+    arms dropped in later rounds before those dropped earlier."""
+    alive = list(range(len(arms)))
+    dropped: list[list[int]] = []
+    for survivors, seen in halving_plan(len(arms), len(order), budget):
+        dropped.append(alive[survivors:])
+        alive = alive[:survivors]
+        await gather_all([
+            _pull(scorer, arms[i], params, order[arms[i].seen:seen]) for i in alive
+        ])
+        for i in alive:
+            arms[i].seen = seen
+        alive = [i for i in _ranked(arms) if i in alive]
+    return alive + [i for group in reversed(dropped) for i in group]
+
+
+def _bound(arm: _Arm, chunk: int, pulls: int, exploration: float) -> float:
+    """UCB: the mean plus ``c * sqrt(2 ln t / n)`` (pulls counted in chunks of samples)."""
+    if not arm.samples:
+        return math.inf
+    rounds = max(1, math.ceil(arm.samples / chunk))
+    return arm.mean + exploration * math.sqrt(2 * math.log(max(pulls, 2)) / rounds)
+
+
+async def _ucb(scorer: Scorer, arms: list[_Arm], params: Mapping[int, Variable],
+               order: list[int], budget: int, width: int, exploration: float) -> list[int]:
+    n = len(order)
+    chunk = max(1, min(math.ceil(n / 4), budget // len(arms)))
+    left = budget
+
+    async def pull_next(positions: list[int]) -> None:
+        nonlocal left
+        jobs = []
+        for i in positions:
+            take = min(chunk, n - arms[i].seen, left)
+            if take <= 0:
+                continue
+            start = arms[i].seen
+            arms[i].seen += take
+            left -= take
+            jobs.append(_pull(scorer, arms[i], params, order[start:start + take]))
+        await gather_all(jobs)
+
+    await pull_next(list(range(len(arms))))
+    while left > 0:
+        open_arms = [i for i in range(len(arms)) if arms[i].seen < n]
+        if not open_arms:
+            break
+        pulls = sum(math.ceil(arm.samples / chunk) for arm in arms)
+        bounds = {i: _bound(arms[i], chunk, pulls, exploration) for i in open_arms}
+        chosen = sorted(open_arms, key=lambda i: (-bounds[i], i))[:width]
+        await pull_next(chosen)
+    return _ranked(arms)
+
+
+# --------------------------------------------------------------------------- the optimizer
+class CandidateSearch(Optimizer):
+    """Candidate search: *k* proposals (and paraphrases) per step, scored, a beam kept.
+
+    Every request to the optimizer model is TGD's (same prompt, fitting, checks and repairs:
+    see :class:`~afnio.optim.TGD`), so a proposal that breaks a placeholder, leaks a tag or
+    fails ``proposal_check`` is not a candidate. Scoring needs a
+    :class:`~afnio.optim.scoring.Scorer` as the closure (it scores values without writing them
+    into the parameters, on parts of the minibatch, concurrently); the Trainer passes a
+    :class:`~afnio.optim.scoring.ModuleScorer` of the training batch.
+
+    Per-parameter state: ``state[p]["beam"]`` — the ``beam_width`` best candidates of the last
+    step, best first, as ``{"value", "score", "samples"}`` (the mean per-sample score and how
+    many samples it was measured on); ``state[p]["step"]`` — steps taken;
+    ``state[p]["accepted"]`` / ``state[p]["rejected"]`` — steps where ``p`` changed / kept its
+    value although it had feedback; ``state[p]["momentum_buffer"]`` as in TGD.
+
+    Cost of a step with *P* parameters holding feedback: *P·(k + m)* optimizer requests (plus
+    repairs of unreadable replies and condensing, as in TGD), then at most ``budget`` sample
+    evaluations (with halving exactly ``sum(survivors × new samples)`` of
+    :func:`halving_plan` for the step's distinct candidates; with UCB the whole budget unless
+    every candidate has seen every sample). No feedback: nothing is sent.
+
+    Args:
+        params: Parameters, or dicts defining parameter groups (each may set any option).
+        model_client: The optimizer model.
+        proposal_check: ``check(new_value) -> str | None``, as in TGD (code, not saved).
+        **options: :class:`SearchOptions` and :class:`~afnio.optim.tgd.TGDOptions`; any other
+            keyword is a completion argument of every request.
+
+    Raises:
+        TypeError, ValueError: For invalid options.
+    """
+
+    needs_closure = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        model_client: ChatCompletionModel,
+        *,
+        proposal_check: ProposalCheck | None = None,
+        **options: Any,
+    ) -> None:
+        if proposal_check is not None and not callable(proposal_check):
+            raise TypeError(
+                "CandidateSearch: proposal_check must be callable, got "
+                f"{type(proposal_check).__name__}"
+            )
+        self.proposal_check = proposal_check
+        search, rest = SearchOptions.split(options)
+        chosen, completion = TGDOptions.split(rest)
+        defaults = {
+            **TGDOptions.defaults(), **SearchOptions.defaults(), **chosen, **completion,
+            **search, "model_client": model_client,
+        }
+        TGDOptions.from_group(defaults)
+        SearchOptions.from_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group after checking its options (see :class:`Optimizer`)."""
+        if isinstance(param_group, dict):
+            merged = {**self.defaults, **param_group}
+            TGDOptions.from_group(merged)
+            SearchOptions.from_group(merged)
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------- one step
+    def _jobs(self) -> list[tuple[Variable, TGDOptions, SearchOptions]]:
+        jobs = []
+        for group in self.param_groups:
+            tgd_opts, search = TGDOptions.from_group(group), SearchOptions.from_group(group)
+            for param in dict.fromkeys(group["params"]):
+                if _feedback_texts(list(param.grad)):
+                    jobs.append((param, tgd_opts, search))
+        return jobs
+
+    async def _propose_all(
+        self, jobs: list[tuple[Variable, TGDOptions, SearchOptions]]
+    ) -> list[_Proposals]:
+        for param, opts, _ in jobs:
+            _check_minimal_fits([param], opts)
+
+        async def one(param: Variable, opts: TGDOptions, search: SearchOptions) -> _Proposals:
+            buffer = self.state.get(param, {}).get("momentum_buffer")
+            k, m = search.num_proposals, search.num_paraphrases
+            variants = [_variant(opts, i + 1, k) for i in range(k)]
+            results = await gather_all(
+                [
+                    _propose(param, list(param.grad), buffer, variant,
+                             _instruction_lines(variant.templates()), self.proposal_check)
+                    for variant in variants
+                ]
+                + [_paraphrase(param, opts, j + 1, m, self.proposal_check) for j in range(m)]
+            )
+            return _Proposals([r or _Outcome() for r in results[:k]], list(results[k:]))
+
+        return await gather_all([one(*job) for job in jobs])
+
+    def _arms(self, params: list[Variable], proposals: list[_Proposals]) -> list[_Arm]:
+        """Distinct candidates: the current values first, then the beam, proposals and
+        paraphrases (a candidate equal to an earlier one is dropped)."""
+        current = {id(p): copy.deepcopy(p.data) for p in params}
+        arms = [_Arm(dict(current), "current")]
+        beams = [self.state.get(p, {}).get("beam") or [] for p in params]
+        for j in range(1, max((len(b) for b in beams), default=0)):
+            arms.append(_Arm({
+                id(p): copy.deepcopy(beam[j]["value"]) if j < len(beam) else current[id(p)]
+                for p, beam in zip(params, beams)
+            }, "beam"))
+        width = max((len(pr.outcomes) for pr in proposals), default=0)
+        for j in range(width):
+            values = {}
+            for p, pr in zip(params, proposals):
+                outcome = pr.outcomes[j] if j < len(pr.outcomes) else None
+                changed = outcome is not None and outcome.changed
+                values[id(p)] = copy.deepcopy(outcome.new_data) if changed else current[id(p)]
+            arms.append(_Arm(values, "proposal"))
+        width = max((len(pr.paraphrases) for pr in proposals), default=0)
+        for j in range(width):
+            values = {}
+            for p, pr in zip(params, proposals):
+                text = pr.paraphrases[j] if j < len(pr.paraphrases) else None
+                values[id(p)] = copy.deepcopy(text) if text is not None else current[id(p)]
+            arms.append(_Arm(values, "paraphrase"))
+        distinct: list[_Arm] = []
+        for arm in arms:
+            if all(arm.values != other.values for other in distinct):
+                distinct.append(arm)
+        return distinct
+
+    def step(self, closure: Scorer | None = None) -> float | None:  # type: ignore[override]
+        """Propose, score and select: one candidate-search step over every parameter group.
+
+        Args:
+            closure: A :class:`~afnio.optim.scoring.Scorer` of the minibatch.
+
+        Returns:
+            The best candidate's mean per-sample score, or ``None`` when no parameter had
+            feedback (nothing is sent then).
+
+        Raises:
+            TypeError: If ``closure`` is not a Scorer.
+            ContextWindowError: For a parameter that cannot fit the model's window.
+            Exception: Whatever the model client or the scorer raises; nothing is changed then.
+        """
+        if not isinstance(closure, Scorer):
+            raise TypeError(
+                "CandidateSearch.step: needs a Scorer as the closure, to score candidates "
+                "without writing them into the parameters (afnio.optim.ModuleScorer for a "
+                "Module and a batch, FunctionScorer for your own function), got "
+                f"{type(closure).__name__}"
+            )
+        jobs = self._jobs()
+        if not jobs:
+            self.last_step = []
+            return None
+        params = [param for param, _, _ in jobs]
+        search = jobs[0][2]
+        proposals = run(self._propose_all(jobs))
+        arms = self._arms(params, proposals)
+        step_number = self.state.get(params[0], {}).get("step", 0)
+        order = list(range(closure.num_samples))
+        random.Random(f"{search.seed}:{step_number}").shuffle(order)
+        budget = search.budget if search.budget is not None else len(arms) * len(order)
+        by_id = {id(p): p for p in params}
+        if len(arms) == 1:
+            ranking = [0]
+        elif search.selection == "halving":
+            ranking = run(_halving(closure, arms, by_id, order, budget))
+        else:
+            ranking = run(_ucb(closure, arms, by_id, order, budget, search.beam_width,
+                               float(search.ucb_exploration)))
+        best = arms[ranking[0]]
+        self._commit(params, jobs, proposals, arms, ranking)
+        return None if best.samples == 0 else best.mean
+
+    def _commit(
+        self,
+        params: list[Variable],
+        jobs: list[tuple[Variable, TGDOptions, SearchOptions]],
+        proposals: list[_Proposals],
+        arms: list[_Arm],
+        ranking: list[int],
+    ) -> None:
+        best = arms[ranking[0]]
+        index_of = self._param_indices()
+        records, messages = [], []
+        with no_grad():
+            for (param, opts, search), proposed in zip(jobs, proposals):
+                before = copy.deepcopy(param.data)
+                new = best.values[id(param)]
+                if new != before:
+                    param.copy_(copy.deepcopy(new))
+                state = self.state[param]
+                state["beam"] = [
+                    {
+                        "value": copy.deepcopy(arms[i].values[id(param)]),
+                        "score": None if arms[i].samples == 0 else arms[i].mean,
+                        "samples": arms[i].samples,
+                    }
+                    for i in ranking[: search.beam_width]
+                ]
+                state["step"] = state.get("step", 0) + 1
+                changed = new != before
+                for name in ("accepted", "rejected"):
+                    state.setdefault(name, 0)
+                state["accepted" if changed else "rejected"] += 1
+                if opts.momentum:
+                    buffer = state.setdefault("momentum_buffer", [])
+                    buffer.append({"value": before, "gradients": proposed.feedback})
+                    del buffer[: max(0, len(buffer) - opts.momentum)]
+                current = arms[0]
+                reason = None
+                if not changed:
+                    usable = sum(o.changed for o in proposed.outcomes) + sum(
+                        p is not None for p in proposed.paraphrases
+                    )
+                    reason = (
+                        "no candidate scored higher than the current value "
+                        f"({current.mean:g} on {current.samples} samples)"
+                        if usable else "; ".join(proposed.notes) or "no usable proposal"
+                    )
+                    if not usable and proposed.notes:
+                        messages.append(
+                            f"CandidateSearch: parameter with role {param.role!r} kept its "
+                            f"value: {reason}"
+                        )
+                records.append({
+                    "index": index_of[id(param)],
+                    "role": param.role,
+                    "before": before,
+                    "after": copy.deepcopy(param.data),
+                    "feedback": proposed.feedback,
+                    "verdict": "accepted" if changed else "rejected",
+                    "reason": reason,
+                    "score_before": None if current.samples == 0 else current.mean,
+                    "score_after": None if best.samples == 0 else best.mean,
+                    "candidates": len(arms),
+                })
+        self.last_step = records
+        for message in messages:
+            warnings.warn(message, ProposalRejectedWarning, stacklevel=3)
+
