@@ -11,6 +11,7 @@ Usage::
     python tools/mutation.py afnio/optim/tgd.py --tests tests/optim --workers 2
     python tools/mutation.py afnio/autodiff/graph.py --session graph.sqlite   # keep results
     python tools/mutation.py afnio/autodiff/graph.py --session graph.sqlite --rerun-survivors
+    python tools/mutation.py afnio/autodiff/lm_ops.py --sample 150 --seed 1   # an estimate
 
 The project (``afnio/``, ``tests/`` and the pytest configuration) is copied into one scratch
 directory per worker, so the working tree is never touched and several runs can go at once.
@@ -32,6 +33,7 @@ import argparse
 import ast
 import importlib
 import os
+import random
 import re
 import shlex
 import shutil
@@ -90,6 +92,7 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     "afnio/autodiff/lm_ops.py": [
         _doctests("afnio.autodiff.lm_ops"),
         "tests/autodiff/test_lm_ops.py",
+        "tests/autodiff/test_lm_ops_prompts.py",
         "tests/autodiff/test_lm_ops_properties.py",
         "tests/autodiff/test_lm_ops_routing.py",
         "tests/autodiff/test_fitting.py",
@@ -254,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--exclude-operator", action="append", default=[],
                         help="regex of cosmic-ray operator names to leave out (repeatable)")
     parser.add_argument("--limit", type=int, help="run only the first N mutants (a smoke run)")
+    parser.add_argument("--sample", type=int, help="run a random sample of N mutants (seeded by "
+                        "--seed; the kill rate is then an estimate for the whole module)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     args = parser.parse_args(argv)
 
     module = Path(args.module).resolve().relative_to(ROOT).as_posix()
@@ -279,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             items, skipped = _work_items(module, copies[0], args.exclude_operator)
             what = f"mutants ({skipped} in annotations or excluded)"
+        if args.sample and args.sample < len(items):
+            items = random.Random(args.seed).sample(items, args.sample)
+            what += f", a sample of {args.sample} (seed {args.seed})"
         if args.limit:
             items = items[: args.limit]
         print(f"{module}: {len(items)} {what}, tests {' '.join(tests)}; unmutated run "
