@@ -482,3 +482,39 @@ def test_a_json_reply_with_raw_newlines_inside_the_string_is_accepted():
     prompt.append_grad(feedback("kinder and shorter"))
     TGD([prompt], model_client=model).step()
     assert prompt.data == "Be kind.\nBe brief."
+
+
+def test_feedback_that_fits_the_budget_alone_but_not_beside_the_request_is_condensed():
+    raw = [f"point {i}: the answer on topic {i} ignored the user's main question" for i in range(4)]
+
+    def reply(messages, **kw):
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"]:
+            ids = re.findall(r"point (\d+):", messages[1]["content"])
+            return f"<CONDENSED_FEEDBACK>fix {','.join(ids)}</CONDENSED_FEEDBACK>"
+        return improved("Answer the main question.")
+
+    def run(model):
+        prompt = Parameter("Answer.", role="system prompt")
+        for text in raw:
+            prompt.append_grad(feedback(text))
+        TGD([prompt], model_client=model).step()
+        return prompt
+
+    roomy = ScriptedModel(reply)
+    run(roomy)
+    assert roomy.calls == 1, "a roomy window needs no condensing"
+    tokens = roomy.count_message_tokens(roomy.requests[0][0])
+    raw_tokens = sum(map(count_tokens, raw))
+    budget = tokens - raw_tokens // 2  # room for about half of the feedback beside the request
+    assert raw_tokens < budget  # the feedback alone would fit
+
+    tight = ScriptedModel(reply, context_window=budget + 64, max_tokens=64)
+    prompt = run(tight)
+    condense = [m for m, _ in tight.requests if "<CONDENSED_FEEDBACK>" in m[0]["content"]]
+    assert condense and tight.calls == len(condense) + 1
+    final = tight.requests[-1][0]
+    shown = re.search(r"<FEEDBACK>\n(.*?)\n</FEEDBACK>", final[1]["content"], re.S).group(1)
+    assert "point" not in shown  # condensed, every point still covered:
+    assert sorted(re.findall(r"\d+", re.sub(r"^\d+\. ", "", shown, flags=re.M))) == list("0123")
+    assert tight.count_message_tokens(final) <= budget
+    assert prompt.data == "Answer the main question."
