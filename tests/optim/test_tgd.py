@@ -518,3 +518,36 @@ def test_feedback_that_fits_the_budget_alone_but_not_beside_the_request_is_conde
     assert sorted(re.findall(r"\d+", re.sub(r"^\d+\. ", "", shown, flags=re.M))) == list("0123")
     assert tight.count_message_tokens(final) <= budget
     assert prompt.data == "Answer the main question."
+
+
+def test_a_proposal_renaming_a_placeholder_is_told_only_the_dropped_one_is_dropped():
+    model = ScriptedModel([improved("Answer {question} briefly."), improved("Answer {message}.")])
+    prompt = Parameter("Answer {message} briefly.", role="user prompt template")
+    prompt.append_grad(feedback("be brief"))
+    TGD([prompt], model_client=model).step()
+    assert prompt.data == "Answer {message}."
+    repair = model.requests[1][0][-1]["content"]
+    assert "the proposal drops the placeholder(s) {message}. Answer again" in repair
+
+
+def test_mismatched_template_inputs_name_each_side_exactly():
+    messages = [{"role": "user", "content": "{variable} {gradients} for {audience}"}]
+    with pytest.raises(ValueError) as error:
+        TGD([Parameter("x", role="r")], model_client=ScriptedModel(), messages=messages,
+            inputs={"audience": "a", "tone": "b"})
+    assert "without an input: [], not used by any placeholder: ['tone']" in str(error.value)
+
+
+@pytest.mark.parametrize("length", [20, 300])
+def test_a_structured_proposal_may_be_four_times_the_value_and_at_least_400_characters(length):
+    model = ScriptedModel(['{"improved_variable": "Be kind."}'], structured_output=True,
+                          max_tokens=4096)
+    prompt = Parameter("x" * length, role="system prompt")
+    prompt.append_grad(feedback("kinder"))
+    TGD([prompt], model_client=model).step()
+    ((_, args),) = model.requests
+    schema = args["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["improved_variable"] == {
+        "type": "string", "minLength": 1, "maxLength": max(400, 4 * length)
+    }
+    assert prompt.data == "Be kind."
