@@ -431,6 +431,12 @@ def test_functional_tgd_updates_params_and_buffers_in_place():
     assert buffers == [[{"value": "a", "gradients": ["louder"]}], None]
     with pytest.raises(ValueError, match="same length"):
         tgd([a], [], [None], model_client=model)
+    # Called by the documented names; the options after them are keyword-only.
+    b.append_grad(feedback("louder"))
+    tgd(params=[b], grads=[b.grad], momentum_buffer_list=buffers[1:], model_client=model)
+    assert b.data == "B"
+    with pytest.raises(TypeError):
+        tgd([b], [b.grad], [None], None, model_client=model)
 
 
 def test_repr_shows_options_without_secrets():
