@@ -557,3 +557,112 @@ def test_a_structured_proposal_may_be_four_times_the_value_and_at_least_400_char
         "type": "string", "minLength": 1, "maxLength": max(400, 4 * length)
     }
     assert prompt.data == "Be kind."
+
+
+def test_the_request_is_fitted_oldest_momentum_first_then_without_examples():
+    past = [
+        {"value": f"old value {i} " + "word " * 30, "gradients": [f"past feedback {i}"]}
+        for i in range(3)
+    ]
+    example = "An example of a good value " + "sentence " * 40
+
+    def step(model, window):
+        p = Parameter("Answer.", role="system prompt")
+        p.append_grad(feedback("louder"))
+        buffers = [[dict(entry) for entry in window]]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tgd([p], [p.grad], buffers, model_client=model, momentum=3,
+                in_context_examples=[example])
+        assert p.data == "Better.", [str(w.message) for w in caught]
+        return model.requests[-1][0], [str(w.message) for w in caught]
+
+    def tokens(window, examples=True):
+        model = ScriptedModel([improved("Better.")])
+        p = Parameter("Answer.", role="system prompt")
+        p.append_grad(feedback("louder"))
+        tgd([p], [p.grad], [[dict(entry) for entry in window]], model_client=model, momentum=3,
+            in_context_examples=[example] if examples else [])
+        return model.count_message_tokens(model.requests[0][0])
+
+    def sized(budget):
+        return ScriptedModel([improved("Better.")], context_window=budget + 64, max_tokens=64)
+
+    def shown(request):
+        text = request[1]["content"]
+        return [i for i in range(3) if f"old value {i}" in text], "good value" in text
+
+    full = tokens(past)
+    request, notes = step(sized(full), past)  # exactly fits: nothing is left out
+    assert shown(request) == ([0, 1, 2], True) and notes == []
+
+    request, notes = step(sized(full - 1), past)  # one token short: the oldest entry goes
+    assert shown(request) == ([1, 2], True)
+    assert notes == ["TGD: parameter with role 'system prompt' was updated, but the 1 oldest "
+                     "momentum entries were left out to fit the window"]
+
+    # Without any momentum still one token short: the examples go too.
+    request, notes = step(sized(tokens([]) - 1), past)
+    assert shown(request) == ([], False)
+    assert [note.split(" but ")[1] for note in notes] == [
+        "the 3 oldest momentum entries were left out to fit the window",
+        "the in-context examples were left out to fit the window",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("old", "bad", "reason", "good"),
+    [
+        (["a", "b"], '["a"]', "must be a JSON list of 2 elements", '["a", "c"]'),
+        (["a", "b"], '["a", "b", "c"]', "must be a JSON list of 2 elements", '["a", "c"]'),
+        (["a", "b"], "[1, 2]", "elements must be strings", '["a", "c"]'),
+        ([1, 2], '["1", "2"]', "elements must be numbers", "[1, 3]"),
+        (list(range(300)), "[0]", "must be a JSON list of 300 elements",
+         json.dumps(list(range(1, 301)))),
+    ],
+)
+def test_a_list_proposal_must_keep_the_length_and_element_kind(old, bad, reason, good):
+    model = ScriptedModel([improved(bad), improved(good)])
+    batch = Parameter(old, role="per-sample hints")
+    batch.append_grad(afnio.Variable(["fix this"] + [""] * (len(old) - 1)))
+    TGD([batch], model_client=model).step()
+    assert batch.data == json.loads(good) and model.calls == 2
+    assert reason in model.requests[1][0][-1]["content"]
+
+
+@pytest.mark.parametrize("lengths", [(1, 2, 2), (2, 1, 1), (1, 1, 2), (2, 2, 1)])
+def test_functional_tgd_refuses_any_length_mismatch(lengths):
+    model = ScriptedModel()
+    params = [Parameter(f"p{i}", role=f"r{i}") for i in range(lengths[0])]
+    grads = [[feedback("louder")] for _ in range(lengths[1])]
+    with pytest.raises(ValueError, match="must have the same length"):
+        tgd(params, grads, [None] * lengths[2], model_client=model)
+    assert model.calls == 0 and [p.data for p in params] == [f"p{i}" for i in range(lengths[0])]
+
+
+def test_condensed_feedback_exactly_at_the_cap_is_used_without_another_round():
+    condensed = "answer the main question first"
+    model = ScriptedModel(
+        lambda messages, **kw: f"<CONDENSED_FEEDBACK>{condensed}</CONDENSED_FEEDBACK>"
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"] else improved("Answer it.")
+    )
+    prompt = Parameter("Answer.", role="system prompt")
+    prompt.append_grad(feedback("the answer ignored the user's main question " * 5))
+    cap = count_tokens(condensed)
+    TGD([prompt], model_client=model, gradient_token_budget=cap).step()
+    assert model.calls == 2, "one condensing request, then the proposal"
+    assert f"<FEEDBACK>\n1. {condensed}\n</FEEDBACK>" in model.requests[-1][0][1]["content"]
+    assert prompt.data == "Answer it."
+
+
+def test_functional_tgd_over_hundreds_of_parameters_asks_only_for_those_with_feedback():
+    model = ScriptedModel(lambda messages, **kw: improved(current_value(messages) + "!"))
+    params = [Parameter(f"p{i}", role=f"r{i}") for i in range(300)]
+    params[123].append_grad(feedback("louder"))
+    buffers = [None] * 300
+    tgd(params, [p.grad for p in params], buffers, model_client=model, momentum=1)
+    assert model.calls == 1 and params[123].data == "p123!"
+    assert [p.data for i, p in enumerate(params) if i != 123] == [
+        f"p{i}" for i in range(300) if i != 123
+    ]
+    assert [i for i, b in enumerate(buffers) if b is not None] == [123]
