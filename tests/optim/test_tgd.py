@@ -707,3 +707,27 @@ def test_every_parameter_group_lists_every_option_with_its_default():
     assert opt.defaults == expected
     first, second = ({k: v for k, v in g.items() if k != "params"} for g in opt.param_groups)
     assert first == expected and second == {**expected, "max_retries": 0}
+
+
+@pytest.mark.parametrize(("old", "kind"), [(["a", "b"], "string"), ([1, 2.5], "number")])
+def test_a_structured_proposal_for_a_list_asks_for_its_element_kind(old, kind):
+    reply = json.dumps({"improved_variable": ["b", "c"] if kind == "string" else [3, 4]})
+    model = ScriptedModel([reply], structured_output=True)
+    batch = Parameter(old, role="per-sample hints")
+    batch.append_grad(afnio.Variable(["fix this", ""]))
+    TGD([batch], model_client=model).step()
+    ((_, args),) = model.requests
+    schema = args["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["improved_variable"] == {"type": "array", "items": {"type": kind}}
+
+
+def test_only_the_last_momentum_entries_of_a_longer_buffer_are_shown():
+    model = ScriptedModel([improved("v4")])
+    p = Parameter("v3", role="system prompt")
+    p.append_grad(feedback("louder"))
+    buffers = [[{"value": f"v{i}", "gradients": [f"feedback on v{i}"]} for i in range(3)]]
+    tgd([p], [p.grad], buffers, model_client=model, momentum=1)
+    user = model.requests[0][0][1]["content"]
+    assert "feedback on v2" in user
+    assert "feedback on v1" not in user and "feedback on v0" not in user
+    assert buffers == [[{"value": "v3", "gradients": ["louder"]}]]
