@@ -785,3 +785,18 @@ def test_step_records_give_a_reason_only_for_a_kept_value():
                                                                    (1, "accepted")]
     assert opt.last_step[0]["reason"].startswith("no acceptable proposal after 2 request(s)")
     assert opt.last_step[1]["reason"] is None
+
+
+@pytest.mark.parametrize("how", ["TGD.step", "tgd"])
+def test_a_kept_value_warning_points_at_the_callers_line(how):
+    p = Parameter("Answer {y}.", role="template")
+    p.append_grad(feedback("louder"))
+    model = ScriptedModel([improved("Answer.")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "tgd":
+            tgd([p], [p.grad], [None], model_client=model, max_retries=0)
+        else:
+            TGD([p], model_client=model, max_retries=0).step()
+    (warning,) = caught
+    assert warning.category is ProposalRejectedWarning and warning.filename == __file__
