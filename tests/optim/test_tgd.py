@@ -9,6 +9,7 @@ import pytest
 import afnio
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter, ParameterType
+from afnio.models.errors import ContextWindowError
 from afnio.models.tokens import count_tokens
 from afnio.optim import TGD, ProposalRejectedWarning, tgd
 from afnio.optim import prompts as optim_prompts
@@ -619,6 +620,9 @@ def test_the_request_is_fitted_oldest_momentum_first_then_without_examples():
         ([1, 2], '["1", "2"]', "elements must be numbers", "[1, 3]"),
         (list(range(300)), "[0]", "must be a JSON list of 300 elements",
          json.dumps(list(range(1, 301)))),
+        (["a", "b"], '["a", ["b"]]', "the proposal is not a valid list", '["a", "c"]'),
+        (["a", "b"], '["a {x}", "b"]', "element 0 of the proposal adds the placeholder(s) {x}",
+         '["a", "c"]'),
     ],
 )
 def test_a_list_proposal_must_keep_the_length_and_element_kind(old, bad, reason, good):
@@ -800,3 +804,74 @@ def test_a_kept_value_warning_points_at_the_callers_line(how):
             TGD([p], model_client=model, max_retries=0).step()
     (warning,) = caught
     assert warning.category is ProposalRejectedWarning and warning.filename == __file__
+
+
+def test_a_misspelled_option_is_refused_with_the_closest_name():
+    with pytest.raises(TypeError, match="unknown option 'momentun'; did you mean 'momentum'?"):
+        TGD([Parameter("x", role="r")], model_client=ScriptedModel(), momentun=2)
+
+
+def test_a_list_value_is_shown_as_json_with_its_characters_unescaped():
+    model = ScriptedModel([improved('["café", "naïve ok"]')])
+    batch = Parameter(["café", "naïve"], role="words")
+    batch.append_grad(afnio.Variable(["", "add ok"]))
+    TGD([batch], model_client=model).step()
+    assert '"café",\n  "naïve"' in model.requests[0][0][1]["content"]
+    assert batch.data == ["café", "naïve ok"]
+
+
+def test_long_rejected_text_is_quoted_only_in_its_first_characters():
+    long_line = "Always answer in the voice of a careful and patient teacher of maths."  # 70
+    messages = [
+        {"role": "system", "content": f"{long_line}\nImprove the value."},
+        {"role": "user", "content": "{variable_role}\n{variable}\n{gradients}"},
+    ]
+    model = ScriptedModel([improved(long_line), improved("Answer.")])
+    prompt = Parameter("Reply.", role="system prompt")
+    prompt.append_grad(feedback("be kinder"))
+    TGD([prompt], model_client=model, messages=messages).step()
+    assert f"contains the optimizer's instruction {long_line[:60]!r}." in (
+        model.requests[1][0][-1]["content"]
+    )
+    huge = "0" * 50 + "1e999"  # parses as infinity
+    model = ScriptedModel([improved(huge), improved("0.5")])
+    rate = Parameter(0.1, role="rate", param_type="hyperparam")
+    rate.append_grad(feedback("higher"))
+    TGD([rate], model_client=model).step()
+    assert f"the proposal {huge[:40]!r} is not a finite number" in (
+        model.requests[1][0][-1]["content"]
+    )
+    assert rate.data == 0.5
+
+
+@pytest.mark.parametrize("spare", [0, -1])
+def test_condensing_chunks_hold_exactly_as_many_items_as_the_cap_allows(spare):
+    raw = [f"point {i}: the answer on topic {i} ignored the user's main question" for i in range(2)]
+    raw.append("point 2: the answer was far too long")
+    parts = [count_tokens(f"{n}. {text}") for n, text in enumerate(raw, 1)]
+    cap = parts[0] + parts[1] + spare  # the first two items fill the cap exactly, or miss by one
+    assert parts[1] + parts[2] < cap < sum(map(count_tokens, raw))
+
+    def reply(messages, **kw):
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"]:
+            ids = re.findall(r"point (\d+):", messages[1]["content"])
+            return f"<CONDENSED_FEEDBACK>fix {','.join(ids)}</CONDENSED_FEEDBACK>"
+        return improved("Answer the main question.")
+
+    model = ScriptedModel(reply)
+    prompt = Parameter("Answer.", role="system prompt")
+    for text in raw:
+        prompt.append_grad(feedback(text))
+    TGD([prompt], model_client=model, gradient_token_budget=cap).step()
+    chunks = sorted(re.findall(r"point (\d+):", m[1]["content"]) for m, _ in model.requests[:-1])
+    assert chunks == ([["0", "1"], ["2"]] if spare == 0 else [["0"], ["1", "2"]])
+
+
+def test_a_parameter_that_cannot_fit_the_window_stops_the_step_before_anything_is_sent():
+    model = ScriptedModel([improved("Better.")], context_window=600, max_tokens=64)
+    small, huge = Parameter("Answer.", role="small"), Parameter("word " * 2000, role="huge")
+    for p in (small, huge):
+        p.append_grad(feedback("louder"))
+    with pytest.raises(ContextWindowError, match="the parameter with role 'huge'"):
+        TGD([small, huge], model_client=model).step()
+    assert model.calls == 0 and small.data == "Answer."
