@@ -280,3 +280,41 @@ def test_judge_argument_errors():
         LMJudgeEvaluator.apply(ScriptedModel(), messages, afnio.Variable("a"))
     with pytest.raises(TypeError, match="forward_model_client"):
         LMJudgeEvaluator.apply(None, messages, afnio.Variable("a"), "b")
+
+
+def test_exact_match_compares_values_not_objects():
+    built = "".join(["c", "at"])  # equal to "cat", but another object
+    prediction = afnio.Variable([built, "dog"], role="labels", requires_grad=True)
+    score, _ = ExactMatchEvaluator.apply(prediction, ["cat", "cow"])
+    assert score.data == 1
+
+
+@pytest.mark.parametrize("last_role", ["assistant", "system", "".join(["us", "er"])])
+def test_the_judge_format_instruction_joins_a_last_user_message_or_follows_as_one(last_role):
+    judge = ScriptedModel(['{"score": 1, "explanation": "fine"}'])
+    messages = [{"role": "user", "content": ["Grade: {prediction}"]},
+                {"role": last_role, "content": ["Be strict."]}]
+    LMJudgeEvaluator.apply(judge, messages, afnio.Variable("x", role="answer"))
+    ((request, _),) = judge.requests
+    instruction = fill_template(
+        prompts.JUDGE_FORMAT_INSTRUCTION,
+        {"max_sentences": str(afnio.get_settings().max_feedback_sentences)},
+    )
+    if last_role == "user":
+        assert len(request) == 2 and request[-1]["content"] == "Be strict.\n\n" + instruction
+    else:
+        assert request[1] == {"role": last_role, "content": "Be strict."}
+        assert request[2] == {"role": "user", "content": instruction}
+
+
+@pytest.mark.parametrize(("prediction", "about"), [
+    (afnio.Variable("omega", role="answer"), "about 'answer'"),
+    (afnio.Variable(["alpha", "omega"], role="answers"), "about sample 1 of 'answers'"),
+])
+def test_an_unreadable_judgement_names_the_sample_it_was_about(prediction, about):
+    judge = ScriptedModel(
+        lambda messages, **kw: "Looks good to me!" if "omega" in messages[0]["content"]
+        else '{"score": 1, "explanation": "fine"}'
+    )
+    with pytest.raises(ReplyParseError, match=f"LMJudgeEvaluator: the judge's reply {about}"):
+        LMJudgeEvaluator.apply(judge, [{"role": "user", "content": ["{prediction}"]}], prediction)
