@@ -289,7 +289,7 @@ def test_exact_match_compares_values_not_objects():
     assert score.data == 1
 
 
-@pytest.mark.parametrize("last_role", ["assistant", "system", "".join(["us", "er"])])
+@pytest.mark.parametrize("last_role", ["assistant", "system", "viewer", "".join(["us", "er"])])
 def test_the_judge_format_instruction_joins_a_last_user_message_or_follows_as_one(last_role):
     judge = ScriptedModel(['{"score": 1, "explanation": "fine"}'])
     messages = [{"role": "user", "content": ["Grade: {prediction}"]},
