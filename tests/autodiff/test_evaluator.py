@@ -289,6 +289,8 @@ def test_exact_match_compares_values_not_objects():
     assert score.data == 1
 
 
+# Any non-empty role is accepted ("viewer" sorts after "user"); the last "user" is built at run
+# time, so it is equal to the literal but not the same object.
 @pytest.mark.parametrize("last_role", ["assistant", "system", "viewer", "".join(["us", "er"])])
 def test_the_judge_format_instruction_joins_a_last_user_message_or_follows_as_one(last_role):
     judge = ScriptedModel(['{"score": 1, "explanation": "fine"}'])
