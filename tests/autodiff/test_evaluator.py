@@ -10,8 +10,13 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.evaluator import DeterministicEvaluator, ExactMatchEvaluator, LMJudgeEvaluator
-from afnio.autodiff.feedback import fill_prompt, fill_template
+from afnio.autodiff.evaluator import (
+    DeterministicEvaluator,
+    ExactMatchEvaluator,
+    LMJudgeEvaluator,
+    parse_judgement,
+)
+from afnio.autodiff.feedback import Unreadable, fill_prompt, fill_template
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
 from afnio.testing import ScriptedModel, Turnstile
@@ -289,9 +294,8 @@ def test_exact_match_compares_values_not_objects():
     assert score.data == 1
 
 
-# Any non-empty role is accepted ("viewer" sorts after "user"); the last "user" is built at run
-# time, so it is equal to the literal but not the same object.
-@pytest.mark.parametrize("last_role", ["assistant", "system", "viewer", "".join(["us", "er"])])
+# The last "user" is built at run time: equal to the literal, but not the same object.
+@pytest.mark.parametrize("last_role", ["assistant", "system", "".join(["us", "er"])])
 def test_the_judge_format_instruction_joins_a_last_user_message_or_follows_as_one(last_role):
     judge = ScriptedModel(['{"score": 1, "explanation": "fine"}'])
     messages = [{"role": "user", "content": ["Grade: {prediction}"]},
@@ -320,3 +324,34 @@ def test_an_unreadable_judgement_names_the_sample_it_was_about(prediction, about
     )
     with pytest.raises(ReplyParseError, match=f"LMJudgeEvaluator: the judge's reply {about}"):
         LMJudgeEvaluator.apply(judge, [{"role": "user", "content": ["{prediction}"]}], prediction)
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_the_judges_target_never_gets_a_gradient(eval_mode):
+    judge = ScriptedModel(judge_replies)
+    prediction = afnio.Variable(["a", "b"], role="answers", requires_grad=True)
+    target = afnio.Variable(["a", "x"], role="gold answers", requires_grad=True)
+    _, messages = rubric_message()
+    _, explanation = LMJudgeEvaluator.apply(
+        judge, messages, prediction, target, eval_mode=eval_mode,
+        backward_model_client=ScriptedModel(echo_marked),
+    )
+    explanation.backward()
+    assert target.grad == []
+    assert [g.data for g in prediction.grad] == [["fine", "b is wrong"]]
+
+
+@pytest.mark.parametrize("reply", ["<SCORE>1</SCORE>", "<EXPLANATION>Good.</EXPLANATION>",
+                                   '{"score": 1}', '{"explanation": "Good."}'])
+def test_a_judgement_needs_both_a_score_and_an_explanation(reply):
+    with pytest.raises(Unreadable, match='not one JSON object with "score" and "explanation"'):
+        parse_judgement(reply)
+
+
+def test_deterministic_scores_and_explanations_are_named_after_the_prediction():
+    labels = afnio.Variable(["a"], role="labels", requires_grad=True)
+    score, explanation = ExactMatchEvaluator.apply(labels, ["a"])
+    assert score.role == "summation of the exact match scores of labels"
+    assert explanation.role == "explanation of the exact match score of labels"
+    score, explanation = ExactMatchEvaluator.apply(afnio.Variable(["a"]), ["a"])
+    assert score.role == "summation of the exact match scores of prediction"
