@@ -355,3 +355,10 @@ def test_deterministic_scores_and_explanations_are_named_after_the_prediction():
     assert explanation.role == "explanation of the exact match score of labels"
     score, explanation = ExactMatchEvaluator.apply(afnio.Variable(["a"]), ["a"])
     assert score.role == "summation of the exact match scores of prediction"
+
+
+def test_an_unreadable_score_is_quoted_in_its_first_40_characters():
+    score = "about " + "seven out of ten, more or less " * 3
+    with pytest.raises(Unreadable) as info:
+        parse_judgement(f"<SCORE>{score}</SCORE><EXPLANATION>Fine.</EXPLANATION>")
+    assert str(info.value) == f"the score {score[:40]!r} is not a finite number"
