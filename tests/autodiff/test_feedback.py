@@ -158,15 +158,19 @@ def test_no_repair_is_sent_when_it_would_not_fit_the_window():
     assert model.calls == 1 and first + reserve <= repair + reserve - 1
 
 
-@pytest.mark.parametrize("sentences", [1, 4])
-def test_structured_feedback_is_asked_for_with_a_length_bound(sentences):
-    model = ScriptedModel(['{"feedback": "Be brief."}'], structured_output=True)
+@pytest.mark.parametrize(
+    ("sentences", "max_tokens", "bound"),
+    [(1, 4096, 150), (4, 4096, 600), (4, 64, 3 * (64 - 16))],  # 150 a sentence, or what closes
+)
+def test_structured_feedback_is_asked_for_with_a_length_bound(sentences, max_tokens, bound):
+    model = ScriptedModel(['{"feedback": "Be brief."}'], structured_output=True,
+                          max_tokens=max_tokens)
     with afnio.settings(max_feedback_sentences=sentences):
         backward = BackwardModel.capture(model)
         assert run(backward.feedback(QUESTION, "demo")) == "Be brief."
     ((_, args),) = model.requests
     schema = args["response_format"]["json_schema"]["schema"]
-    assert schema["properties"]["feedback"]["maxLength"] == 150 * sentences
+    assert schema["properties"]["feedback"]["maxLength"] == bound
     assert schema["required"] == ["feedback"]
 
 
