@@ -480,3 +480,54 @@ def test_component_output_declares_its_trace_and_the_node_exposes_it() -> None:
     assert isinstance(out, ComponentResponse) and out.grad_fn.trace is out.trace
     assert out.trace["full_response"] == "a?" and out.predecessors[0].data == "a"
     assert Join().id is None
+
+
+class Summary(GradComponent):
+    """Joins a whole batch into one text (a scalar output from a batched input)."""
+
+    def call(self, items: list) -> str:
+        return " | ".join(items)
+
+
+class Upper(GradComponent):
+    """Upper-cases a whole batch in one call (a batched output from one call)."""
+
+    def call(self, items: list) -> list:
+        return [item.upper() for item in items]
+
+
+def test_scalar_feedback_on_a_whole_batch_call_reaches_every_element() -> None:
+    texts = afnio.Variable(["a", "b", "c"], role="texts", requires_grad=True)
+    out = Summary("Joins the texts", elementwise=False)(texts)
+    assert out.data == "a | b | c" and out.batch_size is None
+    out.backward(afnio.Variable("too terse"))
+    assert [g.data for g in texts.grad] == [["too terse"] * 3]  # passed through
+
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>say more</FEEDBACK>")
+    texts = afnio.Variable(["a", "b", "c"], role="texts", requires_grad=True)
+    Summary("Joins the texts", elementwise=False, model_client=model)(texts).backward(
+        afnio.Variable("too terse")
+    )
+    assert model.calls == 1  # one request over the one output
+    assert [g.data for g in texts.grad] == [["say more"] * 3]
+
+
+def test_a_whole_batch_call_shows_its_inputs_with_every_elements_feedback() -> None:
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>fix it</FEEDBACK>")
+    texts = afnio.Variable(["a", "b"], role="texts", requires_grad=True)
+    out = Upper("Upper-cases the texts", elementwise=False, model_client=model)(texts)
+    assert out.data == ["A", "B"]
+    out.backward(afnio.Variable(["A is loud", "B is loud"]))
+    assert model.calls == 2 and [g.data for g in texts.grad] == [["fix it", "fix it"]]
+    for prompt in user_prompts(model):
+        # The whole call's input, shared by both samples.
+        assert "<SHARED_INPUTS>\n[arg_0] (texts)\n['a', 'b']\n</SHARED_INPUTS>" in prompt
+
+
+def test_max_attempts_counts_every_request_for_one_gradient() -> None:
+    model = ScriptedModel(["no tags here"])
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = Join(backward_engine=BackwardEngine(model, max_attempts=3))(text)
+    with pytest.warns(afnio.autodiff.FeedbackFormatWarning, match="3 attempt"):
+        out.backward(afnio.Variable("bad"))
+    assert model.calls == 3
