@@ -531,3 +531,12 @@ def test_max_attempts_counts_every_request_for_one_gradient() -> None:
     with pytest.warns(afnio.autodiff.FeedbackFormatWarning, match="3 attempt"):
         out.backward(afnio.Variable("bad"))
     assert model.calls == 3
+
+
+def test_backward_methods_take_the_response_by_keyword_only() -> None:
+    join = Join()
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = join(text)
+    for method in (join.backward, join.abackward, join.backward_with_pass_through_gradients):
+        with pytest.raises(TypeError, match="positional argument"):
+            method(out)
