@@ -540,3 +540,16 @@ def test_backward_methods_take_the_response_by_keyword_only() -> None:
     for method in (join.backward, join.abackward, join.backward_with_pass_through_gradients):
         with pytest.raises(TypeError, match="positional argument"):
             method(out)
+
+
+def test_each_elements_gradient_request_shows_only_that_samples_inputs() -> None:
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>fix it</FEEDBACK>")
+    texts = afnio.Variable(["a", "b"], role="texts", requires_grad=True)
+    marks = afnio.Variable(["?", "."], role="marks")
+    Join(model_client=model)(texts, marks).backward(afnio.Variable(["fb0", "fb1"]))
+    by_feedback = {
+        next(f for f in ("fb0", "fb1") if f"<OUTPUT_FEEDBACK>\n{f}\n" in p): p
+        for p in user_prompts(model)
+    }
+    assert "<INPUTS>\n[arg_0] (texts)\na\n[arg_1] (marks)\n?\n</INPUTS>" in by_feedback["fb0"]
+    assert "<INPUTS>\n[arg_0] (texts)\nb\n[arg_1] (marks)\n.\n</INPUTS>" in by_feedback["fb1"]
