@@ -553,3 +553,69 @@ def test_each_elements_gradient_request_shows_only_that_samples_inputs() -> None
     }
     assert "<INPUTS>\n[arg_0] (texts)\na\n[arg_1] (marks)\n?\n</INPUTS>" in by_feedback["fb0"]
     assert "<INPUTS>\n[arg_0] (texts)\nb\n[arg_1] (marks)\n.\n</INPUTS>" in by_feedback["fb1"]
+
+
+def test_a_backward_returning_too_many_gradients_is_an_error() -> None:
+    class TooMany(GradComponent):
+        def call(self, a: str, b: str) -> str:
+            return a + b
+
+        def backward(self, *, response, id=None, disable_backward_engine=False, **kwargs):
+            return [afnio.Variable("one"), afnio.Variable("two"), afnio.Variable("three")]
+
+    a = afnio.Variable("1", role="left", requires_grad=True)
+    b = afnio.Variable("2", role="right", requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"one gradient per predecessor \(2\), got list of "
+                                           r"length 3"):
+        TooMany("Concatenates")(a, b).backward(afnio.Variable("x"))
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_pass_through_feedback_of_another_batch_size_is_an_error(extra) -> None:
+    class Resize(GradComponent):
+        def call(self, items: list) -> list:
+            return items + ["extra"] if extra > 0 else items[:-1]
+
+    texts = afnio.Variable(["a", "b", "c"], role="texts", requires_grad=True)
+    out = Resize("Changes the batch", elementwise=False)(texts)
+    size = 3 + extra
+    with pytest.raises(RuntimeError, match=f"feedback of batch size {size} cannot be passed to the "
+                                           "input with role 'texts' of batch size 3"):
+        out.backward(afnio.Variable(["fix"] * size))
+
+
+@pytest.mark.parametrize("max_attempts", [0, 1])
+def test_max_attempts_must_be_at_least_one(max_attempts) -> None:
+    model = ScriptedModel(["no tags here"])
+    if max_attempts < 1:
+        with pytest.raises(ValueError, match="max_attempts must be at least 1, got 0"):
+            BackwardEngine(model, max_attempts=max_attempts)
+        return
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = Join(backward_engine=BackwardEngine(model, max_attempts=1))(text)
+    with pytest.warns(afnio.autodiff.FeedbackFormatWarning, match="1 attempt"):
+        out.backward(afnio.Variable("bad"))
+    assert model.calls == 1 and [g.data for g in text.grad] == ["no tags here"]
+
+
+def test_gradient_requests_name_inputs_and_show_shared_ones_once() -> None:
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>fix it</FEEDBACK>")
+    # A scalar call: one sample, its inputs shown in it (no shared block); a constant keeps
+    # the role "constant" even when a Variable's name sorts after it.
+    suffix = afnio.Variable("!", role="punctuation", requires_grad=True)
+    Join(model_client=model)("hello", suffix=suffix).backward(afnio.Variable("too loud"))
+    (prompt,) = user_prompts(model)
+    assert "<SHARED_INPUTS>" not in prompt
+    assert "<INPUTS>\n[arg_0] (constant)\nhello\n[suffix] (punctuation)\n!\n</INPUTS>" in prompt
+    assert "Input under review: [suffix] (punctuation)" in prompt
+
+    # A batch: inputs equal in every sample are shared, whatever order the others sort in.
+    for values in (["b", "a"], ["a", "b"]):
+        model.reset()
+        texts = afnio.Variable(values, role="texts", requires_grad=True)
+        same = afnio.Variable(["?!", "".join(["?", "!"])], role="marks")  # equal, not identical
+        Join(model_client=model)(texts, same).backward(afnio.Variable(["bad 0", "bad 1"]))
+        for prompt in user_prompts(model):
+            assert "<SHARED_INPUTS>\n[arg_1] (marks)\n?!\n</SHARED_INPUTS>" in prompt
+            assert "[arg_0] (texts)\nb\n" in prompt or "[arg_0] (texts)\na\n" in prompt
+            assert prompt.count("[arg_0] (texts)") == 2  # in its sample and under review
