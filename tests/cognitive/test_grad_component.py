@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -619,3 +620,25 @@ def test_gradient_requests_name_inputs_and_show_shared_ones_once() -> None:
             assert "<SHARED_INPUTS>\n[arg_1] (marks)\n?!\n</SHARED_INPUTS>" in prompt
             assert "[arg_0] (texts)\nb\n" in prompt or "[arg_0] (texts)\na\n" in prompt
             assert prompt.count("[arg_0] (texts)") == 2  # in its sample and under review
+
+
+def test_an_engine_with_its_own_client_ignores_the_settings_completion_arguments() -> None:
+    settings_model, own = feedback_model("from settings"), feedback_model("from own client")
+    registry.set_backward_model_client(settings_model, completion_args={"seed": 1})
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    Join(model_client=own, model_kwargs={"temperature": 0})(text).backward(afnio.Variable("bad"))
+    assert settings_model.calls == 0 and own.requests[0][1] == {"temperature": 0}
+    assert text.grad[0].data == "from own client"
+
+
+def test_backward_engine_repr_names_the_client_without_secrets() -> None:
+    assert repr(BackwardEngine()) == (
+        "BackwardEngine(model_client=settings' backward client, completion_args={})"
+    )
+    engine = BackwardEngine(ScriptedModel(model="m"), {"seed": 2})
+    assert repr(engine) == "BackwardEngine(model_client='scripted/m', completion_args={'seed': 2})"
+
+
+def test_a_plain_function_components_acall_runs_it() -> None:
+    component = FunGradComponent(lambda text: text.upper(), desc="Upper-cases")
+    assert asyncio.run(component.acall("hi")) == "HI"
