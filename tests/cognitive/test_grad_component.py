@@ -642,3 +642,32 @@ def test_backward_engine_repr_names_the_client_without_secrets() -> None:
 def test_a_plain_function_components_acall_runs_it() -> None:
     component = FunGradComponent(lambda text: text.upper(), desc="Upper-cases")
     assert asyncio.run(component.acall("hi")) == "HI"
+
+
+def test_an_async_backward_override_is_awaited_and_abackward_wins_when_both_are_given() -> None:
+    class AsyncOverride(Join):
+        async def backward(self, *, response, id=None, disable_backward_engine=False, **kwargs):
+            return [afnio.Variable("from async backward")]
+
+    class Both(AsyncOverride):
+        async def abackward(self, *, response, id=None, disable_backward_engine=False, **kw):
+            return [afnio.Variable("from abackward")]
+
+    for component, expected in ((AsyncOverride(), "from async backward"),
+                                (Both(), "from abackward")):
+        text = afnio.Variable("x", role="text", requires_grad=True)
+        out = component(text)
+        assert out.grad_fn.is_async
+        out.backward(afnio.Variable("bad"))
+        assert [g.data for g in text.grad] == [expected]
+
+
+def test_a_backward_returning_a_non_list_names_its_type() -> None:
+    class Single(Join):
+        def backward(self, *, response, id=None, disable_backward_engine=False, **kwargs):
+            return afnio.Variable("one")
+
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    with pytest.raises(RuntimeError) as info:
+        Single()(text).backward(afnio.Variable("bad"))
+    assert str(info.value).endswith("or one gradient per predecessor (1), got Variable")
