@@ -623,6 +623,7 @@ def test_the_request_is_fitted_oldest_momentum_first_then_without_examples():
         (["a", "b"], '["a", ["b"]]', "the proposal is not a valid list", '["a", "c"]'),
         (["a", "b"], '["a {x}", "b"]', "element 0 of the proposal adds the placeholder(s) {x}",
          '["a", "c"]'),
+        (["a"], "[1]", "elements must be strings", '["b"]'),
     ],
 )
 def test_a_list_proposal_must_keep_the_length_and_element_kind(old, bad, reason, good):
@@ -691,12 +692,13 @@ def test_template_lines_of_30_characters_or_more_may_not_leak_into_a_proposal():
 
 @pytest.mark.parametrize(("old", "kind"), [(5, "an int"), (0.5, "a float")])
 def test_a_number_proposal_that_is_not_a_number_is_told_which_kind_it_must_be(old, kind):
-    model = ScriptedModel([improved("three"), improved("3")])
+    words = "roughly three, or maybe four documents would be fine"
+    model = ScriptedModel([improved(words), improved("3")])
     value = Parameter(old, role="retrieval setting", param_type="hyperparam")
     value.append_grad(feedback("change it"))
     TGD([value], model_client=model).step()
     assert value.data == 3 and type(value.data) is type(old)
-    assert f"the proposal 'three' is not {kind}" in model.requests[1][0][-1]["content"]
+    assert f"the proposal {words[:40]!r} is not {kind}" in model.requests[1][0][-1]["content"]
 
 
 def test_every_parameter_group_lists_every_option_with_its_default():
