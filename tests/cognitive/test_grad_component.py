@@ -554,6 +554,9 @@ def test_each_elements_gradient_request_shows_only_that_samples_inputs() -> None
     }
     assert "<INPUTS>\n[arg_0] (texts)\na\n[arg_1] (marks)\n?\n</INPUTS>" in by_feedback["fb0"]
     assert "<INPUTS>\n[arg_0] (texts)\nb\n[arg_1] (marks)\n.\n</INPUTS>" in by_feedback["fb1"]
+    for index, value in enumerate("ab"):  # the element under review, not the whole batch
+        under_review = f"Input under review: [arg_0] (texts)\n<VALUE>\n{value}\n</VALUE>"
+        assert under_review in by_feedback[f"fb{index}"]
 
 
 def test_a_backward_returning_too_many_gradients_is_an_error() -> None:
