@@ -74,10 +74,10 @@ def test_training_mode_traces_and_eval_mode_returns_plain_values() -> None:
 def test_no_grad_or_no_grad_inputs_give_a_leaf_variable() -> None:
     join = Join()
     out = join(afnio.Variable("x"))
-    assert out.data == "x!" and out.grad_fn is None
+    assert out.data == "x!" and out.grad_fn is None and not out.requires_grad
     with afnio.no_grad():
         out = join(afnio.Variable("x", requires_grad=True))
-    assert out.grad_fn is None
+    assert out.grad_fn is None and not out.requires_grad
 
 
 def test_variables_inside_containers_are_predecessors_in_flat_order() -> None:
@@ -674,3 +674,37 @@ def test_a_backward_returning_a_non_list_names_its_type() -> None:
     with pytest.raises(RuntimeError) as info:
         Single()(text).backward(afnio.Variable("bad"))
     assert str(info.value).endswith("or one gradient per predecessor (1), got Variable")
+
+
+def test_overrides_calling_super_without_the_flag_still_use_the_engine() -> None:
+    seen = []
+
+    class SyncSuper(Join):
+        def backward(self, *, response, **kwargs):
+            seen.append(response.requires_grad)
+            return super().backward(response=response)
+
+    class AsyncSuper(Join):
+        async def abackward(self, *, response, **kwargs):
+            seen.append(response.requires_grad)
+            return await super().abackward(response=response)
+
+    for component_class in (SyncSuper, AsyncSuper):
+        model = feedback_model("shorter")
+        text = afnio.Variable("x", role="text", requires_grad=True)
+        component_class(model_client=model)(text).backward(afnio.Variable("long"))
+        assert model.calls == 1 and [g.data for g in text.grad] == ["shorter"]
+    assert seen == [True, True]  # the response requires grad, like the output it stands for
+
+
+def test_a_component_without_backward_overrides_gets_an_async_node() -> None:
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    assert Join()(text).grad_fn.is_async
+
+
+def test_an_input_that_stopped_requiring_grad_needs_no_backward_client() -> None:
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = Join(backward_engine=BackwardEngine())(text)  # the settings' client: none is set
+    text.requires_grad = False
+    out.backward(afnio.Variable("bad"))
+    assert text.grad == []
