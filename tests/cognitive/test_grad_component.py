@@ -708,3 +708,54 @@ def test_an_input_that_stopped_requiring_grad_needs_no_backward_client() -> None
     text.requires_grad = False
     out.backward(afnio.Variable("bad"))
     assert text.grad == []
+
+
+@pytest.mark.parametrize("how", ["appended", "returned"])
+def test_a_gradient_shaped_unlike_its_input_is_an_error_naming_the_component(how) -> None:
+    class Misshaped(Join):
+        def backward(self, *, response, **kwargs):
+            wrong = afnio.Variable(["a", "b"], role="feedback")
+            if how == "returned":
+                return [wrong]
+            response.predecessors[0].grad.append(wrong)
+            return None
+
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    with pytest.raises(ValueError, match="MisshapedBackward: gradient for Variable with role "
+                                         "'text' must be"):
+        Misshaped()(text).backward(afnio.Variable("bad"))
+    assert text.grad == []
+
+
+def test_call_returning_a_variable_is_refused() -> None:
+    class Wrapping(GradComponent):
+        def call(self, text: str) -> afnio.Variable:
+            return afnio.Variable(text)
+
+    with pytest.raises(TypeError, match="call must return plain values, not Variables"):
+        Wrapping()(afnio.Variable("x", requires_grad=True))
+
+
+def test_the_disable_flag_and_the_component_switch_each_pass_feedback_through() -> None:
+    class Flagging(Join):
+        def backward(self, *, response, disable_backward_engine=False, **kwargs):
+            return super().backward(response=response, disable_backward_engine=self.flag)
+
+    for flag, disabled in ((True, False), (False, True)):
+        model = feedback_model("engine says")
+        component = Flagging(model_client=model)
+        component.flag = flag
+        if disabled:
+            component.disable_backward_engine()
+        text = afnio.Variable("x", role="text", requires_grad=True)
+        component(text).backward(afnio.Variable("too short"))
+        assert model.calls == 0 and [g.data for g in text.grad] == ["too short"]
+
+
+def test_a_function_components_doc_is_its_doc_string_else_the_functions() -> None:
+    def shout(text: str) -> str:
+        """Upper-cases the text."""
+        return text.upper()
+
+    assert FunGradComponent(shout, doc_string="Makes it loud.").__doc__ == "Makes it loud."
+    assert FunGradComponent(shout).__doc__ == "Upper-cases the text."
