@@ -605,3 +605,13 @@ def test_json_feedback_with_raw_newlines_is_parsed():
     assert parse_feedback('{"feedback": "Name the deadline.\nBe brief."}') == (
         "Name the deadline.\nBe brief."
     )
+
+
+def test_a_list_input_with_values_of_other_types_names_the_first_bad_one():
+    with pytest.raises(TypeError) as info:
+        ChatCompletion.apply(ScriptedModel(["x"]), [{"role": "user", "content": "{q}"}],
+                             inputs={"q": ["a", None, 1j]})
+    assert str(info.value) == (
+        "ChatCompletion: argument 'inputs['q']': a list input must hold only str values or only "
+        "scalar Variables, got an item of type NoneType"
+    )
