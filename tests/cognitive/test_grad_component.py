@@ -588,11 +588,11 @@ def test_pass_through_feedback_of_another_batch_size_is_an_error(extra) -> None:
         out.backward(afnio.Variable(["fix"] * size))
 
 
-@pytest.mark.parametrize("max_attempts", [0, 1])
-def test_max_attempts_must_be_at_least_one(max_attempts) -> None:
+@pytest.mark.parametrize("max_attempts", [0, True, "2", 1])
+def test_max_attempts_must_be_an_int_of_at_least_one(max_attempts) -> None:
     model = ScriptedModel(["no tags here"])
-    if max_attempts < 1:
-        with pytest.raises(ValueError, match="max_attempts must be at least 1, got 0"):
+    if max_attempts != 1 or isinstance(max_attempts, bool):
+        with pytest.raises(ValueError, match=f"must be at least 1, got {max_attempts}$"):
             BackwardEngine(model, max_attempts=max_attempts)
         return
     text = afnio.Variable("x", role="text", requires_grad=True)
