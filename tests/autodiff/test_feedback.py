@@ -334,3 +334,12 @@ def test_gradient_prompts_must_render_every_request(missing):
     incomplete = type("Incomplete", (GradientPrompts,), methods)
     with pytest.raises(TypeError, match=missing):
         incomplete()
+
+
+def test_ask_takes_its_arguments_by_name_and_its_options_by_keyword_only():
+    model = ScriptedModel(["<ANSWER>4</ANSWER>"])
+    answer = run(ask(client=model, messages=QUESTION, parse=read_answer, what="demo",
+                     repair="fix: {reason}"))
+    assert answer == "4"
+    with pytest.raises(TypeError):
+        ask(model, QUESTION, read_answer, "demo", "fix: {reason}")
