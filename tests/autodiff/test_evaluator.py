@@ -362,3 +362,20 @@ def test_an_unreadable_score_is_quoted_in_its_first_40_characters():
     with pytest.raises(Unreadable) as info:
         parse_judgement(f"<SCORE>{score}</SCORE><EXPLANATION>Fine.</EXPLANATION>")
     assert str(info.value) == f"the score {score[:40]!r} is not a finite number"
+
+
+def test_a_gradient_on_the_score_alone_reaches_nothing():
+    prediction = afnio.Variable(["a", "b"], role="labels", requires_grad=True)
+    score, _ = ExactMatchEvaluator.apply(prediction, ["a", "x"])
+    # Called directly, the node gets no explanation gradient at all: nothing for the prediction.
+    assert score.grad_fn.apply([afnio.Variable("score higher"), None]) == [None]
+    score, _ = ExactMatchEvaluator.apply(prediction, ["a", "x"])
+    score.backward(afnio.Variable("score higher"))  # through the engine
+    assert prediction.grad == []
+
+    judge, backward_model = ScriptedModel(judge_replies), ScriptedModel(echo_marked)
+    rubric, messages = rubric_message(requires_grad=True)
+    score, _ = LMJudgeEvaluator.apply(judge, messages, prediction, ["a", "x"], eval_mode=False,
+                                      backward_model_client=backward_model)
+    score.backward(afnio.Variable("score higher"))
+    assert prediction.grad == [] and rubric.grad == [] and backward_model.calls == 0
