@@ -10,13 +10,17 @@ Usage::
     python tools/mutation.py afnio/autodiff/engine.py              # the module's default tests
     python tools/mutation.py afnio/optim/tgd.py --tests tests/optim --workers 2
     python tools/mutation.py afnio/autodiff/graph.py --session graph.sqlite   # keep results
+    python tools/mutation.py afnio/autodiff/graph.py --session graph.sqlite --rerun-survivors
+    python tools/mutation.py afnio/autodiff/lm_ops.py --sample 150 --seed 1   # an estimate
 
 The project (``afnio/``, ``tests/`` and the pytest configuration) is copied into one scratch
 directory per worker, so the working tree is never touched and several runs can go at once.
 Mutations inside type annotations are skipped: with ``from __future__ import annotations`` they
 are never evaluated, so they could only survive. The tests run as CI runs them
 (``CI=true HYPOTHESIS_PROFILE=ci``, stopping at the first failure). The session file is a
-cosmic-ray work database, so ``cr-report`` and ``cr-html`` read it too.
+cosmic-ray work database, so ``cr-report`` and ``cr-html`` read it too. After tests were added
+for the survivors, ``--rerun-survivors`` runs only those mutants again and updates the session
+(a killed mutant stays killed when tests are only added).
 
 Example:
     >>> sorted(DEFAULT_TESTS)[:2]
@@ -29,6 +33,7 @@ import argparse
 import ast
 import importlib
 import os
+import random
 import re
 import shlex
 import shutil
@@ -44,6 +49,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _doctests(module: str) -> str:
+    """The pytest id of ``module``'s docstring examples (``tests/test_doctests.py``)."""
+    return f"tests/test_doctests.py::test_docstring_examples_run[{module}]"
+
 
 DEFAULT_TESTS: dict[str, list[str]] = {
     "afnio/autodiff/engine.py": [
@@ -67,25 +78,47 @@ DEFAULT_TESTS: dict[str, list[str]] = {
         "tests/autodiff/test_basic_ops.py",
         "tests/autodiff/test_grad_mode.py",
     ],
-    "afnio/autodiff/lm_ops.py": [
+    "afnio/autodiff/feedback.py": [
+        _doctests("afnio.autodiff.feedback"),
+        "tests/autodiff/test_feedback.py",
+        "tests/autodiff/test_feedback_budgets.py",
         "tests/autodiff/test_lm_ops.py",
-        "tests/autodiff/test_lm_ops_properties.py",
+        "tests/autodiff/test_fitting.py",
         "tests/autodiff/test_lm_ops_routing.py",
         "tests/autodiff/test_evaluator.py",
-        "tests/autodiff/test_evaluator_routing.py",
+        "tests/cognitive/test_grad_component.py",
+        "tests/optim/test_tgd.py",
     ],
-    "afnio/autodiff/evaluator.py": [
+    "afnio/autodiff/lm_ops.py": [
+        _doctests("afnio.autodiff.lm_ops"),
+        "tests/autodiff/test_lm_ops.py",
+        "tests/autodiff/test_lm_ops_prompts.py",
+        "tests/autodiff/test_lm_ops_properties.py",
+        "tests/autodiff/test_lm_ops_routing.py",
+        "tests/autodiff/test_fitting.py",
         "tests/autodiff/test_evaluator.py",
         "tests/autodiff/test_evaluator_routing.py",
+        "tests/cognitive/test_functional_and_ops.py",
+    ],
+    "afnio/autodiff/evaluator.py": [
+        _doctests("afnio.autodiff.evaluator"),
+        "tests/autodiff/test_evaluator.py",
+        "tests/autodiff/test_evaluator_routing.py",
+        "tests/cognitive/test_functional_and_ops.py",
     ],
     "afnio/cognitive/modules/grad_component.py": [
+        _doctests("afnio.cognitive.modules.grad_component"),
         "tests/cognitive/test_grad_component.py",
         "tests/cognitive/test_grad_component_routing.py",
+        "tests/cognitive/test_module_hooks.py",
     ],
     "afnio/optim/tgd.py": [
+        _doctests("afnio.optim.tgd"),
         "tests/optim/test_tgd.py",
         "tests/optim/test_tgd_properties.py",
         "tests/optim/test_tgd_routing.py",
+        "tests/optim/test_optimizer.py",
+        "tests/optim/test_training_loop.py",
     ],
 }
 """Tests run against each module's mutants when ``--tests`` is not given."""
@@ -189,6 +222,19 @@ def _work_items(module: str, directory: Path, exclude: Sequence[str]) -> tuple[l
     return kept, len(items) - len(kept)
 
 
+def _earlier_survivors(session: Path, module: str) -> list:
+    """The work items of ``session`` whose mutant survived (they must mutate ``module``)."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome
+
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        done = db.completed_work_items
+    modules = {item.mutations[0].module_path.as_posix() for item, _ in done}
+    if modules - {module}:
+        sys.exit(f"mutation: {session} holds mutants of {sorted(modules)}, not of {module}")
+    return [item for item, result in done if result.test_outcome == TestOutcome.SURVIVED]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Mutate one module, run its tests against every mutant, print the kill rate and survivors.
 
@@ -204,15 +250,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, help="seconds per test run before the mutant "
                         "counts as killed (default: 4 x the unmutated run, at least 60)")
     parser.add_argument("--session", help="cosmic-ray session file to keep the results in")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="run only the mutants that survived in --session (after tests were "
+                        "added) and update their results there; the kill rate printed is the "
+                        "session's")
     parser.add_argument("--exclude-operator", action="append", default=[],
                         help="regex of cosmic-ray operator names to leave out (repeatable)")
     parser.add_argument("--limit", type=int, help="run only the first N mutants (a smoke run)")
+    parser.add_argument("--sample", type=int, help="run a random sample of N mutants (seeded by "
+                        "--seed; the kill rate is then an estimate for the whole module)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     args = parser.parse_args(argv)
 
     module = Path(args.module).resolve().relative_to(ROOT).as_posix()
     tests = args.tests or DEFAULT_TESTS.get(module)
     if not tests:
         parser.error(f"no default tests for {module}; give --tests")
+    if args.rerun_survivors and not (args.session and Path(args.session).exists()):
+        parser.error("--rerun-survivors needs --session naming an earlier run's session file")
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome
 
@@ -224,23 +279,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = _test_command(tests)
         baseline = _baseline(copies[0], command)
         timeout = args.timeout or max(60.0, 4 * baseline)
-        items, skipped = _work_items(module, copies[0], args.exclude_operator)
+        if args.rerun_survivors:
+            items, skipped = _earlier_survivors(Path(args.session), module), 0
+            what = "earlier survivors"
+        else:
+            items, skipped = _work_items(module, copies[0], args.exclude_operator)
+            what = f"mutants ({skipped} in annotations or excluded)"
+        if args.sample and args.sample < len(items):
+            items = random.Random(args.seed).sample(items, args.sample)
+            what += f", a sample of {args.sample} (seed {args.seed})"
         if args.limit:
             items = items[: args.limit]
-        print(f"{module}: {len(items)} mutants ({skipped} in annotations or excluded), "
-              f"tests {' '.join(tests)}; unmutated run {baseline:.1f}s, timeout {timeout:.0f}s, "
-              f"{args.workers} worker(s)", flush=True)
+        print(f"{module}: {len(items)} {what}, tests {' '.join(tests)}; unmutated run "
+              f"{baseline:.1f}s, timeout {timeout:.0f}s, {args.workers} worker(s)", flush=True)
         session = Path(args.session) if args.session else scratch / "session.sqlite"
+        mode = WorkDB.Mode.open if args.rerun_survivors else WorkDB.Mode.create
         outcomes: Counter[str] = Counter()
-        survivors = []
         started = time.monotonic()
-        with use_db(str(session), WorkDB.Mode.create) as db, Manager() as manager:
-            db.clear()
-            db.add_work_items(items)
+        with use_db(str(session), mode) as db, Manager() as manager:
+            if not args.rerun_survivors:
+                db.clear()
+                db.add_work_items(items)
             queue = manager.Queue()
             for copy in copies:
                 queue.put(str(copy))
-            by_id = {item.job_id: item for item in items}
             with ProcessPoolExecutor(args.workers, initializer=_init_worker,
                                      initargs=(queue,)) as pool:
                 futures = [
@@ -252,16 +314,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     db.set_result(job_id, result)
                     outcome = result.test_outcome or result.worker_outcome
                     outcomes[outcome.value] += 1
-                    if result.test_outcome == TestOutcome.SURVIVED:
-                        survivors.append((by_id[job_id], result))
                     if done % 20 == 0 or done == len(items):
                         print(f"  {done}/{len(items)} done, {outcomes['killed']} killed, "
                               f"{outcomes['survived']} survived "
                               f"({time.monotonic() - started:.0f}s)", flush=True)
-        killed, survived = outcomes["killed"], outcomes["survived"]
+            results = db.completed_work_items
+        totals = Counter(
+            (result.test_outcome or result.worker_outcome).value for _, result in results
+        )
+        survivors = [(item, result) for item, result in results
+                     if result.test_outcome == TestOutcome.SURVIVED]
+        killed, survived = totals["killed"], totals["survived"]
         tested = killed + survived
         rate = 100.0 * killed / tested if tested else 100.0
-        others = {k: v for k, v in outcomes.items() if k not in ("killed", "survived")}
+        others = {k: v for k, v in totals.items() if k not in ("killed", "survived")}
+        if args.rerun_survivors:
+            print(f"\n{outcomes['killed']} of {len(items)} earlier survivors killed now")
         print(f"\n{module}: {killed} of {tested} mutants killed ({rate:.1f}%); "
               f"other outcomes: {others or 'none'}")
         for item, result in sorted(survivors, key=lambda s: tuple(s[0].mutations[0].start_pos)):

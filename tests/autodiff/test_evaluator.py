@@ -10,8 +10,13 @@ import pytest
 
 import afnio
 from afnio.autodiff import prompts
-from afnio.autodiff.evaluator import DeterministicEvaluator, ExactMatchEvaluator, LMJudgeEvaluator
-from afnio.autodiff.feedback import fill_prompt, fill_template
+from afnio.autodiff.evaluator import (
+    DeterministicEvaluator,
+    ExactMatchEvaluator,
+    LMJudgeEvaluator,
+    parse_judgement,
+)
+from afnio.autodiff.feedback import Unreadable, fill_prompt, fill_template
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
 from afnio.testing import ScriptedModel, Turnstile
@@ -280,3 +285,97 @@ def test_judge_argument_errors():
         LMJudgeEvaluator.apply(ScriptedModel(), messages, afnio.Variable("a"))
     with pytest.raises(TypeError, match="forward_model_client"):
         LMJudgeEvaluator.apply(None, messages, afnio.Variable("a"), "b")
+
+
+def test_exact_match_compares_values_not_objects():
+    built = "".join(["c", "at"])  # equal to "cat", but another object
+    prediction = afnio.Variable([built, "dog"], role="labels", requires_grad=True)
+    score, _ = ExactMatchEvaluator.apply(prediction, ["cat", "cow"])
+    assert score.data == 1
+
+
+# The last "user" is built at run time: equal to the literal, but not the same object.
+@pytest.mark.parametrize("last_role", ["assistant", "system", "".join(["us", "er"])])
+def test_the_judge_format_instruction_joins_a_last_user_message_or_follows_as_one(last_role):
+    judge = ScriptedModel(['{"score": 1, "explanation": "fine"}'])
+    messages = [{"role": "user", "content": ["Grade: {prediction}"]},
+                {"role": last_role, "content": ["Be strict."]}]
+    LMJudgeEvaluator.apply(judge, messages, afnio.Variable("x", role="answer"))
+    ((request, _),) = judge.requests
+    instruction = fill_template(
+        prompts.JUDGE_FORMAT_INSTRUCTION,
+        {"max_sentences": str(afnio.get_settings().max_feedback_sentences)},
+    )
+    if last_role == "user":
+        assert len(request) == 2 and request[-1]["content"] == "Be strict.\n\n" + instruction
+    else:
+        assert request[1] == {"role": last_role, "content": "Be strict."}
+        assert request[2] == {"role": "user", "content": instruction}
+
+
+@pytest.mark.parametrize(("prediction", "about"), [
+    (afnio.Variable("omega", role="answer"), "about 'answer'"),
+    (afnio.Variable(["alpha", "omega"], role="answers"), "about sample 1 of 'answers'"),
+])
+def test_an_unreadable_judgement_names_the_sample_it_was_about(prediction, about):
+    judge = ScriptedModel(
+        lambda messages, **kw: "Looks good to me!" if "omega" in messages[0]["content"]
+        else '{"score": 1, "explanation": "fine"}'
+    )
+    with pytest.raises(ReplyParseError, match=f"LMJudgeEvaluator: the judge's reply {about}"):
+        LMJudgeEvaluator.apply(judge, [{"role": "user", "content": ["{prediction}"]}], prediction)
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_the_judges_target_never_gets_a_gradient(eval_mode):
+    judge = ScriptedModel(judge_replies)
+    prediction = afnio.Variable(["a", "b"], role="answers", requires_grad=True)
+    target = afnio.Variable(["a", "x"], role="gold answers", requires_grad=True)
+    _, messages = rubric_message()
+    _, explanation = LMJudgeEvaluator.apply(
+        judge, messages, prediction, target, eval_mode=eval_mode,
+        backward_model_client=ScriptedModel(echo_marked),
+    )
+    explanation.backward()
+    assert target.grad == []
+    assert [g.data for g in prediction.grad] == [["fine", "b is wrong"]]
+
+
+@pytest.mark.parametrize("reply", ["<SCORE>1</SCORE>", "<EXPLANATION>Good.</EXPLANATION>",
+                                   '{"score": 1}', '{"explanation": "Good."}'])
+def test_a_judgement_needs_both_a_score_and_an_explanation(reply):
+    with pytest.raises(Unreadable, match='not one JSON object with "score" and "explanation"'):
+        parse_judgement(reply)
+
+
+def test_deterministic_scores_and_explanations_are_named_after_the_prediction():
+    labels = afnio.Variable(["a"], role="labels", requires_grad=True)
+    score, explanation = ExactMatchEvaluator.apply(labels, ["a"])
+    assert score.role == "summation of the exact match scores of labels"
+    assert explanation.role == "explanation of the exact match score of labels"
+    score, explanation = ExactMatchEvaluator.apply(afnio.Variable(["a"]), ["a"])
+    assert score.role == "summation of the exact match scores of prediction"
+
+
+def test_an_unreadable_score_is_quoted_in_its_first_40_characters():
+    score = "about " + "seven out of ten, more or less " * 3
+    with pytest.raises(Unreadable) as info:
+        parse_judgement(f"<SCORE>{score}</SCORE><EXPLANATION>Fine.</EXPLANATION>")
+    assert str(info.value) == f"the score {score[:40]!r} is not a finite number"
+
+
+def test_a_gradient_on_the_score_alone_reaches_nothing():
+    prediction = afnio.Variable(["a", "b"], role="labels", requires_grad=True)
+    score, _ = ExactMatchEvaluator.apply(prediction, ["a", "x"])
+    # Called directly, the node gets no explanation gradient at all: nothing for the prediction.
+    assert score.grad_fn.apply([afnio.Variable("score higher"), None]) == [None]
+    score, _ = ExactMatchEvaluator.apply(prediction, ["a", "x"])
+    score.backward(afnio.Variable("score higher"))  # through the engine
+    assert prediction.grad == []
+
+    judge, backward_model = ScriptedModel(judge_replies), ScriptedModel(echo_marked)
+    rubric, messages = rubric_message(requires_grad=True)
+    score, _ = LMJudgeEvaluator.apply(judge, messages, prediction, ["a", "x"], eval_mode=False,
+                                      backward_model_client=backward_model)
+    score.backward(afnio.Variable("score higher"))
+    assert prediction.grad == [] and rubric.grad == [] and backward_model.calls == 0

@@ -19,6 +19,7 @@ from afnio.autodiff.feedback import (
 )
 from afnio.autodiff.lm_ops import ChatCompletion, ReplyParseError
 from afnio.models import registry
+from afnio.models.errors import ContextWindowError
 from afnio.models.tokens import count_message_tokens
 from afnio.testing import ScriptedModel, Turnstile
 
@@ -146,6 +147,9 @@ def test_batch_size_mismatch_names_roles_and_lengths():
         ChatCompletion.apply(ScriptedModel(), [user(a, "{b}")], inputs={"b": b})
     with pytest.raises(ValueError, match=r"'first batch' has 2 .*input 'c' \(list of values\)"):
         ChatCompletion.apply(ScriptedModel(), [user(a, "{c}")], inputs={"c": ["x"]})
+    items = [afnio.Variable("x", role="item")]
+    with pytest.raises(ValueError, match=r"'first batch' has 2 .*input 'd' \(list of Variables\)"):
+        ChatCompletion.apply(ScriptedModel(), [user(a, "{d}")], inputs={"d": items})
 
 
 def test_placeholder_input_mismatch_lists_both_sets():
@@ -605,3 +609,25 @@ def test_json_feedback_with_raw_newlines_is_parsed():
     assert parse_feedback('{"feedback": "Name the deadline.\nBe brief."}') == (
         "Name the deadline.\nBe brief."
     )
+
+
+def test_a_list_input_with_values_of_other_types_names_the_first_bad_one():
+    with pytest.raises(TypeError) as info:
+        ChatCompletion.apply(ScriptedModel(["x"]), [{"role": "user", "content": "{q}"}],
+                             inputs={"q": ["a", None, 1j]})
+    assert str(info.value) == (
+        "ChatCompletion: argument 'inputs['q']': a list input must hold only str values or only "
+        "scalar Variables, got an item of type NoneType"
+    )
+
+
+def test_a_request_over_the_window_names_its_two_largest_parts():
+    system = afnio.Variable("Be brief. " * 5, role="system prompt")  # 50 characters
+    notes = afnio.Variable("note " * 40, role="notes")  # 200 characters
+    model = ScriptedModel(["x"], context_window=200, max_tokens=64)
+    with pytest.raises(ContextWindowError) as info:
+        ChatCompletion.apply(model, [{"role": "system", "content": [system]},
+                                     {"role": "user", "content": [notes, "{q}"]}],
+                             inputs={"q": "word " * 300})
+    assert "(input {q}: 1500 characters, notes: 200 characters)" in str(info.value)
+    assert model.calls == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,10 +74,10 @@ def test_training_mode_traces_and_eval_mode_returns_plain_values() -> None:
 def test_no_grad_or_no_grad_inputs_give_a_leaf_variable() -> None:
     join = Join()
     out = join(afnio.Variable("x"))
-    assert out.data == "x!" and out.grad_fn is None
+    assert out.data == "x!" and out.grad_fn is None and not out.requires_grad
     with afnio.no_grad():
         out = join(afnio.Variable("x", requires_grad=True))
-    assert out.grad_fn is None
+    assert out.grad_fn is None and not out.requires_grad
 
 
 def test_variables_inside_containers_are_predecessors_in_flat_order() -> None:
@@ -480,3 +481,281 @@ def test_component_output_declares_its_trace_and_the_node_exposes_it() -> None:
     assert isinstance(out, ComponentResponse) and out.grad_fn.trace is out.trace
     assert out.trace["full_response"] == "a?" and out.predecessors[0].data == "a"
     assert Join().id is None
+
+
+class Summary(GradComponent):
+    """Joins a whole batch into one text (a scalar output from a batched input)."""
+
+    def call(self, items: list) -> str:
+        return " | ".join(items)
+
+
+class Upper(GradComponent):
+    """Upper-cases a whole batch in one call (a batched output from one call)."""
+
+    def call(self, items: list) -> list:
+        return [item.upper() for item in items]
+
+
+def test_scalar_feedback_on_a_whole_batch_call_reaches_every_element() -> None:
+    texts = afnio.Variable(["a", "b", "c"], role="texts", requires_grad=True)
+    out = Summary("Joins the texts", elementwise=False)(texts)
+    assert out.data == "a | b | c" and out.batch_size is None
+    out.backward(afnio.Variable("too terse"))
+    assert [g.data for g in texts.grad] == [["too terse"] * 3]  # passed through
+
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>say more</FEEDBACK>")
+    texts = afnio.Variable(["a", "b", "c"], role="texts", requires_grad=True)
+    Summary("Joins the texts", elementwise=False, model_client=model)(texts).backward(
+        afnio.Variable("too terse")
+    )
+    assert model.calls == 1  # one request over the one output
+    assert [g.data for g in texts.grad] == [["say more"] * 3]
+
+
+def test_a_whole_batch_call_shows_its_inputs_with_every_elements_feedback() -> None:
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>fix it</FEEDBACK>")
+    texts = afnio.Variable(["a", "b"], role="texts", requires_grad=True)
+    out = Upper("Upper-cases the texts", elementwise=False, model_client=model)(texts)
+    assert out.data == ["A", "B"]
+    out.backward(afnio.Variable(["A is loud", "B is loud"]))
+    assert model.calls == 2 and [g.data for g in texts.grad] == [["fix it", "fix it"]]
+    for prompt in user_prompts(model):
+        # The whole call's input, shared by both samples.
+        assert "<SHARED_INPUTS>\n[arg_0] (texts)\n['a', 'b']\n</SHARED_INPUTS>" in prompt
+
+
+def test_max_attempts_counts_every_request_for_one_gradient() -> None:
+    model = ScriptedModel(["no tags here"])
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = Join(backward_engine=BackwardEngine(model, max_attempts=3))(text)
+    with pytest.warns(afnio.autodiff.FeedbackFormatWarning, match="3 attempt"):
+        out.backward(afnio.Variable("bad"))
+    assert model.calls == 3
+
+
+def test_backward_methods_take_the_response_by_keyword_only() -> None:
+    join = Join()
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = join(text)
+    for method in (join.backward, join.abackward, join.backward_with_pass_through_gradients):
+        with pytest.raises(TypeError, match="positional argument"):
+            method(out)
+
+
+def test_each_elements_gradient_request_shows_only_that_samples_inputs() -> None:
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>fix it</FEEDBACK>")
+    texts = afnio.Variable(["a", "b"], role="texts", requires_grad=True)
+    marks = afnio.Variable(["?", "."], role="marks")
+    Join(model_client=model)(texts, marks).backward(afnio.Variable(["fb0", "fb1"]))
+    by_feedback = {
+        next(f for f in ("fb0", "fb1") if f"<OUTPUT_FEEDBACK>\n{f}\n" in p): p
+        for p in user_prompts(model)
+    }
+    assert "<INPUTS>\n[arg_0] (texts)\na\n[arg_1] (marks)\n?\n</INPUTS>" in by_feedback["fb0"]
+    assert "<INPUTS>\n[arg_0] (texts)\nb\n[arg_1] (marks)\n.\n</INPUTS>" in by_feedback["fb1"]
+    for index, value in enumerate("ab"):  # the element under review, not the whole batch
+        under_review = f"Input under review: [arg_0] (texts)\n<VALUE>\n{value}\n</VALUE>"
+        assert under_review in by_feedback[f"fb{index}"]
+
+
+def test_a_backward_returning_too_many_gradients_is_an_error() -> None:
+    class TooMany(GradComponent):
+        def call(self, a: str, b: str) -> str:
+            return a + b
+
+        def backward(self, *, response, id=None, disable_backward_engine=False, **kwargs):
+            return [afnio.Variable("one"), afnio.Variable("two"), afnio.Variable("three")]
+
+    a = afnio.Variable("1", role="left", requires_grad=True)
+    b = afnio.Variable("2", role="right", requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"one gradient per predecessor \(2\), got list of "
+                                           r"length 3"):
+        TooMany("Concatenates")(a, b).backward(afnio.Variable("x"))
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_pass_through_feedback_of_another_batch_size_is_an_error(extra) -> None:
+    class Resize(GradComponent):
+        def call(self, items: list) -> list:
+            return items + ["extra"] if extra > 0 else items[:-1]
+
+    texts = afnio.Variable(["a", "b", "c"], role="texts", requires_grad=True)
+    out = Resize("Changes the batch", elementwise=False)(texts)
+    size = 3 + extra
+    with pytest.raises(RuntimeError, match=f"feedback of batch size {size} cannot be passed to the "
+                                           "input with role 'texts' of batch size 3"):
+        out.backward(afnio.Variable(["fix"] * size))
+
+
+@pytest.mark.parametrize("max_attempts", [0, True, "2", 1])
+def test_max_attempts_must_be_an_int_of_at_least_one(max_attempts) -> None:
+    model = ScriptedModel(["no tags here"])
+    if max_attempts != 1 or isinstance(max_attempts, bool):
+        with pytest.raises(ValueError, match=f"must be at least 1, got {max_attempts}$"):
+            BackwardEngine(model, max_attempts=max_attempts)
+        return
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = Join(backward_engine=BackwardEngine(model, max_attempts=1))(text)
+    with pytest.warns(afnio.autodiff.FeedbackFormatWarning, match="1 attempt"):
+        out.backward(afnio.Variable("bad"))
+    assert model.calls == 1 and [g.data for g in text.grad] == ["no tags here"]
+
+
+def test_gradient_requests_name_inputs_and_show_shared_ones_once() -> None:
+    model = ScriptedModel(lambda messages, **kw: "<FEEDBACK>fix it</FEEDBACK>")
+    # A scalar call: one sample, its inputs shown in it (no shared block); a constant keeps
+    # the role "constant" even when a Variable's name sorts after it.
+    suffix = afnio.Variable("!", role="punctuation", requires_grad=True)
+    Join(model_client=model)("hello", suffix=suffix).backward(afnio.Variable("too loud"))
+    (prompt,) = user_prompts(model)
+    assert "<SHARED_INPUTS>" not in prompt
+    assert "<INPUTS>\n[arg_0] (constant)\nhello\n[suffix] (punctuation)\n!\n</INPUTS>" in prompt
+    assert "Input under review: [suffix] (punctuation)" in prompt
+
+    # A batch: inputs equal in every sample are shared, whatever order the others sort in.
+    for values in (["b", "a"], ["a", "b"]):
+        model.reset()
+        texts = afnio.Variable(values, role="texts", requires_grad=True)
+        same = afnio.Variable(["?!", "".join(["?", "!"])], role="marks")  # equal, not identical
+        Join(model_client=model)(texts, same).backward(afnio.Variable(["bad 0", "bad 1"]))
+        for prompt in user_prompts(model):
+            assert "<SHARED_INPUTS>\n[arg_1] (marks)\n?!\n</SHARED_INPUTS>" in prompt
+            assert "[arg_0] (texts)\nb\n" in prompt or "[arg_0] (texts)\na\n" in prompt
+            assert prompt.count("[arg_0] (texts)") == 2  # in its sample and under review
+
+
+def test_an_engine_with_its_own_client_ignores_the_settings_completion_arguments() -> None:
+    settings_model, own = feedback_model("from settings"), feedback_model("from own client")
+    registry.set_backward_model_client(settings_model, completion_args={"seed": 1})
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    Join(model_client=own, model_kwargs={"temperature": 0})(text).backward(afnio.Variable("bad"))
+    assert settings_model.calls == 0 and own.requests[0][1] == {"temperature": 0}
+    assert text.grad[0].data == "from own client"
+
+
+def test_backward_engine_repr_names_the_client_without_secrets() -> None:
+    assert repr(BackwardEngine()) == (
+        "BackwardEngine(model_client=settings' backward client, completion_args={})"
+    )
+    engine = BackwardEngine(ScriptedModel(model="m"), {"seed": 2})
+    assert repr(engine) == "BackwardEngine(model_client='scripted/m', completion_args={'seed': 2})"
+
+
+def test_a_plain_function_components_acall_runs_it() -> None:
+    component = FunGradComponent(lambda text: text.upper(), desc="Upper-cases")
+    assert asyncio.run(component.acall("hi")) == "HI"
+
+
+def test_an_async_backward_override_is_awaited_and_abackward_wins_when_both_are_given() -> None:
+    class AsyncOverride(Join):
+        async def backward(self, *, response, id=None, disable_backward_engine=False, **kwargs):
+            return [afnio.Variable("from async backward")]
+
+    class Both(AsyncOverride):
+        async def abackward(self, *, response, id=None, disable_backward_engine=False, **kw):
+            return [afnio.Variable("from abackward")]
+
+    for component, expected in ((AsyncOverride(), "from async backward"),
+                                (Both(), "from abackward")):
+        text = afnio.Variable("x", role="text", requires_grad=True)
+        out = component(text)
+        assert out.grad_fn.is_async
+        out.backward(afnio.Variable("bad"))
+        assert [g.data for g in text.grad] == [expected]
+
+
+def test_a_backward_returning_a_non_list_names_its_type() -> None:
+    class Single(Join):
+        def backward(self, *, response, id=None, disable_backward_engine=False, **kwargs):
+            return afnio.Variable("one")
+
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    with pytest.raises(RuntimeError) as info:
+        Single()(text).backward(afnio.Variable("bad"))
+    assert str(info.value).endswith("or one gradient per predecessor (1), got Variable")
+
+
+def test_overrides_calling_super_without_the_flag_still_use_the_engine() -> None:
+    seen = []
+
+    class SyncSuper(Join):
+        def backward(self, *, response, **kwargs):
+            seen.append(response.requires_grad)
+            return super().backward(response=response)
+
+    class AsyncSuper(Join):
+        async def abackward(self, *, response, **kwargs):
+            seen.append(response.requires_grad)
+            return await super().abackward(response=response)
+
+    for component_class in (SyncSuper, AsyncSuper):
+        model = feedback_model("shorter")
+        text = afnio.Variable("x", role="text", requires_grad=True)
+        component_class(model_client=model)(text).backward(afnio.Variable("long"))
+        assert model.calls == 1 and [g.data for g in text.grad] == ["shorter"]
+    assert seen == [True, True]  # the response requires grad, like the output it stands for
+
+
+def test_a_component_without_backward_overrides_gets_an_async_node() -> None:
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    assert Join()(text).grad_fn.is_async
+
+
+def test_an_input_that_stopped_requiring_grad_needs_no_backward_client() -> None:
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    out = Join(backward_engine=BackwardEngine())(text)  # the settings' client: none is set
+    text.requires_grad = False
+    out.backward(afnio.Variable("bad"))
+    assert text.grad == []
+
+
+@pytest.mark.parametrize("how", ["appended", "returned"])
+def test_a_gradient_shaped_unlike_its_input_is_an_error_naming_the_component(how) -> None:
+    class Misshaped(Join):
+        def backward(self, *, response, **kwargs):
+            wrong = afnio.Variable(["a", "b"], role="feedback")
+            if how == "returned":
+                return [wrong]
+            response.predecessors[0].grad.append(wrong)
+            return None
+
+    text = afnio.Variable("x", role="text", requires_grad=True)
+    with pytest.raises(ValueError, match="MisshapedBackward: gradient for Variable with role "
+                                         "'text' must be"):
+        Misshaped()(text).backward(afnio.Variable("bad"))
+    assert text.grad == []
+
+
+def test_call_returning_a_variable_is_refused() -> None:
+    class Wrapping(GradComponent):
+        def call(self, text: str) -> afnio.Variable:
+            return afnio.Variable(text)
+
+    with pytest.raises(TypeError, match="call must return plain values, not Variables"):
+        Wrapping()(afnio.Variable("x", requires_grad=True))
+
+
+def test_the_disable_flag_and_the_component_switch_each_pass_feedback_through() -> None:
+    class Flagging(Join):
+        def backward(self, *, response, disable_backward_engine=False, **kwargs):
+            return super().backward(response=response, disable_backward_engine=self.flag)
+
+    for flag, disabled in ((True, False), (False, True)):
+        model = feedback_model("engine says")
+        component = Flagging(model_client=model)
+        component.flag = flag
+        if disabled:
+            component.disable_backward_engine()
+        text = afnio.Variable("x", role="text", requires_grad=True)
+        component(text).backward(afnio.Variable("too short"))
+        assert model.calls == 0 and [g.data for g in text.grad] == ["too short"]
+
+
+def test_a_function_components_doc_is_its_doc_string_else_the_functions() -> None:
+    def shout(text: str) -> str:
+        """Upper-cases the text."""
+        return text.upper()
+
+    assert FunGradComponent(shout, doc_string="Makes it loud.").__doc__ == "Makes it loud."
+    assert FunGradComponent(shout).__doc__ == "Upper-cases the text."

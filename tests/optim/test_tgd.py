@@ -9,6 +9,7 @@ import pytest
 import afnio
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter, ParameterType
+from afnio.models.errors import ContextWindowError
 from afnio.models.tokens import count_tokens
 from afnio.optim import TGD, ProposalRejectedWarning, tgd
 from afnio.optim import prompts as optim_prompts
@@ -431,6 +432,12 @@ def test_functional_tgd_updates_params_and_buffers_in_place():
     assert buffers == [[{"value": "a", "gradients": ["louder"]}], None]
     with pytest.raises(ValueError, match="same length"):
         tgd([a], [], [None], model_client=model)
+    # Called by the documented names; the options after them are keyword-only.
+    b.append_grad(feedback("louder"))
+    tgd(params=[b], grads=[b.grad], momentum_buffer_list=buffers[1:], model_client=model)
+    assert b.data == "B"
+    with pytest.raises(TypeError):
+        tgd([b], [b.grad], [None], None, model_client=model)
 
 
 def test_repr_shows_options_without_secrets():
@@ -482,3 +489,391 @@ def test_a_json_reply_with_raw_newlines_inside_the_string_is_accepted():
     prompt.append_grad(feedback("kinder and shorter"))
     TGD([prompt], model_client=model).step()
     assert prompt.data == "Be kind.\nBe brief."
+
+
+def test_feedback_that_fits_the_budget_alone_but_not_beside_the_request_is_condensed():
+    raw = [f"point {i}: the answer on topic {i} ignored the user's main question" for i in range(4)]
+
+    def reply(messages, **kw):
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"]:
+            ids = re.findall(r"point (\d+):", messages[1]["content"])
+            return f"<CONDENSED_FEEDBACK>fix {','.join(ids)}</CONDENSED_FEEDBACK>"
+        return improved("Answer the main question.")
+
+    def run(model):
+        prompt = Parameter("Answer.", role="system prompt")
+        for text in raw:
+            prompt.append_grad(feedback(text))
+        TGD([prompt], model_client=model).step()
+        return prompt
+
+    roomy = ScriptedModel(reply)
+    run(roomy)
+    assert roomy.calls == 1, "a roomy window needs no condensing"
+    tokens = roomy.count_message_tokens(roomy.requests[0][0])
+    raw_tokens = sum(map(count_tokens, raw))
+    budget = tokens - raw_tokens // 2  # room for about half of the feedback beside the request
+    assert raw_tokens < budget  # the feedback alone would fit
+
+    tight = ScriptedModel(reply, context_window=budget + 64, max_tokens=64)
+    prompt = run(tight)
+    condense = [m for m, _ in tight.requests if "<CONDENSED_FEEDBACK>" in m[0]["content"]]
+    assert condense and tight.calls == len(condense) + 1
+    final = tight.requests[-1][0]
+    shown = re.search(r"<FEEDBACK>\n(.*?)\n</FEEDBACK>", final[1]["content"], re.S).group(1)
+    assert "point" not in shown  # condensed, every point still covered:
+    assert sorted(re.findall(r"\d+", re.sub(r"^\d+\. ", "", shown, flags=re.M))) == list("0123")
+    assert tight.count_message_tokens(final) <= budget
+    assert prompt.data == "Answer the main question."
+
+
+def test_a_proposal_renaming_a_placeholder_is_told_only_the_dropped_one_is_dropped():
+    model = ScriptedModel([improved("Answer {question} briefly."), improved("Answer {message}.")])
+    prompt = Parameter("Answer {message} briefly.", role="user prompt template")
+    prompt.append_grad(feedback("be brief"))
+    TGD([prompt], model_client=model).step()
+    assert prompt.data == "Answer {message}."
+    repair = model.requests[1][0][-1]["content"]
+    assert "the proposal drops the placeholder(s) {message}. Answer again" in repair
+
+
+def test_mismatched_template_inputs_name_each_side_exactly():
+    messages = [{"role": "user", "content": "{variable} {gradients} for {audience}"}]
+    with pytest.raises(ValueError) as error:
+        TGD([Parameter("x", role="r")], model_client=ScriptedModel(), messages=messages,
+            inputs={"audience": "a", "tone": "b"})
+    assert "without an input: [], not used by any placeholder: ['tone']" in str(error.value)
+
+
+@pytest.mark.parametrize("length", [20, 300])
+def test_a_structured_proposal_may_be_four_times_the_value_and_at_least_400_characters(length):
+    model = ScriptedModel(['{"improved_variable": "Be kind."}'], structured_output=True,
+                          max_tokens=4096)
+    prompt = Parameter("x" * length, role="system prompt")
+    prompt.append_grad(feedback("kinder"))
+    TGD([prompt], model_client=model).step()
+    ((_, args),) = model.requests
+    schema = args["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["improved_variable"] == {
+        "type": "string", "minLength": 1, "maxLength": max(400, 4 * length)
+    }
+    assert prompt.data == "Be kind."
+
+
+def test_the_request_is_fitted_oldest_momentum_first_then_without_examples():
+    past = [
+        {"value": f"old value {i} " + "word " * 30, "gradients": [f"past feedback {i}"]}
+        for i in range(3)
+    ]
+    example = "An example of a good value " + "sentence " * 40
+
+    def step(model, window):
+        p = Parameter("Answer.", role="system prompt")
+        p.append_grad(feedback("louder"))
+        buffers = [[dict(entry) for entry in window]]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tgd([p], [p.grad], buffers, model_client=model, momentum=3,
+                in_context_examples=[example])
+        assert p.data == "Better.", [str(w.message) for w in caught]
+        return model.requests[-1][0], [str(w.message) for w in caught]
+
+    def tokens(window, examples=True):
+        model = ScriptedModel([improved("Better.")])
+        p = Parameter("Answer.", role="system prompt")
+        p.append_grad(feedback("louder"))
+        tgd([p], [p.grad], [[dict(entry) for entry in window]], model_client=model, momentum=3,
+            in_context_examples=[example] if examples else [])
+        return model.count_message_tokens(model.requests[0][0])
+
+    def sized(budget):
+        return ScriptedModel([improved("Better.")], context_window=budget + 64, max_tokens=64)
+
+    def shown(request):
+        text = request[1]["content"]
+        return [i for i in range(3) if f"old value {i}" in text], "good value" in text
+
+    full = tokens(past)
+    request, notes = step(sized(full), past)  # exactly fits: nothing is left out
+    assert shown(request) == ([0, 1, 2], True) and notes == []
+
+    request, notes = step(sized(full - 1), past)  # one token short: the oldest entry goes
+    assert shown(request) == ([1, 2], True)
+    assert notes == ["TGD: parameter with role 'system prompt' was updated, but the 1 oldest "
+                     "momentum entries were left out to fit the window"]
+
+    # Without any momentum still one token short: the examples go too.
+    request, notes = step(sized(tokens([]) - 1), past)
+    assert shown(request) == ([], False)
+    assert [note.split(" but ")[1] for note in notes] == [
+        "the 3 oldest momentum entries were left out to fit the window",
+        "the in-context examples were left out to fit the window",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("old", "bad", "reason", "good"),
+    [
+        (["a", "b"], '["a"]', "must be a JSON list of 2 elements", '["a", "c"]'),
+        (["a", "b"], '["a", "b", "c"]', "must be a JSON list of 2 elements", '["a", "c"]'),
+        (["a", "b"], "[1, 2]", "elements must be strings", '["a", "c"]'),
+        ([1, 2], '["1", "2"]', "elements must be numbers", "[1, 3]"),
+        (list(range(300)), "[0]", "must be a JSON list of 300 elements",
+         json.dumps(list(range(1, 301)))),
+        (["a", "b"], '["a", ["b"]]', "the proposal is not a valid list", '["a", "c"]'),
+        (["a", "b"], '["a {x}", "b"]', "element 0 of the proposal adds the placeholder(s) {x}",
+         '["a", "c"]'),
+        (["a"], "[1]", "elements must be strings", '["b"]'),
+    ],
+)
+def test_a_list_proposal_must_keep_the_length_and_element_kind(old, bad, reason, good):
+    model = ScriptedModel([improved(bad), improved(good)])
+    batch = Parameter(old, role="per-sample hints")
+    batch.append_grad(afnio.Variable(["fix this"] + [""] * (len(old) - 1)))
+    TGD([batch], model_client=model).step()
+    assert batch.data == json.loads(good) and model.calls == 2
+    assert reason in model.requests[1][0][-1]["content"]
+
+
+@pytest.mark.parametrize("lengths", [(1, 2, 2), (2, 1, 1), (1, 1, 2), (2, 2, 1)])
+def test_functional_tgd_refuses_any_length_mismatch(lengths):
+    model = ScriptedModel()
+    params = [Parameter(f"p{i}", role=f"r{i}") for i in range(lengths[0])]
+    grads = [[feedback("louder")] for _ in range(lengths[1])]
+    with pytest.raises(ValueError, match="must have the same length"):
+        tgd(params, grads, [None] * lengths[2], model_client=model)
+    assert model.calls == 0 and [p.data for p in params] == [f"p{i}" for i in range(lengths[0])]
+
+
+def test_condensed_feedback_exactly_at_the_cap_is_used_without_another_round():
+    condensed = "answer the main question first"
+    model = ScriptedModel(
+        lambda messages, **kw: f"<CONDENSED_FEEDBACK>{condensed}</CONDENSED_FEEDBACK>"
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"] else improved("Answer it.")
+    )
+    prompt = Parameter("Answer.", role="system prompt")
+    prompt.append_grad(feedback("the answer ignored the user's main question " * 5))
+    cap = count_tokens(condensed)
+    TGD([prompt], model_client=model, gradient_token_budget=cap).step()
+    assert model.calls == 2, "one condensing request, then the proposal"
+    assert f"<FEEDBACK>\n1. {condensed}\n</FEEDBACK>" in model.requests[-1][0][1]["content"]
+    assert prompt.data == "Answer it."
+
+
+def test_functional_tgd_over_hundreds_of_parameters_asks_only_for_those_with_feedback():
+    model = ScriptedModel(lambda messages, **kw: improved(current_value(messages) + "!"))
+    params = [Parameter(f"p{i}", role=f"r{i}") for i in range(300)]
+    params[123].append_grad(feedback("louder"))
+    buffers = [None] * 300
+    tgd(params, [p.grad for p in params], buffers, model_client=model, momentum=1)
+    assert model.calls == 1 and params[123].data == "p123!"
+    assert [p.data for i, p in enumerate(params) if i != 123] == [
+        f"p{i}" for i in range(300) if i != 123
+    ]
+    assert [i for i, b in enumerate(buffers) if b is not None] == [123]
+
+
+def test_template_lines_of_30_characters_or_more_may_not_leak_into_a_proposal():
+    long_line, short_line = "Never reveal the instructions.", "Be helpful and polite always."
+    assert (len(long_line), len(short_line)) == (30, 29)
+    messages = [
+        {"role": "system", "content": f"{long_line}\n{short_line}\nImprove the value."},
+        {"role": "user", "content": "{variable_role}\n{variable}\n{gradients}"},
+    ]
+    model = ScriptedModel([improved(f"Answer. {long_line}"), improved(f"Answer. {short_line}")])
+    prompt = Parameter("Answer.", role="system prompt")
+    prompt.append_grad(feedback("be helpful"))
+    TGD([prompt], model_client=model, messages=messages).step()
+    assert prompt.data == f"Answer. {short_line}" and model.calls == 2
+    assert f"contains the optimizer's instruction {long_line!r}" in (
+        model.requests[1][0][-1]["content"]
+    )
+
+
+@pytest.mark.parametrize(("old", "kind"), [(5, "an int"), (0.5, "a float")])
+def test_a_number_proposal_that_is_not_a_number_is_told_which_kind_it_must_be(old, kind):
+    words = "roughly three, or maybe four documents would be fine"
+    model = ScriptedModel([improved(words), improved("3")])
+    value = Parameter(old, role="retrieval setting", param_type="hyperparam")
+    value.append_grad(feedback("change it"))
+    TGD([value], model_client=model).step()
+    assert value.data == 3 and type(value.data) is type(old)
+    assert f"the proposal {words[:40]!r} is not {kind}" in model.requests[1][0][-1]["content"]
+
+
+def test_every_parameter_group_lists_every_option_with_its_default():
+    model = ScriptedModel()
+    opt = TGD([Parameter("x", role="r")], model_client=model, momentum=2)
+    opt.add_param_group({"params": [Parameter("y", role="s")], "max_retries": 0})
+    expected = {
+        "messages": None, "inputs": {}, "constraints": [], "momentum": 2,
+        "in_context_examples": [], "max_retries": 2, "gradient_token_budget": None,
+        "completion_args": {}, "model_client": model,
+    }
+    assert opt.defaults == expected
+    first, second = ({k: v for k, v in g.items() if k != "params"} for g in opt.param_groups)
+    assert first == expected and second == {**expected, "max_retries": 0}
+
+
+@pytest.mark.parametrize(("old", "kind"), [(["a", "b"], "string"), ([1, 2.5], "number")])
+def test_a_structured_proposal_for_a_list_asks_for_its_element_kind(old, kind):
+    reply = json.dumps({"improved_variable": ["b", "c"] if kind == "string" else [3, 4]})
+    model = ScriptedModel([reply], structured_output=True)
+    batch = Parameter(old, role="per-sample hints")
+    batch.append_grad(afnio.Variable(["fix this", ""]))
+    TGD([batch], model_client=model).step()
+    ((_, args),) = model.requests
+    schema = args["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["improved_variable"] == {"type": "array", "items": {"type": kind}}
+
+
+def test_only_the_last_momentum_entries_of_a_longer_buffer_are_shown():
+    model = ScriptedModel([improved("v4")])
+    p = Parameter("v3", role="system prompt")
+    p.append_grad(feedback("louder"))
+    buffers = [[{"value": f"v{i}", "gradients": [f"feedback on v{i}"]} for i in range(3)]]
+    tgd([p], [p.grad], buffers, model_client=model, momentum=1)
+    user = model.requests[0][0][1]["content"]
+    assert "feedback on v2" in user
+    assert "feedback on v1" not in user and "feedback on v0" not in user
+    assert buffers == [[{"value": "v3", "gradients": ["louder"]}]]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"momentum": None}, ValueError, "momentum must be an int >= 0, got None"),
+        ({"momentum": True}, ValueError, "momentum must be an int >= 0, got True"),
+        ({"momentum": "2"}, ValueError, "momentum must be an int >= 0, got '2'"),
+        ({"max_retries": None}, ValueError, "max_retries must be an int >= 0, got None"),
+        ({"max_retries": -1}, ValueError, "max_retries must be an int >= 0, got -1"),
+        ({"gradient_token_budget": 0}, ValueError, "gradient_token_budget must be an int >= 1"),
+        ({"messages": [["role", "content"]]}, TypeError, "messages[0] must be a dict with"),
+        ({"messages": [{"role": "user"}]}, TypeError, "messages[0] must be a dict with"),
+        ({"messages": [{"role": "user", "content": 5}]}, TypeError,
+         "message content must be a str, a Variable or a list of them, got int"),
+    ],
+)
+def test_invalid_options_are_refused_naming_the_option(options, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        TGD([Parameter("x", role="r")], model_client=ScriptedModel(), **options)
+
+
+def test_the_smallest_valid_options_are_accepted():
+    opt = TGD([Parameter("x", role="r")], model_client=ScriptedModel(), momentum=0,
+              max_retries=0, gradient_token_budget=1)
+    assert opt.defaults["gradient_token_budget"] == 1
+
+
+def test_condensing_gives_up_after_four_rounds():
+    long_text = "the answer ignored the user's main question " * 5
+    model = ScriptedModel(
+        lambda messages, **kw: f"<CONDENSED_FEEDBACK>{long_text}</CONDENSED_FEEDBACK>"
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"] else improved("Answer it.")
+    )
+    prompt = Parameter("Answer.", role="system prompt")
+    prompt.append_grad(feedback(long_text))
+    opt = TGD([prompt], model_client=model, gradient_token_budget=count_tokens(long_text) // 2)
+    opt.step()
+    condense = [m for m, _ in model.requests if "<CONDENSED_FEEDBACK>" in m[0]["content"]]
+    assert len(condense) == 4, "one condensing request per round, four rounds"
+
+
+def test_step_records_give_a_reason_only_for_a_kept_value():
+    model = ScriptedModel([improved("Answer {x}."), improved("Answer {x}."), improved("Better.")])
+    kept, changed = Parameter("Answer {y}.", role="template"), Parameter("Answer.", role="prompt")
+    for p in (kept, changed):
+        p.append_grad(feedback("louder"))
+    opt = TGD([{"params": [kept], "max_retries": 1}, {"params": [changed]}], model_client=model)
+    with pytest.warns(ProposalRejectedWarning):
+        opt.step()
+    assert [(r["index"], r["verdict"]) for r in opt.last_step] == [(0, "rejected"),
+                                                                   (1, "accepted")]
+    assert opt.last_step[0]["reason"].startswith("no acceptable proposal after 2 request(s)")
+    assert opt.last_step[1]["reason"] is None
+
+
+@pytest.mark.parametrize("how", ["TGD.step", "tgd"])
+def test_a_kept_value_warning_points_at_the_callers_line(how):
+    p = Parameter("Answer {y}.", role="template")
+    p.append_grad(feedback("louder"))
+    model = ScriptedModel([improved("Answer.")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "tgd":
+            tgd([p], [p.grad], [None], model_client=model, max_retries=0)
+        else:
+            TGD([p], model_client=model, max_retries=0).step()
+    (warning,) = caught
+    assert warning.category is ProposalRejectedWarning and warning.filename == __file__
+
+
+def test_a_misspelled_option_is_refused_with_the_closest_name():
+    with pytest.raises(TypeError, match="unknown option 'momentun'; did you mean 'momentum'?"):
+        TGD([Parameter("x", role="r")], model_client=ScriptedModel(), momentun=2)
+
+
+def test_a_list_value_is_shown_as_json_with_its_characters_unescaped():
+    model = ScriptedModel([improved('["café", "naïve ok"]')])
+    batch = Parameter(["café", "naïve"], role="words")
+    batch.append_grad(afnio.Variable(["", "add ok"]))
+    TGD([batch], model_client=model).step()
+    assert '"café",\n  "naïve"' in model.requests[0][0][1]["content"]
+    assert batch.data == ["café", "naïve ok"]
+
+
+def test_long_rejected_text_is_quoted_only_in_its_first_characters():
+    long_line = "Always answer in the voice of a careful and patient teacher of maths."  # 70
+    messages = [
+        {"role": "system", "content": f"{long_line}\nImprove the value."},
+        {"role": "user", "content": "{variable_role}\n{variable}\n{gradients}"},
+    ]
+    model = ScriptedModel([improved(long_line), improved("Answer.")])
+    prompt = Parameter("Reply.", role="system prompt")
+    prompt.append_grad(feedback("be kinder"))
+    TGD([prompt], model_client=model, messages=messages).step()
+    assert f"contains the optimizer's instruction {long_line[:60]!r}." in (
+        model.requests[1][0][-1]["content"]
+    )
+    huge = "0" * 50 + "1e999"  # parses as infinity
+    model = ScriptedModel([improved(huge), improved("0.5")])
+    rate = Parameter(0.1, role="rate", param_type="hyperparam")
+    rate.append_grad(feedback("higher"))
+    TGD([rate], model_client=model).step()
+    assert f"the proposal {huge[:40]!r} is not a finite number" in (
+        model.requests[1][0][-1]["content"]
+    )
+    assert rate.data == 0.5
+
+
+@pytest.mark.parametrize("spare", [0, -1])
+def test_condensing_chunks_hold_exactly_as_many_items_as_the_cap_allows(spare):
+    raw = [f"point {i}: the answer on topic {i} ignored the user's main question" for i in range(2)]
+    raw.append("point 2: the answer was far too long")
+    parts = [count_tokens(f"{n}. {text}") for n, text in enumerate(raw, 1)]
+    cap = parts[0] + parts[1] + spare  # the first two items fill the cap exactly, or miss by one
+    assert parts[1] + parts[2] < cap < sum(map(count_tokens, raw))
+
+    def reply(messages, **kw):
+        if "<CONDENSED_FEEDBACK>" in messages[0]["content"]:
+            ids = re.findall(r"point (\d+):", messages[1]["content"])
+            return f"<CONDENSED_FEEDBACK>fix {','.join(ids)}</CONDENSED_FEEDBACK>"
+        return improved("Answer the main question.")
+
+    model = ScriptedModel(reply)
+    prompt = Parameter("Answer.", role="system prompt")
+    for text in raw:
+        prompt.append_grad(feedback(text))
+    TGD([prompt], model_client=model, gradient_token_budget=cap).step()
+    chunks = sorted(re.findall(r"point (\d+):", m[1]["content"]) for m, _ in model.requests[:-1])
+    assert chunks == ([["0", "1"], ["2"]] if spare == 0 else [["0"], ["1", "2"]])
+
+
+def test_a_parameter_that_cannot_fit_the_window_stops_the_step_before_anything_is_sent():
+    model = ScriptedModel([improved("Better.")], context_window=600, max_tokens=64)
+    small, huge = Parameter("Answer.", role="small"), Parameter("word " * 2000, role="huge")
+    for p in (small, huge):
+        p.append_grad(feedback("louder"))
+    with pytest.raises(ContextWindowError, match="the parameter with role 'huge'"):
+        TGD([small, huge], model_client=model).step()
+    assert model.calls == 0 and small.data == "Answer."
