@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from afnio._variable import Variable
+from afnio.optim.scoring import count_samples
 from afnio.trainer.loggers import CSVLogger, JSONLLogger, Logger
 
 __all__ = [
@@ -129,19 +130,7 @@ def batch_size_of(batch: Any, explanation: Variable | None = None) -> int:
     """The number of samples in ``batch`` (see the module docstring for the rule)."""
     if explanation is not None and explanation.is_batched:
         return len(explanation.data)
-    stack = [batch]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, Variable):
-            if item.is_batched:
-                return len(item.data)
-        elif isinstance(item, Mapping):
-            stack.extend(item.values())
-        elif isinstance(item, tuple):
-            stack.extend(item)
-        elif isinstance(item, list):
-            return len(item)
-    return 1
+    return count_samples(batch)
 
 
 def score_per_sample(score: Any, batch_size: int, reduction: str, hook: str) -> float:
