@@ -59,7 +59,7 @@ from afnio.autodiff.grad_mode import no_grad
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
-from afnio.optim.options import GroupOptions
+from afnio.optim.options import GroupOptions, check_group, optimizer_defaults
 from afnio.optim.scoring import Scorer
 from afnio.optim.tgd import (
     ProposalCheck,
@@ -148,6 +148,10 @@ class SearchOptions(GroupOptions):
     def max_candidates(self) -> int:
         """The most candidates one step can have: the beam, the proposals, the paraphrases."""
         return self.beam_width + self.num_proposals + self.num_paraphrases
+
+_OPTIONS = (SearchOptions, TGDOptions)
+"""CandidateSearch's option classes; TGD's collects the completion arguments, so it is last."""
+
 
 # --------------------------------------------------------------------------- proposals
 def _variant(opts: TGDOptions, attempt: int, total: int) -> TGDOptions:
@@ -398,22 +402,13 @@ class CandidateSearch(Optimizer):
                 f"{type(proposal_check).__name__}"
             )
         self.proposal_check = proposal_check
-        search, rest = SearchOptions.split(options)
-        chosen, completion = TGDOptions.split(rest)
-        defaults = {
-            **TGDOptions.defaults(), **SearchOptions.defaults(), **chosen, **completion,
-            **search, "model_client": model_client,
-        }
-        TGDOptions.from_group(defaults)
-        SearchOptions.from_group(defaults)
+        defaults = optimizer_defaults(_OPTIONS, options, model_client=model_client)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its options (see :class:`Optimizer`)."""
         if isinstance(param_group, dict):
-            merged = {**self.defaults, **param_group}
-            TGDOptions.from_group(merged)
-            SearchOptions.from_group(merged)
+            check_group(_OPTIONS, self.defaults, param_group)
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------- one step

@@ -44,7 +44,7 @@ from afnio.autodiff.grad_mode import no_grad
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
-from afnio.optim.options import GroupOptions
+from afnio.optim.options import GroupOptions, check_group, optimizer_defaults
 from afnio.optim.scoring import read_score
 from afnio.optim.tgd import (
     ProposalCheck,
@@ -315,15 +315,13 @@ class OPRO(Optimizer):
                 raise TypeError(f"OPRO: {name} must be callable, got {type(value).__name__}")
         self.proposal_check = proposal_check
         self.evaluate = evaluate
-        chosen, completion = OPROOptions.split(options)
-        defaults = {**OPROOptions.defaults(), **chosen, **completion, "model_client": model_client}
-        OPROOptions.from_group(defaults)
+        defaults = optimizer_defaults([OPROOptions], options, model_client=model_client)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its options (see :class:`Optimizer`)."""
         if isinstance(param_group, dict):
-            OPROOptions.from_group({**self.defaults, **param_group})
+            check_group([OPROOptions], self.defaults, param_group)
         super().add_param_group(param_group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> float | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 OptionsT = TypeVar("OptionsT", bound="GroupOptions")
@@ -83,3 +83,39 @@ class GroupOptions:
     def from_group(cls: type[OptionsT], group: Mapping[str, Any]) -> OptionsT:
         """The options of a parameter group dict (keys that are not options are ignored)."""
         return cls(**{name: group[name] for name in cls.names() if name in group})
+
+
+def optimizer_defaults(
+    option_classes: Sequence[type[GroupOptions]], options: Mapping[str, Any], **fixed: Any
+) -> dict[str, Any]:
+    """An optimizer's ``defaults``: every option's default, then ``options`` (split by each class
+    in turn, so put the one that collects completion arguments last), then ``fixed``; checked.
+
+    Raises:
+        TypeError, ValueError: For a misspelled or invalid option.
+    """
+    defaults: dict[str, Any] = {}
+    rest = dict(options)
+    chosen: dict[str, Any] = {}
+    for cls in option_classes:
+        defaults.update(cls.defaults())
+        picked, rest = cls.split(rest)
+        chosen.update(picked)
+    defaults = {**defaults, **chosen, **rest, **fixed}
+    check_group(option_classes, defaults, {})
+    return defaults
+
+
+def check_group(
+    option_classes: Sequence[type[GroupOptions]],
+    defaults: Mapping[str, Any],
+    param_group: Mapping[str, Any],
+) -> None:
+    """Check the options a parameter group ends up with (its own over ``defaults``).
+
+    Raises:
+        TypeError, ValueError: For an invalid option.
+    """
+    merged = {**defaults, **param_group}
+    for cls in option_classes:
+        cls.from_group(merged)

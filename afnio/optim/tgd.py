@@ -66,7 +66,7 @@ from afnio.cognitive.parameter import ParameterType
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
-from afnio.optim.options import GroupOptions
+from afnio.optim.options import GroupOptions, check_group, optimizer_defaults
 
 __all__ = ["TGD", "ProposalRejectedWarning", "TGDOptions", "tgd"]
 
@@ -692,9 +692,7 @@ class TGD(Optimizer):
             )
         self.proposal_check = proposal_check
         self.last_step: list[dict[str, Any]] = []
-        chosen, completion = TGDOptions.split(options)
-        defaults = {**TGDOptions.defaults(), **chosen, **completion, "model_client": model_client}
-        TGDOptions.from_group(defaults)
+        defaults = optimizer_defaults([TGDOptions], options, model_client=model_client)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -704,7 +702,7 @@ class TGD(Optimizer):
             ValueError, TypeError: For invalid options; the group is then not added.
         """
         if isinstance(param_group, dict):
-            TGDOptions.from_group({**self.defaults, **param_group})
+            check_group([TGDOptions], self.defaults, param_group)
         super().add_param_group(param_group)
 
     def step(self, closure: Callable[[], T] | None = None) -> T | None:
