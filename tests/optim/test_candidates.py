@@ -11,7 +11,7 @@ import pytest
 import afnio
 from afnio.cognitive.parameter import Parameter
 from afnio.optim import CandidateSearch, FunctionScorer
-from afnio.optim.candidates import halving_plan
+from afnio.optim.selection import halving_plan
 from afnio.optim.tgd import ProposalRejectedWarning
 from afnio.testing import ScriptedModel
 

@@ -13,6 +13,8 @@ import json
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import afnio
 from afnio import cognitive
@@ -24,6 +26,7 @@ from afnio.optim import (
     demos_parameter,
     render_demos,
 )
+from afnio.optim.selection import racing_plan
 from afnio.testing import ScriptedModel
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
@@ -204,13 +207,90 @@ def test_a_scorer_scores_the_sets_without_touching_the_parameter():
         seen.append((values[demos], demos.data))
         return float("in: b" in values[demos])
 
-    optimizer = DemoOptimizer([demos], max_demos=1, num_candidates=3,
+    optimizer = DemoOptimizer([demos], max_demos=1, num_candidates=3, selection="full",
                               template="in: {input} out: {output}")
     optimizer.record(["a", "b", "c"], ["A", "B", "C"], [1, 1, 1])
     optimizer.step(FunctionScorer(score, [demos], num_samples=2))
     assert demos.data == "in: b out: B"
     assert all(live == "" for _, live in seen)  # the live parameter was never rewritten
     assert len(seen) == 4
+    assert optimizer.last_step[0]["evaluations"] == 4 * 2  # every set on every sample
+
+
+def racing_scorer(demos, pool_vectors, empty_vector):
+    """A scorer of sets of words w0, w1, ...: sample i scores 1 when a word of the set has a 1
+    at position i of its vector (the empty set: ``empty_vector``). Logs every evaluation."""
+    log = []
+
+    def words(text):
+        return [int(word) for word in re.findall(r"in: w(\d+) ", text)]
+
+    def per_sample(text, i):
+        chosen = words(text)
+        if not chosen:
+            return empty_vector[i]
+        return max(pool_vectors[word][i] for word in chosen)
+
+    def score(values, indices):
+        log.append((values[demos], list(indices)))
+        return sum(per_sample(values[demos], i) for i in indices) / len(indices)
+
+    scorer = FunctionScorer(score, [demos], num_samples=len(empty_vector))
+    scorer.log = log
+    scorer.true_mean = lambda text: sum(
+        per_sample(text, i) for i in range(len(empty_vector))
+    ) / len(empty_vector)
+    return scorer
+
+
+def test_halving_races_the_sets_and_scores_the_winner_and_the_current_set_in_full():
+    demos = demos_parameter()
+    samples = 16
+    # w2 helps on every sample; w0, w1, w3 on a few, so they fall behind in the first round.
+    vectors = [[int(i % 4 == k) for i in range(samples)] for k in range(4)]
+    vectors[2] = [1] * samples
+    scorer = racing_scorer(demos, vectors, [0] * samples)
+    optimizer = DemoOptimizer([demos], evaluate=scorer, max_demos=1, num_candidates=4,
+                              template="in: {input} out: {output}")
+    optimizer.record([f"w{k}" for k in range(4)], ["x"] * 4, [1] * 4)
+    assert optimizer.step() == 1.0
+    assert demos.data == "in: w2 out: x"
+    by_set: dict[str, list[int]] = {}
+    for text, indices in scorer.log:
+        by_set.setdefault(text, []).extend(indices)
+    assert sorted(by_set[""]) == list(range(samples))  # the current set, in full
+    assert sorted(by_set[demos.data]) == list(range(samples))  # the winner, in full
+    assert len(by_set) == 5  # the current set and 4 others
+    # The race: 4 sets x 4 samples, 2 x 4 more, 1 x 8 more; plus the current set's 16.
+    record = optimizer.last_step[0]
+    assert record["evaluations"] == sum(len(indices) for _, indices in scorer.log) == 16 + 32
+    assert racing_plan(4, samples) == [(4, 4), (2, 8), (1, 16)]
+
+
+@given(
+    data=st.data(),
+    pool=st.integers(2, 6),
+    samples=st.integers(1, 12),
+    seed=st.integers(0, 3),
+)
+def test_halving_never_keeps_a_set_that_scores_lower_than_the_current_one(
+    data, pool, samples, seed
+):
+    bits = st.lists(st.integers(0, 1), min_size=samples, max_size=samples)
+    vectors = [data.draw(bits) for _ in range(pool + 1)]
+    demos = demos_parameter()
+    scorer = racing_scorer(demos, vectors[:pool], vectors[pool])
+    optimizer = DemoOptimizer([demos], evaluate=scorer, max_demos=2, num_candidates=4,
+                              seed=seed, template="in: {input} out: {output} ")
+    words = [f"w{k}" for k in range(pool)]
+    optimizer.record(words[:-1], ["x"] * (pool - 1), [1] * (pool - 1))
+    optimizer.step()
+    first = demos.data
+    optimizer.record(words[-1:], ["x"], [1])  # a second search starts from a non-empty set
+    optimizer.step()
+    assert scorer.true_mean(first) >= scorer.true_mean("")
+    assert scorer.true_mean(demos.data) >= scorer.true_mean(first)
+    assert optimizer.state[demos]["score"] == pytest.approx(scorer.true_mean(demos.data))
 
 
 def test_candidates_are_seeded_and_resume_is_exact():
@@ -261,3 +341,19 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="needs a validation closure"):
         optimizer.step()
     assert optimizer.needs_closure and not DemoOptimizer([demos], evaluate=lambda: 0).needs_closure
+
+
+def test_search_every_spaces_the_searches_from_the_first_step_with_demonstrations():
+    demos = demos_parameter()
+    closure = score_table(demos, {})
+    optimizer = DemoOptimizer([demos], evaluate=closure, search_every=3, num_candidates=1,
+                              template="in: {input} out: {output}")
+    searched_at = []
+    for step in range(1, 9):
+        if step >= 2:  # the pool is empty at step 1 and grows at every later step
+            optimizer.record([f"w{step}"], ["x"], [1])
+        optimizer.step()
+        if optimizer.last_step:
+            searched_at.append(step)
+    assert searched_at == [2, 5, 8]
+    assert optimizer.state[demos]["searches"] == 3

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import afnio
 from afnio.cognitive.parameter import Parameter
 from afnio.optim import TGD, GatedOptimizer
-from afnio.optim.candidates import halving_plan
+from afnio.optim.selection import halving_plan
 from afnio.testing import ScriptedModel
 
 # Each step proposes a distinct value with its own score; the gate must keep a value only when
