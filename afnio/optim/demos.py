@@ -173,12 +173,12 @@ class DemoOptimizer(Optimizer):
     demonstrations into it with the group's ``template``/``separator``/``header``.
 
     ``step(closure=None)``, per parameter whose pool grew since its last search (and at least
-    ``search_every`` steps after it): the current set and up to ``num_candidates`` other distinct sets
-    — half mutations of the current set (one demonstration added or swapped), half random sets
-    of up to ``max_demos`` — drawn with a ``random.Random`` seeded by ``(seed, parameter index,
-    search number)``, are rendered and scored with the validation closure; the best is kept
-    only if it scores higher than the current set over all the validation samples (the current
-    set wins ties), so the validation score never drops.
+    ``search_every`` steps after it): the current set and up to ``num_candidates`` other
+    distinct sets — half mutations of the current set (one demonstration added or swapped),
+    half random sets of up to ``max_demos`` — drawn with a ``random.Random`` seeded by ``(seed,
+    parameter index, search number)``, are rendered and scored with the validation closure; the
+    best is kept only if it scores higher than the current set over all the validation samples
+    (the current set wins ties), so the validation score never drops.
 
     With a :class:`~afnio.optim.scoring.Scorer` as the closure the sets are scored without
     touching the parameter, concurrently, and with ``selection="halving"`` they race
@@ -190,7 +190,8 @@ class DemoOptimizer(Optimizer):
     Per-parameter state (all JSON-safe, so resume is exact): ``pool`` (``{"input", "output"}``
     dicts, in recording order), ``chosen`` (pool indices of the current set), ``score`` (its
     validation score at the last search), ``searches``, ``searched_pool`` / ``searched_step``
-    (pool size and step count at the last search), ``steps``, ``accepted`` / ``rejected`` (searches that changed / kept the set).
+    (pool size and step count at the last search), ``steps``, ``accepted`` / ``rejected``
+    (searches that changed / kept the set).
 
     Cost of a search, with *C* ≤ ``num_candidates`` distinct other sets and a validation set of
     *V* samples: ``(1 + C)·V`` sample evaluations with ``selection="full"`` or a plain closure;
