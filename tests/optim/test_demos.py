@@ -333,6 +333,8 @@ def test_bad_arguments_are_refused():
         DemoOptimizer([demos], template="{input} only")
     with pytest.raises(TypeError, match="unknown options"):
         DemoOptimizer([demos], max_demo=3)
+    with pytest.raises(ValueError, match=r"selection must be one of \('halving', 'full'\)"):
+        DemoOptimizer([demos], selection="ucb")
     with pytest.raises(TypeError, match="must hold a string"):
         DemoOptimizer([afnio.Parameter(["a", "b"], role="batch")])
     optimizer = DemoOptimizer([demos, demos_parameter("other")])
