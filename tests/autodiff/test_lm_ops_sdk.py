@@ -49,6 +49,17 @@ def reply(body: dict) -> str:
     return json.dumps({"score": int("q1" in prediction), "explanation": f"{prediction} is off"})
 
 
+def call_kind(body: dict) -> str:
+    """``"shared"`` for a batch's shared gradient call, else ``"per sample"``."""
+    shared = prompts.SHARED_GRADIENT_PROMPT.split("{", 1)[0]
+    return "shared" if system_and_last_user(body)[1].startswith(shared) else "per sample"
+
+
+def shared_call_first(kinds: list[str]) -> list[int]:
+    """A Turnstile order: the shared call, then the others from the last to arrive."""
+    return sorted(range(len(kinds)), key=lambda i: (kinds[i] != "shared", -i))
+
+
 def make_client(provider: str, server: FakeProviderServer):
     if provider == "openai":
         return AsyncOpenAI("gpt-4.1-nano", base_url=server.openai_base_url, api_key="test")
@@ -93,8 +104,12 @@ def test_three_stage_chain_through_sdk(provider, server):
     assert score.data == batch - failures
     server.reset()
     # Stage 3's shared call and per-failure calls all wait together, then stage 2's, then 1's.
+    # Each wave lets its shared call (the prompt's gradient) through first, then the per-sample
+    # calls last to first: backward streams, so stage 2 starts once stage 3's per-sample
+    # gradients are in, and a shared call still held then would overlap stage 2's wave.
     waves = [1 + failures, 1 + failures, 1]
-    server.reply = Turnstile("reverse", expected=waves, timeout=30).wrap(reply)
+    turnstile = Turnstile(shared_call_first, expected=waves, timeout=30)
+    server.reply = turnstile.wrap(reply, key=call_kind)
     explanation.backward()
     assert len(server.requests) == 3 + 2 * failures
     assert server.max_in_flight == 1 + failures
