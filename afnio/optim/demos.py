@@ -378,14 +378,13 @@ class DemoOptimizer(Optimizer):
             plan = racing_plan(len(others), len(order))
         else:
             plan = [(len(others), len(order))]
-        current, ranking = run(gather_all([
-            score_fn.ascore({param: texts[0]}, order),
-            successive_halving(score_fn, others, {key: param}, order, plan),
-        ]))
-        finalist = others[ranking[0]]
+        jobs = [score_fn.ascore({param: texts[0]}, order)]
+        if others:
+            jobs.append(successive_halving(score_fn, others, {key: param}, order, plan))
+        current, *race = run(gather_all(jobs))
         evaluations = len(order) + sum(arm.samples for arm in others)
-        if finalist.mean > current:
-            return 1 + ranking[0], current, finalist.mean, evaluations
+        if race and others[race[0][0]].mean > current:
+            return 1 + race[0][0], current, others[race[0][0]].mean, evaluations
         return 0, current, current, evaluations
 
     @staticmethod

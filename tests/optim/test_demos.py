@@ -370,3 +370,17 @@ def test_search_every_spaces_the_searches_from_the_first_step_with_demonstration
             searched_at.append(step)
     assert searched_at == [2, 5, 8]
     assert optimizer.state[demos]["searches"] == 3
+
+
+@pytest.mark.parametrize("racing", [False, True], ids=["plain closure", "racing scorer"])
+def test_a_search_that_finds_no_other_set_keeps_the_current_one(monkeypatch, racing):
+    demos = demos_parameter()
+    scorer = racing_scorer(demos, [[1, 0], [0, 1]], [1, 1])
+    closure = scorer if racing else (lambda: scorer.true_mean(demos.data))
+    optimizer = DemoOptimizer([demos], evaluate=closure, template="in: {input} out: {output} ")
+    monkeypatch.setattr(DemoOptimizer, "_candidates",
+                        staticmethod(lambda current, size, opts, rng: [sorted(current)]))
+    optimizer.record(["w0", "w1"], ["x", "x"], [1, 1])
+    assert optimizer.step() == 1.0
+    record = optimizer.last_step[0]
+    assert (demos.data, record["verdict"], record["candidates"]) == ("", "rejected", 1)
