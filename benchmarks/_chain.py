@@ -1,4 +1,5 @@
-"""What the chain benchmarks share: stage prompts and the ChatCompletion chain over them.
+"""What the chain benchmarks share: stage prompts, the ChatCompletion chain over them and the
+batch of order questions they answer.
 
 Imported by the benchmark scripts of this folder (``python benchmarks/<name>.py`` puts the folder
 on ``sys.path``).
@@ -39,3 +40,14 @@ def chain(
             backward_model_client=model if backward_model_client is None else backward_model_client,
         )
     return x
+
+
+def order_questions(count: int) -> tuple[Variable, Variable, Variable]:
+    """A batch of ``count`` customer questions, their reference answers and the judge rubric
+    comparing the two (``{target}``, ``{prediction}``)."""
+    questions = Variable([f"Where is order {i}?" for i in range(count)], role="customer questions")
+    targets = Variable([f"Order {i} arrives on Monday." for i in range(count)],
+                       role="reference answers")
+    rubric = Variable("Reference: {target}\nAnswer: {prediction}\nIs the answer right?",
+                      role="judge rubric")
+    return questions, targets, rubric

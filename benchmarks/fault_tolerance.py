@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Any
 
-from _chain import chain, stage_prompts
+from _chain import chain, order_questions, stage_prompts
 from step_latency import reply
 
 import afnio
@@ -59,12 +59,7 @@ def server_reply(body: dict[str, Any]) -> str:
 def training_step(client: AsyncOpenAI, prompts: list[afnio.Variable], batch: int) -> None:
     """One forward -> judge -> backward -> optimizer step over ``prompts``."""
     optimizer = TGD(prompts, model_client=client)
-    questions = afnio.Variable([f"Where is order {i}?" for i in range(batch)],
-                               role="customer questions")
-    targets = afnio.Variable([f"Order {i} arrives on Monday." for i in range(batch)],
-                             role="reference answers")
-    rubric = afnio.Variable("Reference: {target}\nAnswer: {prediction}\nIs the answer right?",
-                            role="judge rubric")
+    questions, targets, rubric = order_questions(batch)
     optimizer.zero_grad()
     x = chain(client, prompts, questions)
     _, explanation = LMJudgeEvaluator.apply(

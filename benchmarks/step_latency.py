@@ -59,7 +59,7 @@ from collections.abc import Callable
 from typing import Any
 
 import openai
-from _chain import chain, stage_prompts
+from _chain import chain, order_questions, stage_prompts
 
 import afnio
 from afnio._runtime import run
@@ -185,12 +185,7 @@ def training_step(
     backward = backward or model
     prompts = stage_prompts(STAGES)
     optimizer = TGD(prompts, model_client=optimizer_model or model)
-    questions = afnio.Variable([f"Where is order {i}?" for i in range(batch)],
-                               role="customer questions")
-    targets = afnio.Variable([f"Order {i} arrives on Monday." for i in range(batch)],
-                             role="reference answers")
-    rubric = afnio.Variable("Reference: {target}\nAnswer: {prediction}\nIs the answer right?",
-                            role="judge rubric")
+    questions, targets, rubric = order_questions(batch)
     with track_usage() as used:
         start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad()
@@ -211,12 +206,7 @@ def validation_pass(model: ChatCompletionModel, samples: int) -> tuple[float, fl
     """Forward (3 stages and the judge, no grad) over ``samples`` samples in one batch; returns
     (wall seconds, CPU seconds, calls)."""
     prompts = stage_prompts(STAGES)
-    questions = afnio.Variable([f"Where is order {i}?" for i in range(samples)],
-                               role="customer questions")
-    targets = afnio.Variable([f"Order {i} arrives on Monday." for i in range(samples)],
-                             role="reference answers")
-    rubric = afnio.Variable("Reference: {target}\nAnswer: {prediction}\nIs the answer right?",
-                            role="judge rubric")
+    questions, targets, rubric = order_questions(samples)
     with track_usage() as used, afnio.no_grad():
         start, cpu_start = time.perf_counter(), time.process_time()
         x = chain(model, prompts, questions)
