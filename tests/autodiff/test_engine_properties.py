@@ -9,8 +9,12 @@ decides which async backward finishes first (reverse, rotated, seeded shuffles),
 derandomized CI profile exercises completion orders that differ from start order on every run.
 """
 
+import functools
+
 from hypothesis import given
 from hypothesis import strategies as st
+from random_graphs import build as build_graph
+from random_graphs import grads_of, graph_recipes, labelled, op_output
 
 from afnio import Variable
 from afnio.autodiff import Function, backward
@@ -26,71 +30,22 @@ class Mix(Function):
     @staticmethod
     def forward(ctx, label, gate, inputs):
         ctx.label, ctx.gate = label, gate
-        ctx.sizes = [v.batch_size for v in inputs]
-        size = next((s for s in ctx.sizes if s is not None), None)
-        text = f"{label}(" + ",".join(v.role for v in inputs) + ")"
-        return Variable(text if size is None else [f"{text}e{i}" for i in range(size)],
-                        role=label)
+        ctx.sizes, out = op_output(label, inputs)
+        return out
 
     @staticmethod
     async def backward(ctx, grad_output):
         if ctx.gate is not None:
             await ctx.gate.wait(ctx.label)
-        grads = []
-        for i, size in enumerate(ctx.sizes):
-            if size is None:
-                text = grad_output.data
-                if isinstance(text, list):
-                    text = "|".join(text)
-                grads.append(Variable(f"{ctx.label}.{i}<{text}>"))
-            else:
-                grads.append(Variable([f"{ctx.label}.{i}<{t}>" for t in grad_output.data]))
-        return None, None, grads
+        return None, None, [labelled(ctx.label, i, size, grad_output)
+                            for i, size in enumerate(ctx.sizes)]
 
 
-@st.composite
-def dag_recipes(draw):
-    batch = draw(st.sampled_from([None, 2, 3]))
-    n_leaves = draw(st.integers(1, 4))
-    leaf_batched = [draw(st.booleans()) and batch is not None for _ in range(n_leaves)]
-    n_ops = draw(st.integers(2, 8))
-    ops = []
-    for k in range(n_ops):
-        pool = n_leaves + k
-        picks = draw(st.lists(st.integers(0, pool - 1), min_size=1, max_size=3))
-        kind = draw(st.sampled_from(["mix", "mix", "add"]))
-        ops.append((kind, picks))
-    n_roots = draw(st.integers(1, min(3, n_ops)))
-    return batch, leaf_batched, ops, n_roots
+dag_recipes = functools.partial(graph_recipes, ["mix", "mix", "add"], 3)
 
 
 def build(recipe, gate):
-    """The recipe's graph: distinct leaves, ``Mix``/``+`` ops, the last ``n_roots`` values as
-    roots (leaves dropped), and distinct feedback per root and per element."""
-    batch, leaf_batched, ops, n_roots = recipe
-    leaves = [
-        Variable([f"l{i}e{k}" for k in range(batch)] if batched else f"l{i}", role=f"leaf{i}",
-                 requires_grad=True)
-        for i, batched in enumerate(leaf_batched)
-    ]
-    values = list(leaves)
-    for k, (kind, picks) in enumerate(ops):
-        chosen = [values[p] for p in picks]
-        if kind == "add" and len(chosen) >= 2:
-            out = chosen[0] + chosen[1]
-        else:
-            out = Mix.apply(f"op{k}", gate, chosen)
-        values.append(out)
-    roots = [r for r in values[-n_roots:] if not r.is_leaf] or [values[-1]]
-    grads = [
-        Variable([f"root{i}e{k}" for k in range(r.batch_size)] if r.is_batched else f"root{i}")
-        for i, r in enumerate(roots)
-    ]
-    return leaves, roots, grads
-
-
-def grads_of(leaves):
-    return [[g.data for g in leaf.grad] for leaf in leaves]
+    return build_graph(recipe, gate, {"mix": Mix})
 
 
 def reference_grads(recipe, times=1):

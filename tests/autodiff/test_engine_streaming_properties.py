@@ -10,30 +10,17 @@ to the wrong input, combined in arrival order or appended in arrival order chang
 list that the sequential reference engine predicts exactly.
 """
 
+import functools
+
 from hypothesis import given
 from hypothesis import strategies as st
+from random_graphs import build as build_graph
+from random_graphs import grads_of, graph_recipes, labelled, op_output
 
 from afnio import Variable
 from afnio.autodiff import Function, backward
 from afnio.autodiff.feedback import as_finished
 from afnio.testing import Turnstile, completion_orders, reference_backward
-
-
-def _labelled(label, i, size, grad_output):
-    if size is None:
-        text = grad_output.data
-        if isinstance(text, list):
-            text = "|".join(text)
-        return Variable(f"{label}.{i}<{text}>")
-    return Variable([f"{label}.{i}<{t}>" for t in grad_output.data])
-
-
-def _output(label, inputs):
-    sizes = [v.batch_size for v in inputs]
-    size = next((s for s in sizes if s is not None), None)
-    text = f"{label}(" + ",".join(v.role for v in inputs) + ")"
-    return sizes, Variable(text if size is None else [f"{text}e{i}" for i in range(size)],
-                           role=label)
 
 
 class StreamMix(Function):
@@ -42,7 +29,7 @@ class StreamMix(Function):
     @staticmethod
     def forward(ctx, label, gate, inputs):
         ctx.label, ctx.gate = label, gate
-        ctx.sizes, out = _output(label, inputs)
+        ctx.sizes, out = op_output(label, inputs)
         return out
 
     @staticmethod
@@ -50,66 +37,28 @@ class StreamMix(Function):
         async def one(i, size):
             if ctx.gate is not None:
                 await ctx.gate.wait((ctx.label, i))
-            return _labelled(ctx.label, i, size, grad_output)
+            return labelled(ctx.label, i, size, grad_output)
 
         async for i, gradient in as_finished([one(i, s) for i, s in enumerate(ctx.sizes)]):
             yield (2, i), gradient
 
 
-class WholeMix(Function):
+class WholeMix(StreamMix):
     """Returns every input's labelled gradient at once, after passing the turnstile."""
-
-    @staticmethod
-    def forward(ctx, label, gate, inputs):
-        ctx.label, ctx.gate = label, gate
-        ctx.sizes, out = _output(label, inputs)
-        return out
 
     @staticmethod
     async def backward(ctx, grad_output):
         if ctx.gate is not None:
             await ctx.gate.wait((ctx.label, "all"))
-        return None, None, [_labelled(ctx.label, i, s, grad_output)
+        return None, None, [labelled(ctx.label, i, s, grad_output)
                             for i, s in enumerate(ctx.sizes)]
 
 
-@st.composite
-def recipes(draw):
-    batch = draw(st.sampled_from([None, 2, 3]))
-    n_leaves = draw(st.integers(1, 4))
-    leaf_batched = [draw(st.booleans()) and batch is not None for _ in range(n_leaves)]
-    ops = []
-    for k in range(draw(st.integers(2, 8))):
-        picks = draw(st.lists(st.integers(0, n_leaves + k - 1), min_size=1, max_size=4))
-        ops.append((draw(st.sampled_from(["stream", "stream", "whole", "add"])), picks))
-    return batch, leaf_batched, ops, draw(st.integers(1, min(3, len(ops))))
+recipes = functools.partial(graph_recipes, ["stream", "stream", "whole", "add"], 4)
 
 
 def build(recipe, gate):
-    batch, leaf_batched, ops, n_roots = recipe
-    leaves = [
-        Variable([f"l{i}e{k}" for k in range(batch)] if batched else f"l{i}", role=f"leaf{i}",
-                 requires_grad=True)
-        for i, batched in enumerate(leaf_batched)
-    ]
-    values = list(leaves)
-    for k, (kind, picks) in enumerate(ops):
-        chosen = [values[p] for p in picks]
-        if kind == "add" and len(chosen) >= 2:
-            values.append(chosen[0] + chosen[1])
-        else:
-            op = WholeMix if kind == "whole" else StreamMix
-            values.append(op.apply(f"op{k}", gate, chosen))
-    roots = [r for r in values[-n_roots:] if not r.is_leaf] or [values[-1]]
-    grads = [
-        Variable([f"root{i}e{k}" for k in range(r.batch_size)] if r.is_batched else f"root{i}")
-        for i, r in enumerate(roots)
-    ]
-    return leaves, roots, grads
-
-
-def grads_of(leaves):
-    return [[g.data for g in leaf.grad] for leaf in leaves]
+    return build_graph(recipe, gate, {"stream": StreamMix, "whole": WholeMix})
 
 
 @given(recipes(), completion_orders())
